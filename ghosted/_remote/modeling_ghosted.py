@@ -1,0 +1,76 @@
+# Ghost operators for a layer-pruned causal LM (ghosted). This file is copied next to every
+# ghost checkpoint so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+# loads it with plain transformers; the ghosted package imports the same code.
+#
+# A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
+# h <- h + (h U) V^T for a low-rank ghost. It runs as a forward pre-hook on the first kept
+# layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
+# in the state dict as `ghosts.<site>.*`, <site> being that kept layer's index in the pruned
+# model (or the pruned layer count for the final norm).
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Ghost(nn.Module):
+    """One boundary operator on the residual stream (row vectors)."""
+
+    def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.eye(hidden_size))  # [d, d]
+        else:
+            self.U = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
+            self.V = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            out = h @ self.weight.to(h.dtype)
+        else:
+            out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
+        if self.bias is not None:
+            out = out + self.bias.to(h.dtype)
+        return out
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_norm_path: str) -> None:
+    """Create `model.ghosts` from the config's ghost list and hook each one in place."""
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+        else model.config.hidden_size
+    model.ghosts = nn.ModuleDict()
+    layers = _resolve(model, layers_path)
+    for g in ghosts:
+        site = int(g["site"])
+        module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)))
+        model.ghosts[str(site)] = module
+        target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
+        target.register_forward_pre_hook(_make_hook(module), with_kwargs=True)
+
+
+def _make_hook(ghost: Ghost):
+    def hook(_module, args, kwargs):
+        if args:
+            return (ghost(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = ghost(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+class GhostedMixin:
+    """Mixed in front of a transformers *ForCausalLM class: builds and hooks the ghosts on init."""
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        meta = getattr(config, "ghosted", None) or {}
+        if meta.get("ghosts"):
+            attach_ghosts(self, meta["ghosts"], meta["layers_path"], meta["final_norm_path"])

@@ -1,0 +1,220 @@
+"""Run the dense model over calibration windows once and stream what the solvers and scores need.
+
+Indexing, documented once for the whole project:
+    hidden_states[i] is the INPUT of decoder layer i (0-based); hidden_states[0] is the
+    embedding output; hidden_states[L] is the output of the last layer BEFORE the final norm.
+    A cut (s, s+k) removes layers s .. s+k-1: X = hidden_states[s], Y = hidden_states[s+k].
+
+States are taken with forward pre-hooks on the decoder layers and on the final norm, so the
+final norm never leaks into a score. The forward pass is stopped (by an exception raised in
+a hook) right after the deepest state a plan needs, which skips the remaining layers and the
+LM head. Sums are float64 on the model's device; activations are never kept across batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import arch
+from .errors import GhostedError
+from .linalg import F64, PairSums, orthonormal_mixer
+
+Pair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """Which calibration tokens enter the least-squares sums (recorded in the checkpoint).
+
+    - "all": every non-padding token (the paper).
+    - "sink" (default): also leave out position 0 of every window and every BOS token: the
+      attention-sink position maps across a cut unlike any other token and bends the fit.
+    - "sink+outliers": also leave out tokens whose state norm at the cut's input exceeds
+      `outlier_factor` times the batch median (other sink-like tokens).
+    The operator is still applied to every token at inference.
+    """
+
+    name: str = "sink"
+    outlier_factor: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("all", "sink", "sink+outliers"):
+            raise GhostedError(f"unknown token policy '{self.name}': use all, sink or sink+outliers")
+
+    def base_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+        """[B, T] bool: tokens that may enter the sums before any per-cut outlier test."""
+        mask = attention_mask.bool().clone()
+        if self.name != "all":
+            # first real token of each row (left padding aware)
+            first = attention_mask.long().argmax(dim=1)
+            mask[torch.arange(mask.shape[0]), first] = False
+            if bos_id is not None:
+                mask &= input_ids != bos_id
+        return mask
+
+    def cut_mask(self, base: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Per-cut mask: base, minus norm outliers of X ([B, T, d]) under sink+outliers."""
+        if self.name != "sink+outliers":
+            return base
+        norms = X.float().norm(dim=-1)
+        med = norms[base].median() if base.any() else norms.median()
+        return base & (norms <= self.outlier_factor * med)
+
+
+@dataclass
+class CapturePlan:
+    pairs: list[Pair] = field(default_factory=list)  # cuts whose sums are accumulated
+    full: bool = True  # X^T X and X^T Y (ghost, scalar, low-rank, ghost-aware selection)
+    hadamard: bool = False  # rotated magnitude sums (LinearPatch rotate)
+    mlp: bool = False  # MLP output of layer s-1 (ReplaceMe)
+    scores: bool = False  # cosine / angular tables over all boundary pairs
+    heldout: frozenset[int] = frozenset()  # window indices whose sums go to the held-out group
+
+
+@dataclass
+class CaptureResult:
+    num_layers: int
+    fit: dict[Pair, PairSums]
+    heldout: dict[Pair, PairSums]
+    cos_sum: torch.Tensor | None  # [L+1, L+1] sum over tokens of cos(h_i, h_j)
+    ang_sum: torch.Tensor | None  # [L+1, L+1] sum over tokens of arccos(cos)/pi
+    score_tokens: int
+    seconds: float = 0.0
+
+    def total(self, pair: Pair) -> PairSums:
+        """Fit + held-out sums: the final operator uses every kept token."""
+        a, b = self.fit.get(pair), self.heldout.get(pair)
+        if a is None:
+            raise KeyError(pair)
+        return a if b is None or b.n == 0 else a + b
+
+    def mean_cos(self) -> torch.Tensor:
+        return self.cos_sum / max(self.score_tokens, 1)
+
+    def mean_angular(self) -> torch.Tensor:
+        return self.ang_sum / max(self.score_tokens, 1)
+
+
+class _Stop(Exception):
+    """Raised inside a hook once every needed state is captured."""
+
+
+def validate_pairs(pairs: list[Pair], num_layers: int) -> None:
+    for s, b in pairs:
+        if not (0 <= s < b <= num_layers):
+            raise GhostedError(f"cut ({s}, {b}) is outside the model's {num_layers} layers")
+
+
+@torch.no_grad()
+def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy = TokenPolicy(),
+            attention_mask: torch.Tensor | None = None, batch_size: int = 4, bos_id: int | None = None,
+            progress: bool = True, desc: str = "calibration pass") -> CaptureResult:
+    """One streaming pass of the dense model over input_ids [N, T]."""
+    import time
+
+    t0 = time.perf_counter()
+    L = arch.num_layers(model)
+    validate_pairs(plan.pairs, L)
+    layers = arch.get_layers(model)
+    spec = arch.get_arch(model)
+    device = next(model.parameters()).device
+    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+
+    needed: set[int] = set()
+    for s, b in plan.pairs:
+        needed |= {s, b}
+    if plan.scores:
+        needed |= set(range(L + 1))
+    if not needed:
+        raise GhostedError("nothing to capture: no cut and no scores requested")
+    deepest = max(needed)
+    mlp_layers = {s - 1 for s, _ in plan.pairs if s >= 1} if plan.mlp else set()
+    H = orthonormal_mixer(d).to(device) if plan.hadamard else None
+
+    states: dict[int, torch.Tensor] = {}
+    mlp_out: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_pre(i: int):
+        def hook(_module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if i in needed:
+                states[i] = h.detach()
+            if i == deepest:
+                raise _Stop
+        return hook
+
+    def make_mlp(i: int):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            mlp_out[i] = out.detach()
+        return hook
+
+    try:
+        for i in range(L):
+            if i <= deepest:
+                handles.append(layers[i].register_forward_pre_hook(make_pre(i), with_kwargs=True))
+        if deepest == L:
+            handles.append(arch.get_final_norm(model).register_forward_pre_hook(make_pre(L), with_kwargs=True))
+        for i in mlp_layers:
+            handles.append(arch.layer_submodule(layers[i], spec.mlp).register_forward_hook(make_mlp(i)))
+
+        fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
+        held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
+        cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
+        ang_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
+        score_tokens = 0
+        N = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        bar = tqdm(total=N, desc=desc, unit="seq", disable=not progress)
+        for start in range(0, N, batch_size):
+            ids = input_ids[start:start + batch_size].to(device)
+            am = attention_mask[start:start + batch_size].to(device)
+            states.clear()
+            mlp_out.clear()
+            try:
+                model(input_ids=ids, attention_mask=am, use_cache=False)
+            except _Stop:
+                pass
+            missing = needed - set(states)
+            if missing:
+                raise GhostedError(f"capture did not see hidden states {sorted(missing)}: unsupported layer layout")
+            base = policy.base_mask(ids, am, bos_id)
+            rows = torch.arange(start, start + ids.shape[0], device=device)
+            is_held = torch.tensor([int(r) in plan.heldout for r in rows.tolist()], device=device)[:, None]
+            for (s, b) in plan.pairs:
+                X, Y = states[s], states[b]
+                m = policy.cut_mask(base, X)
+                Mlp = mlp_out.get(s - 1) if plan.mlp and s >= 1 else None
+                for group, gm in ((fit, m & ~is_held), (held, m & is_held)):
+                    if gm.any():
+                        group[(s, b)].add(X[gm], Y[gm], full=plan.full, hadamard=H,
+                                          mlp=None if Mlp is None else Mlp[gm])
+            if plan.scores:
+                score_tokens += _accumulate_scores(states, base, L, cos_sum, ang_sum)
+            bar.update(ids.shape[0])
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        states.clear()
+        mlp_out.clear()
+    return CaptureResult(L, fit, held, cos_sum, ang_sum, score_tokens, time.perf_counter() - t0)
+
+
+def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,
+                       ang_sum: torch.Tensor, chunk: int = 2048) -> int:
+    """Add per-token cosines over the HIDDEN axis for every boundary pair (i, j)."""
+    U = torch.stack([states[i][mask].float() for i in range(L + 1)])  # [L+1, n, d]
+    U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n = U.shape[1]
+    for c in range(0, n, chunk):
+        u = U[:, c:c + chunk]  # [L+1, n_c, d]
+        cos = torch.einsum("and,bnd->nab", u, u).clamp(-1.0, 1.0).to(F64)  # [n_c, L+1, L+1]
+        cos_sum += cos.sum(0)
+        ang_sum += (torch.arccos(cos) / torch.pi).sum(0)
+    return n

@@ -1,0 +1,271 @@
+"""The math, pure tensor functions: streaming sums and closed-form operators.
+
+Notation follows shared/METHOD.md. A cut removes the decoder layers [s, s+k). For every
+calibration token t that the token policy keeps:
+    X_t = h_s       input of the first removed layer            [n, d]
+    Y_t = h_{s+k}   input of the first kept layer after the cut [n, d]
+    D   = Y - X     what the removed layers added
+All sums are float64 and additive, so batches, devices and held-out splits combine by addition.
+
+Operators act on row vectors: the ghost computes h <- h W (+ b).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+F64 = torch.float64
+
+
+@dataclass
+class PairSums:
+    """Streaming float64 sums for one boundary pair (X = h_s, Y = h_{s+k})."""
+
+    d: int
+    n: int = 0
+    gram: torch.Tensor | None = None  # X^T X        [d, d]
+    cross: torch.Tensor | None = None  # X^T Y        [d, d]
+    sum_x: torch.Tensor | None = None  # sum of X     [d]
+    sum_y: torch.Tensor | None = None  # sum of Y     [d]
+    sq_y: torch.Tensor | None = None  # sum |Y|^2    []
+    sq_d: torch.Tensor | None = None  # sum |Y - X|^2 []
+    abs_x: torch.Tensor | None = None  # sum |X|      [d]  (LinearPatch diag)
+    abs_y: torch.Tensor | None = None  # sum |Y|      [d]
+    abs_xh: torch.Tensor | None = None  # sum |X H|    [d]  (LinearPatch rotate)
+    abs_yh: torch.Tensor | None = None  # sum |Y H|    [d]
+    mlp_gram: torch.Tensor | None = None  # Mlp^T Mlp      [d, d] (ReplaceMe; Mlp = MLP output of layer s-1)
+    mlp_cross: torch.Tensor | None = None  # Mlp^T (Y - A) [d, d], A = X - Mlp
+
+    def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
+            mlp: torch.Tensor | None = None) -> None:
+        """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device."""
+        if X.shape[0] == 0:
+            return
+        X = X.to(F64)
+        Y = Y.to(F64)
+        self.n += X.shape[0]
+        self._acc("sum_x", X.sum(0))
+        self._acc("sum_y", Y.sum(0))
+        self._acc("sq_y", (Y * Y).sum())
+        self._acc("sq_d", ((Y - X) ** 2).sum())
+        self._acc("abs_x", X.abs().sum(0))
+        self._acc("abs_y", Y.abs().sum(0))
+        if full:
+            self._acc("gram", X.T @ X)
+            self._acc("cross", X.T @ Y)
+        if hadamard is not None:
+            H = hadamard.to(device=X.device, dtype=F64)
+            self._acc("abs_xh", (X @ H).abs().sum(0))
+            self._acc("abs_yh", (Y @ H).abs().sum(0))
+        if mlp is not None:
+            M = mlp.to(F64)
+            self._acc("mlp_gram", M.T @ M)
+            self._acc("mlp_cross", M.T @ (Y - X + M))
+
+    def _acc(self, name: str, value: torch.Tensor) -> None:
+        cur = getattr(self, name)
+        setattr(self, name, value.clone() if cur is None else cur + value.to(cur.device))
+
+    def __add__(self, other: "PairSums") -> "PairSums":
+        out = PairSums(self.d, self.n + other.n)
+        for f in fields(self):
+            if f.name in ("d", "n"):
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(out, f.name, a if b is None else b if a is None else a + b.to(a.device))
+        return out
+
+    def to(self, device: str | torch.device) -> "PairSums":
+        out = PairSums(self.d, self.n)
+        for f in fields(self):
+            if f.name not in ("d", "n") and getattr(self, f.name) is not None:
+                setattr(out, f.name, getattr(self, f.name).to(device))
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("d", "n")
+              and getattr(self, f.name) is not None}
+        sd["n"] = torch.tensor(self.n)
+        sd["d"] = torch.tensor(self.d)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "PairSums":
+        out = cls(int(sd["d"]), int(sd["n"]))
+        for k, v in sd.items():
+            if k not in ("d", "n"):
+                setattr(out, k, v)
+        return out
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@dataclass
+class Operator:
+    """What a recovery method produced for one cut: W (and optional bias, low-rank factors, scalar)."""
+
+    kind: str  # "full" | "lowrank" | "scalar" | "fold_down" | "identity"
+    W: torch.Tensor | None = None  # [d, d]: h <- h W
+    bias: torch.Tensor | None = None  # [d]
+    U: torch.Tensor | None = None  # [d, r]: h <- h + (h U) V^T
+    V: torch.Tensor | None = None  # [d, r]
+    scale: float | None = None  # kind == "scalar": h <- c h
+    T: torch.Tensor | None = None  # kind == "fold_down": ReplaceMe transform of the MLP output [d, d]
+    info: dict = field(default_factory=dict)
+
+    def matrix(self, d: int) -> torch.Tensor:
+        """The dense d x d map on the residual at the cut (for scoring); fold_down has none."""
+        eye = torch.eye(d, dtype=F64)
+        if self.kind == "full":
+            return self.W.to(F64)
+        if self.kind == "lowrank":
+            return eye + self.U.to(F64) @ self.V.to(F64).T
+        if self.kind == "scalar":
+            return self.scale * eye
+        if self.kind == "identity":
+            return eye
+        raise ValueError(f"operator kind {self.kind} has no residual matrix")
+
+
+def ridge_lambda(gram: torch.Tensor, ridge: float) -> float:
+    """Ridge is relative: lambda = ridge * tr(gram) / d, so one value fits any model scale."""
+    return float(ridge) * float(torch.trace(gram)) / gram.shape[0]
+
+
+def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Solve A Z = B for symmetric positive (semi)definite A in float64, robust to near-singularity."""
+    A = (A + A.T) / 2
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(B, L)
+    return torch.linalg.lstsq(A, B).solution
+
+
+def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False) -> Operator:
+    """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too."""
+    G, C = s.gram, s.cross
+    d = s.d
+    lam = ridge_lambda(G, ridge)
+    rhs = C - G  # X^T (Y - X)
+    if not affine:
+        M = _solve_spd(G + lam * torch.eye(d, dtype=F64, device=G.device), rhs)
+        return Operator("full", W=torch.eye(d, dtype=F64, device=G.device) + M, info={"lambda": lam})
+    # Augment X with a constant 1 column; the bias is not penalised.
+    Ga = torch.zeros(d + 1, d + 1, dtype=F64, device=G.device)
+    Ga[:d, :d] = G + lam * torch.eye(d, dtype=F64, device=G.device)
+    Ga[:d, d] = s.sum_x
+    Ga[d, :d] = s.sum_x
+    Ga[d, d] = s.n
+    Ra = torch.cat([rhs, (s.sum_y - s.sum_x)[None, :]], dim=0)
+    Z = _solve_spd(Ga, Ra)
+    W = torch.eye(d, dtype=F64, device=G.device) + Z[:d]
+    return Operator("full", W=W, bias=Z[d], info={"lambda": lam})
+
+
+def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:
+    """Best rank-r correction I + U V^T: reduced-rank regression on the ridge solution.
+
+    With G = X^T X + lam I and M* the full solution, the optimum over rank-r M is M* P_r, P_r the
+    projector on the top-r eigenvectors of M*^T G M* (the fitted discrepancy's covariance).
+    """
+    d = s.d
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, {d}], got {rank}")
+    full = solve_ghost(s, ridge)
+    M = full.W - torch.eye(d, dtype=F64, device=full.W.device)
+    G = s.gram + full.info["lambda"] * torch.eye(d, dtype=F64, device=M.device)
+    evals, evecs = torch.linalg.eigh(M.T @ G @ M)
+    V = evecs[:, -rank:]  # [d, r], top-r
+    U = M @ V  # [d, r]
+    return Operator("lowrank", U=U, V=V, info={"lambda": full.info["lambda"], "rank": rank})
+
+
+def solve_scalar(s: PairSums) -> Operator:
+    """Least-squares scalar c = tr(X^T Y) / tr(X^T X): Y ~ c X (magnitude compensation)."""
+    c = float(torch.trace(s.cross) / torch.trace(s.gram))
+    return Operator("scalar", scale=c)
+
+
+def orthonormal_mixer(d: int) -> torch.Tensor:
+    """A normalised Hadamard-type rotation for any d: H_{2^a} (x) DCT_m with d = 2^a * m (m odd).
+
+    Pure Sylvester Hadamard when d is a power of two; otherwise the odd factor is mixed by an
+    orthonormal DCT-II, which keeps the 'spread every channel over all others' property.
+    """
+    a = (d & -d).bit_length() - 1
+    p, m = 1 << a, d >> a
+    H = torch.ones(1, 1, dtype=F64)
+    while H.shape[0] < p:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    H = H / math.sqrt(p)
+    if m == 1:
+        return H
+    k = torch.arange(m, dtype=F64)[:, None]
+    n = torch.arange(m, dtype=F64)[None, :]
+    D = torch.cos(math.pi * (n + 0.5) * k / m) * math.sqrt(2.0 / m)
+    D[0] /= math.sqrt(2.0)
+    return torch.kron(H, D.T.contiguous())  # columns orthonormal
+
+
+def solve_linearpatch(s: PairSums, variant: str = "rotate", hadamard: torch.Tensor | None = None) -> Operator:
+    """LinearPatch: P = H diag(s) H^T with s_c = E|(Y H)_c| / E|(X H)_c| (rotate), or diag(s) on raw channels."""
+    eps = 1e-12
+    if variant == "diag":
+        scale = s.abs_y / (s.abs_x + eps)
+        return Operator("full", W=torch.diag(scale), info={"variant": "diag"})
+    if variant != "rotate":
+        raise ValueError(f"LinearPatch variant must be 'rotate' or 'diag', got {variant}")
+    if s.abs_xh is None:
+        raise ValueError("rotate variant needs the rotated magnitude sums (collect with a hadamard matrix)")
+    H = (hadamard if hadamard is not None else orthonormal_mixer(s.d)).to(F64).to(s.abs_xh.device)
+    scale = s.abs_yh / (s.abs_xh + eps)
+    return Operator("full", W=H @ torch.diag(scale) @ H.T, info={"variant": "rotate"})
+
+
+def solve_replaceme(s: PairSums, ridge: float = 1e-6) -> Operator:
+    """ReplaceMe LSTSQ: T* = (Mlp^T Mlp + a I)^{-1} Mlp^T (Y - A), folded into layer s-1's down projection."""
+    if s.mlp_gram is None:
+        raise ValueError("ReplaceMe needs the MLP-output sums of the layer before the cut")
+    a = ridge_lambda(s.mlp_gram, ridge)
+    T = _solve_spd(s.mlp_gram + a * torch.eye(s.d, dtype=F64, device=s.mlp_gram.device), s.mlp_cross)
+    return Operator("fold_down", T=T, info={"lambda": a})
+
+
+# --------------------------------------------------------------------------- residuals from sums
+
+
+def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+    """sum_t |x_t W + b - y_t|^2 computed from the sums alone (no activations)."""
+    W = W.to(F64).to(s.gram.device)
+    r = torch.trace(W.T @ s.gram @ W) - 2 * torch.trace(W.T @ s.cross) + s.sq_y
+    if bias is not None:
+        b = bias.to(F64).to(s.gram.device)
+        r = r + 2 * (s.sum_x @ W - s.sum_y) @ b + s.n * (b @ b)
+    return float(r)
+
+
+def relative_residual(s: PairSums, op: Operator) -> float:
+    """Residual of the operator divided by the no-recovery residual |Y - X|^2 (1.0 = no better than removal)."""
+    base = float(s.sq_d)
+    if op.kind == "fold_down":
+        raise ValueError("fold_down operators act inside a layer; no boundary residual")
+    r = residual(s, op.matrix(s.d), op.bias)
+    return r / max(base, 1e-30)
+
+
+def fold_down_proj(weight: torch.Tensor, bias: torch.Tensor | None, T: torch.Tensor, conv1d: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New down-projection parameters so the MLP output becomes Mlp T.
+
+    nn.Linear stores weight [d_out, d_in] (out = a W^T + b): W' = T^T W, b' = b T.
+    GPT-2's Conv1D stores [d_in, d_out] (out = a W + b): W' = W T.
+    """
+    T64 = T.to(F64).to(weight.device)
+    W = weight.to(F64)
+    W_new = (W @ T64) if conv1d else (T64.T @ W)
+    b_new = None if bias is None else bias.to(F64) @ T64
+    return W_new.to(weight.dtype), (None if b_new is None else b_new.to(bias.dtype))

@@ -1,0 +1,323 @@
+"""Prune a model end to end: calibrate -> capture -> select -> solve (with the held-out guard) -> apply -> save.
+
+Each step is also callable on its own (the DVC stages and Prefect tasks use them one by one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import __version__, arch
+from .capture import CapturePlan, CaptureResult, TokenPolicy, capture
+from .data import Calibration
+from .errors import GhostedError
+from .evaluate.perplexity import mean_nll
+from .linalg import F64, Operator, PairSums, relative_residual
+from .models import Loaded, fingerprint
+from .recovery import RECOVERY, SolveOptions
+from .selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
+from .surgery import Pair, apply, runs, temporarily_pruned
+
+# Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
+ONE_PASS_BUDGET_BYTES = 6 * 2**30
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the pruned model. Rejects unknown keys and bad combinations."""
+
+    remove: int | None = None  # how many layers (with a selection metric)
+    layers: str | None = None  # or an explicit list: "13-18" / "13,15,20"
+    select: str = "angular"
+    recovery: str = "ghost"
+    ridge: float | None = None  # None: chosen on held-out data from ridge_grid (ghost), 1e-6 otherwise
+    ridge_grid: tuple[float, ...] = (1e-6, 1e-3, 1e-2, 1e-1)
+    affine: bool = False
+    rank: int | None = None
+    variant: str = "rotate"
+    token_policy: str = "sink"
+    holdout: float = 0.25  # fraction of calibration windows held out for the guard and ghost selection
+    guard: str = "loss"  # loss | boundary | off
+    shortlist: int = 4
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if (self.remove is None) == (self.layers is None):
+            raise GhostedError("give exactly one of --remove K or --layers LIST")
+        SELECTION.get(self.select)
+        RECOVERY.get(self.recovery)
+        TokenPolicy(self.token_policy)
+        if self.guard not in ("loss", "boundary", "off"):
+            raise GhostedError(f"unknown guard '{self.guard}': use loss, boundary or off")
+        if not 0.0 <= self.holdout < 1.0:
+            raise GhostedError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.ridge is not None and self.ridge < 0:
+            raise GhostedError(f"--ridge must be >= 0, got {self.ridge}")
+        if self.rank is not None and self.rank < 1:
+            raise GhostedError(f"--rank must be >= 1, got {self.rank}")
+        if self.variant not in ("rotate", "diag"):
+            raise GhostedError(f"--variant must be rotate or diag, got {self.variant}")
+        if self.batch_size < 1:
+            raise GhostedError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GhostedError(f"unknown prune option(s) {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "ridge_grid" in d:
+            d["ridge_grid"] = tuple(float(x) for x in d["ridge_grid"])
+        return cls(**d)
+
+
+@dataclass
+class Solution:
+    """The decided plan: removed layers, one operator per cut, and everything about how it was chosen."""
+
+    removed: list[int]
+    operators: dict[Pair, Operator]
+    meta: dict = field(default_factory=dict)
+
+
+def heldout_windows(n: int, fraction: float) -> frozenset[int]:
+    """The last ceil(fraction * n) windows (never all of them)."""
+    if fraction <= 0 or n < 2:
+        return frozenset()
+    h = min(n - 1, max(1, math.ceil(fraction * n)))
+    return frozenset(range(n - h, n))
+
+
+def _bos(tokenizer) -> int | None:
+    from .data import adds_bos
+
+    return tokenizer.bos_token_id if tokenizer is not None and adds_bos(tokenizer) else None
+
+
+def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: list[Pair], scores: bool,
+                progress: bool = True) -> CaptureResult:
+    method = RECOVERY.get(cfg.recovery)
+    needs_full = method.full or cfg.select == "ghost"
+    plan = CapturePlan(pairs=pairs, full=needs_full, hadamard=method.hadamard and cfg.variant == "rotate",
+                       mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout))
+    return capture(loaded.model, calib.input_ids, plan, TokenPolicy(cfg.token_policy), batch_size=cfg.batch_size,
+                   bos_id=_bos(loaded.tokenizer), progress=progress)
+
+
+def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: int = 4,
+          progress: bool = True) -> dict:
+    """The per-layer (and per-block for k) score table from one pass."""
+    L = arch.num_layers(loaded.model)
+    if k is not None:
+        check_k(k, L)
+    res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), TokenPolicy("all"),
+                  batch_size=batch_size, progress=progress, desc="scoring pass")
+    table = score_table(res, k)
+    table["calibration_sha256"] = calib.sha256
+    return table
+
+
+def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult | None):
+    """Held-out next-token loss of a candidate plan (plain removal, or with its ghost fitted on the fit windows)."""
+    held = sorted(heldout_windows(calib.n, cfg.holdout)) or list(range(min(calib.n, 4)))
+    ids = calib.input_ids[held]
+
+    def plain(removed: list[int]) -> float:
+        with temporarily_pruned(loaded.model, removed) as m:
+            return mean_nll(m, ids, cfg.batch_size)
+
+    def ghost(removed: list[int]) -> float:
+        ops = {c: RECOVERY.get("ghost").solve(res.fit[c], _opts(cfg, cfg.ridge or cfg.ridge_grid[0]))
+               for c in runs(removed)}
+        with temporarily_pruned(loaded.model, removed, ops) as m:
+            return mean_nll(m, ids, cfg.batch_size)
+
+    return plain, ghost
+
+
+def _opts(cfg: PruneConfig, ridge: float) -> SolveOptions:
+    return SolveOptions(ridge=ridge, affine=cfg.affine, rank=cfg.rank, variant=cfg.variant)
+
+
+def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print) -> Solution:
+    """Decide which layers to remove and fit the operators (no change to the model)."""
+    t0 = time.perf_counter()
+    model = loaded.model
+    L = arch.num_layers(model)
+    d = model.config.hidden_size
+    method = RECOVERY.get(cfg.recovery)
+    selection_info: dict = {"metric": cfg.select if cfg.layers is None else "explicit"}
+    passes = 0
+
+    if cfg.layers is not None:
+        removed = parse_layers(cfg.layers, L)
+        res = run_capture(loaded, calib, cfg, runs(removed), scores=False, progress=progress)
+        passes += 1
+    else:
+        k = int(cfg.remove)
+        check_k(k, L)
+        candidates = [(s, s + k) for s in range(L - k + 1)]
+        groups = 2 if cfg.holdout > 0 else 1
+        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (2 if method.mlp else 1)
+        if cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
+            res = run_capture(loaded, calib, cfg, candidates, scores=True, progress=progress)
+            passes += 1
+        else:
+            res = run_capture(loaded, calib, cfg, [], scores=True, progress=progress) if cfg.select != "ppl" else None
+            passes += res is not None
+        plain_loss, ghost_loss = _loss_fns(loaded, calib, cfg, res)
+        ctx = SelectContext(res, loss_fn=plain_loss, ghost_loss_fn=ghost_loss, shortlist=cfg.shortlist,
+                            ridge=cfg.ridge or cfg.ridge_grid[0])
+        removed = SELECTION.get(cfg.select)(ctx, k)
+        if res is not None and res.score_tokens:
+            selection_info["scores"] = score_table(res, k)
+        cuts = runs(removed)
+        if res is None or any(c not in res.fit for c in cuts):
+            res = run_capture(loaded, calib, cfg, cuts, scores=False, progress=progress)
+            passes += 1
+    cuts = runs(removed)
+    log(f"removing layers {_fmt(removed)} of {L} (cuts {cuts})")
+
+    guard_info: dict = {"mode": "off"}
+    if cfg.recovery == "ghost" and cfg.guard != "off" and any(res.heldout[c].n for c in cuts):
+        ridge, guard_info = _guard(loaded, calib, cfg, res, removed, cuts, log)
+    else:
+        ridge = cfg.ridge if cfg.ridge is not None else 1e-6
+    if guard_info.get("fallback"):
+        operators = {c: Operator("identity") for c in cuts}
+    else:
+        operators = {c: method.solve(res.total(c), _opts(cfg, ridge)) for c in cuts}
+    fit_quality = {}
+    for c, op in operators.items():
+        if method.residual and op.kind != "identity" and res.total(c).gram is not None:
+            fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.total(c), op)
+    meta = {
+        "removed_layers": removed, "cuts": [list(c) for c in cuts], "num_layers_dense": L,
+        "recovery": cfg.recovery, "ridge": ridge, "token_policy": cfg.token_policy, "selection": selection_info,
+        "guard": guard_info, "calibration_relative_residual": fit_quality, "capture_passes": passes,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "tokens_fit": {f"{c[0]}-{c[1]}": res.total(c).n for c in cuts},
+        "solve_seconds": time.perf_counter() - t0,
+    }
+    return Solution(removed, operators, meta)
+
+
+def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
+           cuts: list[Pair], log) -> tuple[float, dict]:
+    """Choose the ridge on held-out windows; fall back to no recovery when nothing beats it."""
+    grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
+    method = RECOVERY.get("ghost")
+    held = sorted(heldout_windows(calib.n, cfg.holdout))
+    ids = calib.input_ids[held]
+    scores: dict[str, float] = {}
+    if cfg.guard == "loss":
+        with temporarily_pruned(loaded.model, removed) as m:
+            scores["none"] = mean_nll(m, ids, cfg.batch_size)
+        for r in grid:
+            ops = {c: method.solve(res.fit[c], _opts(cfg, r)) for c in cuts}
+            with temporarily_pruned(loaded.model, removed, ops) as m:
+                scores[repr(r)] = mean_nll(m, ids, cfg.batch_size)
+        unit = "held-out next-token loss"
+    else:  # boundary: relative unexplained energy on held-out tokens (1.0 = plain removal)
+        scores["none"] = 1.0
+        for r in grid:
+            errs = [relative_residual(res.heldout[c], method.solve(res.fit[c], _opts(cfg, r))) for c in cuts]
+            scores[repr(r)] = sum(errs) / len(errs)
+        unit = "held-out relative boundary error"
+    best = min(scores, key=scores.get)
+    info = {"mode": cfg.guard, "criterion": unit, "scores": scores, "heldout_windows": len(held), "chosen": best}
+    if best == "none":
+        info["fallback"] = True
+        info["reason"] = (f"no ghost beat plain removal on {unit} (none {scores['none']:.4f}, best ghost "
+                          f"{min(v for k, v in scores.items() if k != 'none'):.4f})")
+        log(f"WARNING: guard fell back to no recovery: {info['reason']}")
+        return 0.0, info
+    info["fallback"] = False
+    log(f"guard: ridge {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
+    return float(best), info
+
+
+def _fmt(removed: list[int]) -> str:
+    return ",".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in runs(removed))
+
+
+# --------------------------------------------------------------------------- persistence of a solution
+
+
+def save_solution(sol: Solution, out_dir: Path) -> None:
+    """operators.safetensors + plan.json, atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tensors, ops = {}, {}
+        for (s, b), op in sol.operators.items():
+            key = f"{s}-{b}"
+            entry = {"kind": op.kind, "scale": op.scale, "info": op.info}
+            for name in ("W", "bias", "U", "V", "T"):
+                t = getattr(op, name)
+                if t is not None:
+                    tensors[f"{key}.{name}"] = t.to(F64).contiguous().cpu()
+            ops[key] = entry
+        save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "operators.safetensors"))
+        (tmp / "plan.json").write_text(json.dumps({"removed": sol.removed, "operators": ops, "meta": sol.meta},
+                                                  indent=2, default=float) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_solution(path: Path) -> Solution:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "plan.json").exists():
+        raise GhostedError(f"{path} has no plan.json: make it with `ghosted solve`")
+    plan = json.loads((path / "plan.json").read_text())
+    tensors = load_file(str(path / "operators.safetensors"))
+    ops = {}
+    for key, e in plan["operators"].items():
+        s, b = (int(x) for x in key.split("-"))
+        kw = {n: tensors.get(f"{key}.{n}") for n in ("W", "bias", "U", "V", "T")}
+        ops[(s, b)] = Operator(e["kind"], scale=e["scale"], info=e["info"], **kw)
+    return Solution(plan["removed"], ops, plan["meta"])
+
+
+def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: Path) -> dict:
+    """Apply the solution to the loaded model IN PLACE and save the checkpoint; returns its ghosted block."""
+    from . import checkpoint
+
+    model = loaded.model
+    base_arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if base_arch.startswith("Ghosted"):
+        raise GhostedError("this model is already a ghosted checkpoint: prune its dense base model instead")
+    applied = apply(model, sol.removed, sol.operators)
+    meta = {
+        "version": __version__,
+        "base_model": loaded.ref.name,
+        "base_fingerprint": fingerprint(loaded.ref),
+        "base_architecture": base_arch,
+        "calibration_sha256": calib_sha256,
+        "ghosts": [g.as_config() for g in applied.ghosts],
+        "folded": applied.folded,
+        **{k: sol.meta[k] for k in ("removed_layers", "cuts", "num_layers_dense", "recovery", "ridge",
+                                    "token_policy", "guard") if k in sol.meta},
+        "num_layers": arch.num_layers(model),
+    }
+    checkpoint.save(model, loaded.tokenizer, out_dir, meta)
+    return meta

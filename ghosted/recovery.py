@@ -1,0 +1,55 @@
+"""Recovery methods: one registry entry each, mapping a cut's sums to an Operator.
+
+Adding a method is one function here with `@RECOVERY.register(name)` and its `needs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ._registry import Registry
+from .linalg import Operator, PairSums, solve_ghost, solve_linearpatch, solve_lowrank, solve_replaceme, solve_scalar
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    ridge: float = 1e-6  # relative: lambda = ridge * tr(X^T X) / d
+    affine: bool = False
+    rank: int | None = None
+    variant: str = "rotate"  # LinearPatch: rotate | diag
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    solve: Callable[[PairSums, SolveOptions], Operator]
+    full: bool = False  # needs X^T X, X^T Y
+    hadamard: bool = False  # needs rotated magnitude sums
+    mlp: bool = False  # needs the MLP output of the layer before the cut
+    residual: bool = True  # acts on the residual stream at the cut (guardable by boundary error)
+
+
+RECOVERY: Registry[Method] = Registry("recovery method")
+
+
+def _register(method: Method) -> Method:
+    RECOVERY.register(method.name)(method)
+    return method
+
+
+def _ghost(s: PairSums, o: SolveOptions) -> Operator:
+    if o.rank is not None:
+        if o.affine:
+            from .errors import GhostedError
+
+            raise GhostedError("a ghost is either low-rank or affine, not both: drop --rank or --affine")
+        return solve_lowrank(s, o.rank, o.ridge)
+    return solve_ghost(s, o.ridge, affine=o.affine)
+
+
+_register(Method("ghost", _ghost, full=True))
+_register(Method("linearpatch", lambda s, o: solve_linearpatch(s, o.variant), hadamard=True))
+_register(Method("replaceme", lambda s, o: solve_replaceme(s, o.ridge), mlp=True, residual=False))
+_register(Method("scalar", lambda s, o: solve_scalar(s), full=True))
+_register(Method("none", lambda s, o: Operator("identity")))

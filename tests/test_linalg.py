@@ -1,0 +1,129 @@
+"""The pure math against independent computations on random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ghosted.linalg import (F64, PairSums, fold_down_proj, orthonormal_mixer, relative_residual, residual,
+                            solve_ghost, solve_linearpatch, solve_lowrank, solve_replaceme, solve_scalar)
+
+
+def _data(n: int = 400, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=F64) * 3
+    A = torch.randn(d, d, generator=g, dtype=F64) / d**0.5
+    Y = X + X @ A + 0.1 * torch.randn(n, d, generator=g, dtype=F64) + 0.5
+    return X, Y
+
+
+def _sums(X, Y, batches: int = 1, **kw) -> PairSums:
+    s = PairSums(X.shape[1])
+    for xb, yb in zip(X.chunk(batches), Y.chunk(batches)):
+        s.add(xb, yb, **kw)
+    return s
+
+
+def test_ghost_equals_independent_least_squares():
+    X, Y = _data()
+    op = solve_ghost(_sums(X, Y, batches=7), ridge=0.0)
+    M_ref = torch.linalg.lstsq(X, Y - X).solution  # independent: QR-based least squares on the raw data
+    assert torch.allclose(op.W, torch.eye(16, dtype=F64) + M_ref, atol=1e-9)
+
+
+def test_ridge_matches_closed_form():
+    X, Y = _data()
+    ridge = 0.3
+    op = solve_ghost(_sums(X, Y), ridge=ridge)
+    lam = ridge * float((X * X).sum()) / X.shape[1]
+    M = torch.linalg.solve(X.T @ X + lam * torch.eye(16, dtype=F64), X.T @ (Y - X))
+    assert torch.allclose(op.W - torch.eye(16, dtype=F64), M, atol=1e-9)
+
+
+def test_streaming_sums_equal_one_batch_and_add():
+    X, Y = _data()
+    one, many = _sums(X, Y), _sums(X, Y, batches=9)
+    assert torch.allclose(one.gram, many.gram) and torch.allclose(one.cross, many.cross)
+    half = _sums(X[:200], Y[:200]) + _sums(X[200:], Y[200:])
+    assert half.n == 400 and torch.allclose(half.gram, one.gram)
+
+
+def test_affine_ghost_equals_lstsq_with_bias_column():
+    X, Y = _data()
+    op = solve_ghost(_sums(X, Y), ridge=0.0, affine=True)
+    Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=F64)], 1)
+    Z = torch.linalg.lstsq(Xa, Y - X).solution
+    assert torch.allclose(op.W - torch.eye(16, dtype=F64), Z[:16], atol=1e-8)
+    assert torch.allclose(op.bias, Z[16], atol=1e-8)
+    # the bias helps on data with an offset
+    assert residual(_sums(X, Y), op.W, op.bias) < residual(_sums(X, Y), solve_ghost(_sums(X, Y), 0.0).W)
+
+
+def test_residual_from_sums_equals_direct():
+    X, Y = _data()
+    s = _sums(X, Y)
+    W = torch.randn(16, 16, dtype=F64)
+    b = torch.randn(16, dtype=F64)
+    assert residual(s, W, b) == pytest.approx(float(((X @ W + b - Y) ** 2).sum()), rel=1e-9)
+    assert relative_residual(s, solve_ghost(s, 0.0)) < 0.05
+
+
+def test_lowrank_full_rank_equals_full_and_is_optimal_among_ranks():
+    X, Y = _data()
+    s = _sums(X, Y)
+    full = solve_ghost(s, 1e-6)
+    lr = solve_lowrank(s, 16, 1e-6)
+    assert torch.allclose(torch.eye(16, dtype=F64) + lr.U @ lr.V.T, full.W, atol=1e-8)
+    errs = [residual(s, solve_lowrank(s, r, 1e-6).matrix(16)) for r in (1, 4, 8, 16)]
+    assert errs == sorted(errs, reverse=True)
+    # optimal among rank-4 maps: beats truncating the SVD of M* directly
+    M = full.W - torch.eye(16, dtype=F64)
+    Uu, S, Vh = torch.linalg.svd(M)
+    naive = torch.eye(16, dtype=F64) + Uu[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+    assert residual(s, solve_lowrank(s, 4, 1e-6).matrix(16)) <= residual(s, naive) + 1e-6
+
+
+def test_scalar_is_least_squares_scale():
+    X, _ = _data()
+    s = _sums(X, 2.5 * X)
+    assert solve_scalar(s).scale == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("d", [16, 64, 576, 640, 12])
+def test_mixer_is_orthonormal_for_any_size(d):
+    H = orthonormal_mixer(d)
+    assert torch.allclose(H.T @ H, torch.eye(d, dtype=F64), atol=1e-10)
+
+
+def test_linearpatch_rotate_and_diag():
+    X, Y = _data(d=12)
+    H = orthonormal_mixer(12)
+    s = _sums(X, Y, batches=3, hadamard=H)
+    op = solve_linearpatch(s, "rotate", H)
+    assert torch.allclose(op.W, op.W.T, atol=1e-12)  # symmetric by construction
+    ratio = (Y @ H).abs().mean(0) / (X @ H).abs().mean(0)
+    assert torch.allclose(H.T @ op.W @ H, torch.diag(ratio), atol=1e-10)
+    dg = solve_linearpatch(s, "diag")
+    assert torch.allclose(torch.diag(dg.W), Y.abs().mean(0) / X.abs().mean(0))
+
+
+def test_replaceme_solution_and_fold():
+    g = torch.Generator().manual_seed(1)
+    n, d, inter = 300, 8, 20
+    Mlp = torch.randn(n, d, generator=g, dtype=F64)
+    A = torch.randn(n, d, generator=g, dtype=F64)
+    X = A + Mlp
+    T_true = torch.eye(d, dtype=F64) + 0.3 * torch.randn(d, d, generator=g, dtype=F64)
+    Y = A + Mlp @ T_true
+    s = PairSums(d)
+    s.add(X, Y, mlp=Mlp)
+    op = solve_replaceme(s, ridge=0.0)
+    assert torch.allclose(op.T, T_true, atol=1e-8)
+    # folding into nn.Linear [d_out, d_in] and into a Conv1D [d_in, d_out] gives Mlp @ T
+    act = torch.randn(5, inter, generator=g, dtype=F64)
+    lin = torch.nn.Linear(inter, d, bias=True).double()
+    w, b = fold_down_proj(lin.weight.data, lin.bias.data, op.T, conv1d=False)
+    assert torch.allclose(act @ w.T + b, lin(act) @ op.T, atol=1e-10)
+    Wc, bc = lin.weight.data.T.clone(), lin.bias.data.clone()
+    w2, b2 = fold_down_proj(Wc, bc, op.T, conv1d=True)
+    assert torch.allclose(act @ w2 + b2, (act @ Wc + bc) @ op.T, atol=1e-10)
