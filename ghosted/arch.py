@@ -14,16 +14,18 @@ import logging
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
-from importlib.abc import Traversable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from ghosted.errors import GhostedError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,7 @@ _REQUIRED = {name for name, f in _FIELDS.items() if f.default is dataclasses.MIS
 
 
 def _spec_dir() -> Traversable:
-    try:
-        return resources.files("ghosted") / "_data" / "architectures"
-    except (NotADirectoryError, TypeError, ModuleNotFoundError):
-        # `ghosted` as a namespace package under an editable install has a non-directory path entry.
-        return Path(__file__).resolve().parent / "_data" / "architectures"
+    return resources.files("ghosted") / "_data" / "architectures"
 
 
 def _parse_spec(raw: Any, source: str) -> ArchSpec:
@@ -128,35 +126,37 @@ def _resolves(model: nn.Module, spec: ArchSpec) -> bool:
 
 
 def get_arch(model_or_config: nn.Module | PretrainedConfig) -> ArchSpec:
-    """The spec of a model (or config): by class / `architectures[0]`, then `model_type`, then a heuristic (models only)."""
-    is_config = isinstance(model_or_config, PretrainedConfig)
-    config = model_or_config if is_config else getattr(model_or_config, "config", None)
+    """The spec of a model or config: by class or `architectures[0]`, then `model_type`, then (models only)
+    a heuristic; GhostedError listing the supported architectures when nothing fits."""
+    model = None if isinstance(model_or_config, PretrainedConfig) else model_or_config
+    config = model_or_config if model is None else getattr(model, "config", None)
     if not isinstance(config, PretrainedConfig):
         raise GhostedError(
             f"cannot find the architecture of a {type(model_or_config).__name__}: pass a Hugging Face model or config"
         )
     by_arch, by_type = _table()
-    declared = (getattr(config, "architectures", None) or [None])[0]
+    declared: str | None = (getattr(config, "architectures", None) or [None])[0]
     # The object's own class first: a fresh model has no config.architectures, and a base model
     # (e.g. LlamaModel) lays its modules out differently from the CausalLM its config may name.
-    keys = ([] if is_config else [type(model_or_config).__name__]) + [declared]
-    candidates = [by_arch[k] for k in keys if k in by_arch] + [by_type[t] for t in [config.model_type] if t in by_type]
+    keys = ([type(model).__name__] if model is not None else []) + [declared]
+    candidates = [by_arch[k] for k in keys if k in by_arch]
+    if config.model_type in by_type:
+        candidates.append(by_type[config.model_type])
     for spec in candidates:
-        if is_config or _resolves(model_or_config, spec):
+        if model is None or _resolves(model, spec):
             return spec
-    arch = declared or (config.model_type if is_config else type(model_or_config).__name__)
-    if not is_config:
-        spec = _heuristic_spec(model_or_config)
-        if spec is not None:
-            _warn_heuristic(spec)
-            return spec
+    arch = declared or (type(model).__name__ if model is not None else config.model_type)
+    guess = _heuristic_spec(model, config) if model is not None else None
+    if guess is not None:
+        _warn_heuristic(guess)
+        return guess
     raise GhostedError(
         f"unsupported architecture {arch} (model_type {config.model_type!r}): supported are "
         f"{', '.join(supported_architectures())}; add a ghosted/_data/architectures/<family>.json for it"
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_heuristic(spec: ArchSpec) -> None:
     # Once per spec: get_layers() and friends resolve the spec on every call.
     logger.warning("architecture %s is not in the table; using a heuristic spec: %s", spec.architectures[0], spec)
@@ -167,8 +167,9 @@ def _is_projection(module: nn.Module) -> bool:
 
 
 def _out_features(module: nn.Module) -> int:
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
     # Conv1D keeps its weight as [in, out]; nn.Linear as [out, in].
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+    return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
 
 
 def _last_output_projection(module: nn.Module, hidden: int) -> str | None:
@@ -176,16 +177,16 @@ def _last_output_projection(module: nn.Module, hidden: int) -> str | None:
     return names[-1] if names else None
 
 
-def _heuristic_spec(model: nn.Module) -> ArchSpec | None:
+def _heuristic_spec(model: nn.Module, config: PretrainedConfig) -> ArchSpec | None:
     """A best-effort spec for a family not in the table, or None. Fold flags are always False."""
-    config = model.config
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     lists = [
         (name, mod)
         for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and len(mod) and all(type(m).__name__ in block_names for m in mod)
     ]
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embed = getattr(model, "get_input_embeddings", None)
+    embed = get_embed() if callable(get_embed) else None
     if not lists or not isinstance(embed, nn.Embedding):
         return None
     layers_path, layers = max(lists, key=lambda item: len(item[1]))
@@ -303,6 +304,14 @@ def _pruned_lists(config: PretrainedConfig, spec: ArchSpec, keep: list[int], n: 
     return out
 
 
+def _index_owner(layer: nn.Module, path: str, spec: ArchSpec) -> tuple[nn.Module, str]:
+    owner_path, _, attr = path.rpartition(".")
+    owner = layer_submodule(layer, owner_path) if owner_path else layer
+    if not hasattr(owner, attr):
+        raise GhostedError(f"{spec.name}: decoder layer has no attribute {path!r}; the spec is wrong")
+    return owner, attr
+
+
 def _renumber_device_map(model: nn.Module, layers_path: str, keep: list[int]) -> None:
     device_map = getattr(model, "hf_device_map", None)
     if not isinstance(device_map, dict):
@@ -317,7 +326,7 @@ def _renumber_device_map(model: nn.Module, layers_path: str, keep: list[int]) ->
                 continue  # a removed layer
             key = prefix + new_position[index] + ("." + rest if rest else "")
         renumbered[key] = device
-    model.hf_device_map = renumbered
+    model.hf_device_map = renumbered  # type: ignore[assignment]
 
 
 def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
@@ -329,7 +338,7 @@ def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
     removed = _validate_removal(remove, n)
     keep = sorted(set(range(n)) - set(removed))
     # Composite models (e.g. vision-language) keep the decoder's keys in a sub-config.
-    config = model.config.get_text_config(decoder=True)
+    config: PretrainedConfig = model.config.get_text_config(decoder=True)  # type: ignore[operator,union-attr]
     for flag in spec.unsupported_flags:
         if getattr(config, flag, False):
             raise GhostedError(
@@ -337,28 +346,29 @@ def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
                 "cannot give an exact standard checkpoint"
             )
     lists = _pruned_lists(config, spec, keep, n)
+    for layer in layers:  # fail before anything changes
+        for path in spec.layer_idx_attrs:
+            _index_owner(layer, path, spec)
     heterogeneity = getattr(config, "_heterogeneity_spec", None)  # transformers' sparse per_layer_config
 
     for i in reversed(removed):
         del layers[i]  # ModuleList renames the remaining children 0..len-1
-    for new, (old, layer) in enumerate(zip(keep, layers)):
+    for new, (old, layer) in enumerate(zip(keep, layers, strict=True)):
         for path in spec.layer_idx_attrs:
-            owner_path, _, attr = path.rpartition(".")
-            owner = layer_submodule(layer, owner_path) if owner_path else layer
-            if not hasattr(owner, attr):
-                raise GhostedError(f"{spec.name}: decoder layer has no attribute {path!r}; the spec is wrong")
-            setattr(owner, attr, new)
+            setattr(*_index_owner(layer, path, spec), new)
         # Also any other submodule still holding the old index (e.g. GPT-2 cross-attention), which the KV
         # cache would otherwise index wrongly.
         for module in layer.modules():
             if getattr(module, "layer_idx", None) == old and not isinstance(module.layer_idx, bool):
-                module.layer_idx = new
+                module.layer_idx = new  # type: ignore[assignment]
 
     setattr(config, spec.num_layers_key, len(keep))
     for key, value in lists.items():
         setattr(config, key, value)
     if heterogeneity is not None:
         overrides = heterogeneity.per_layer_overrides
-        rekeyed = {new: copy.deepcopy(overrides[old]) for new, old in enumerate(keep) if old in overrides}
+        rekeyed: dict[int | str, dict[str, Any]] = {
+            new: copy.deepcopy(overrides[old]) for new, old in enumerate(keep) if old in overrides
+        }
         config.per_layer_config = rekeyed or None
     _renumber_device_map(model, spec.layers, keep)

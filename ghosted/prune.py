@@ -129,7 +129,7 @@ def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: 
 
 def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult | None):
     """Held-out next-token loss of a candidate plan (plain removal, or with its ghost fitted on the fit windows)."""
-    held = sorted(heldout_windows(calib.n, cfg.holdout)) or list(range(min(calib.n, 4)))
+    held = sorted(heldout_windows(calib.n, cfg.holdout)) or list(range(min(calib.n, 8)))
     ids = calib.input_ids[held]
 
     def plain(removed: list[int]) -> float:
@@ -176,7 +176,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
             res = run_capture(loaded, calib, cfg, [], scores=True, progress=progress) if cfg.select != "ppl" else None
             passes += res is not None
         plain_loss, ghost_loss = _loss_fns(loaded, calib, cfg, res)
-        ctx = SelectContext(res, loss_fn=plain_loss, ghost_loss_fn=ghost_loss, shortlist=cfg.shortlist,
+        ctx = SelectContext(L, res, loss_fn=plain_loss, ghost_loss_fn=ghost_loss, shortlist=cfg.shortlist,
                             ridge=cfg.ridge or cfg.ridge_grid[0])
         removed = SELECTION.get(cfg.select)(ctx, k)
         if res is not None and res.score_tokens:

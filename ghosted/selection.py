@@ -24,7 +24,8 @@ CONTIGUOUS = ("angular", "cosine", "ghost")
 
 @dataclass
 class SelectContext:
-    result: CaptureResult  # with scores; for "ghost", also fit/held-out sums of every candidate block of size k
+    num_layers: int
+    result: CaptureResult | None  # scores; for "ghost", also fit/held-out sums of every candidate block of size k
     loss_fn: Callable[[list[int]], float] | None = None  # held-out next-token loss of the model with layers removed
     ghost_loss_fn: Callable[[list[int]], float] | None = None  # same, with the ghost fitted for that block
     shortlist: int = 4
@@ -32,7 +33,7 @@ class SelectContext:
 
     @property
     def L(self) -> int:
-        return self.result.num_layers
+        return self.num_layers
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:

@@ -155,7 +155,7 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     parent = model.get_submodule(parent_path) if parent_path else model
     saved_layers = list(layers)
     cfg = model.config
-    saved_cfg = {k: getattr(cfg, k) for k in (spec.num_layers_key, *spec.per_layer_keys, "layer_types")
+    saved_cfg = {k: getattr(cfg, k) for k in (spec.num_layers_key, *spec.per_layer_keys, *arch._GENERIC_PER_LAYER_KEYS)
                  if hasattr(cfg, k)}
     saved_cfg = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in saved_cfg.items()}
     saved_idx = []

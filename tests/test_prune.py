@@ -1,0 +1,246 @@
+"""Prune, fit, apply and save on tiny random models: exact invariants."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ghosted
+from ghosted import arch
+from ghosted.capture import CapturePlan, TokenPolicy, capture
+from ghosted.data import Calibration, tokens_sha256
+from ghosted.linalg import F64, Operator, solve_ghost
+from ghosted.models import Loaded, ModelRef
+from ghosted.prune import PruneConfig, build_checkpoint, load_solution, save_solution, solve
+from ghosted.surgery import apply, runs, temporarily_pruned
+
+from .tiny_models import FAMILIES, make_tiny
+
+
+def _ids(vocab: int, n: int = 6, t: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n, t), generator=g)
+
+
+def _calib(model, n: int = 6, t: int = 24) -> Calibration:
+    ids = _ids(model.config.vocab_size, n, t)
+    return Calibration(ids, "random", 0, tokens_sha256(ids))
+
+
+def _loaded(family: str = "llama", layers: int = 4) -> Loaded:
+    model, tok = make_tiny(family, num_layers=layers)
+    return Loaded(model, tok, ModelRef(f"tiny-{family}", "folder", "/nonexistent"))
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def test_remove_zero_layers_changes_nothing():
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size)
+    before = _logits(model, ids)
+    apply(model, [], {})
+    assert torch.equal(before, _logits(model, ids))
+
+
+def test_runs_split_noncontiguous_cuts():
+    assert runs([5, 1, 2, 7, 8]) == [(1, 3), (5, 6), (7, 9)]
+
+
+def test_capture_matches_output_hidden_states():
+    """Sums from the hooks equal sums over transformers' own hidden_states (inputs of layers)."""
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("all"), batch_size=4, progress=False)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    X = hs[1].reshape(-1, hs[1].shape[-1]).to(F64)
+    Y = hs[3].reshape(-1, hs[3].shape[-1]).to(F64)
+    assert torch.allclose(res.fit[(1, 3)].gram, X.T @ X, rtol=1e-5)
+    assert torch.allclose(res.fit[(1, 3)].cross, X.T @ Y, rtol=1e-5)
+    op = solve_ghost(res.fit[(1, 3)], ridge=0.0)
+    ref = torch.linalg.lstsq(X, Y - X).solution
+    assert torch.allclose(op.W - torch.eye(X.shape[1], dtype=F64), ref, atol=1e-6)
+
+
+def test_token_policy_masks_position_zero_and_bos():
+    ids = torch.tensor([[1, 5, 6, 1, 7], [9, 9, 9, 9, 9]])
+    am = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # second row left-padded
+    sink = TokenPolicy("sink").base_mask(ids, am, bos_id=1)
+    assert sink.tolist() == [[False, True, True, False, True], [False, False, False, True, True]]
+    assert TokenPolicy("all").base_mask(ids, am, bos_id=1).tolist() == am.bool().tolist()
+    X = torch.ones(1, 4, 3)
+    X[0, 2] *= 100
+    keep = TokenPolicy("sink+outliers").cut_mask(torch.ones(1, 4, dtype=torch.bool), X)
+    assert keep.tolist() == [[True, True, False, True]]
+
+
+def test_sums_never_see_padding():
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size, 2, 10)
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    res = capture(model, ids, CapturePlan(pairs=[(0, 2)]), TokenPolicy("all"), attention_mask=am, progress=False)
+    assert res.fit[(0, 2)].n == 16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ghost_checkpoint_round_trip(family, tmp_path):
+    """Fit a ghost, apply it, save; plain transformers (trust_remote_code) and ghosted.load give the same logits."""
+    loaded = _loaded(family)
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0), progress=False, log=lambda m: None)
+    ids = _ids(loaded.model.config.vocab_size, 2, 12, seed=1)
+    with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:
+        hooked = _logits(m, ids)
+    meta = build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
+    assert torch.allclose(_logits(loaded.model, ids), hooked, atol=1e-5)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["ghosted"]["removed_layers"] == [1, 2] and cfg["ghosted"]["num_layers"] == 2
+    assert cfg[arch.get_arch(loaded.model).num_layers_key] == 2
+    assert meta["ghosts"] and (tmp_path / "ck" / "modeling_ghosted.py").exists()
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", trust_remote_code=True).eval()
+    own = ghosted.load(str(tmp_path / "ck"))
+    assert torch.allclose(_logits(remote, ids), hooked, atol=1e-5)
+    assert torch.allclose(_logits(own, ids), hooked, atol=1e-5)
+    # generation with a KV cache through the ghost hook equals the no-cache path
+    out_c = own.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, use_cache=True)
+    out_n = own.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(out_c, out_n)
+
+
+def _reference_replaceme(model, removed, s, T, ids):
+    """Dense model, layers skipped, MLP output of layer s-1 multiplied by T with a hook: the unfused reference."""
+    spec = arch.get_arch(model)
+    mlp = arch.layer_submodule(arch.get_layers(model)[s - 1], spec.mlp)
+    h = mlp.register_forward_hook(lambda _m, _a, out: out @ T.to(out.dtype))
+    try:
+        with temporarily_pruned(model, removed) as m:
+            return _logits(m, ids)
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3"])
+def test_replaceme_fold_reproduces_hooked_model(family, tmp_path):
+    loaded = _loaded(family)
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="2", recovery="replaceme", guard="off", holdout=0.0),
+                progress=False, log=lambda m: None)
+    ids = _ids(loaded.model.config.vocab_size, 2, 12, seed=2)
+    ref = _reference_replaceme(loaded.model, sol.removed, 2, sol.operators[(2, 3)].T, ids)
+    build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()  # no custom code needed
+    assert not (tmp_path / "ck" / "modeling_ghosted.py").exists()
+    assert torch.allclose(_logits(plain, ids), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scalar_fold_equals_scalar_ghost(family, tmp_path):
+    loaded = _loaded(family)
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="1", recovery="scalar", guard="off", holdout=0.0),
+                progress=False, log=lambda m: None)
+    c = sol.operators[(1, 2)].scale
+    assert c != pytest.approx(1.0)
+    ids = _ids(loaded.model.config.vocab_size, 2, 12, seed=3)
+    d = loaded.model.config.hidden_size
+    with temporarily_pruned(loaded.model, [1], {(1, 2): Operator("full", W=c * torch.eye(d, dtype=F64))}) as m:
+        hooked = _logits(m, ids)
+    build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    assert torch.allclose(_logits(plain, ids), hooked, atol=1e-4)
+
+
+def test_replaceme_refuses_inexact_fold():
+    loaded = _loaded("gemma3_text")
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="2", recovery="replaceme", guard="off", holdout=0.0),
+                progress=False, log=lambda m: None)
+    with pytest.raises(ghosted.GhostedError, match="cannot be folded exactly"):
+        apply(loaded.model, sol.removed, sol.operators)
+
+
+def test_noncontiguous_selection_gets_one_operator_per_cut():
+    loaded = _loaded("llama", layers=6)
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="1,3-4", guard="off", holdout=0.0), progress=False,
+                log=lambda m: None)
+    assert sorted(sol.operators) == [(1, 2), (3, 5)]
+
+
+@pytest.mark.parametrize("select", ["angular", "bi", "cosine", "ppl", "ghost"])
+def test_every_selection_metric_runs(select):
+    loaded = _loaded("llama", layers=6)
+    calib = _calib(loaded.model, n=8)
+    sol = solve(loaded, calib, PruneConfig(remove=2, select=select, guard="off", holdout=0.25, shortlist=2),
+                progress=False, log=lambda m: None)
+    assert len(sol.removed) == 2 and all(0 <= i < 6 for i in sol.removed)
+    if select in ("angular", "cosine", "ghost"):
+        assert sol.removed[1] == sol.removed[0] + 1
+        assert sol.meta["capture_passes"] == 1  # scores and sums from the same pass
+
+
+@pytest.mark.parametrize("method", ["ghost", "linearpatch", "replaceme", "scalar", "none"])
+def test_solution_save_load_round_trip(method, tmp_path):
+    loaded = _loaded("llama")
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="1-2", recovery=method, guard="off", holdout=0.0),
+                progress=False, log=lambda m: None)
+    save_solution(sol, tmp_path / "ops")
+    back = load_solution(tmp_path / "ops")
+    assert back.removed == sol.removed
+    for cut, op in sol.operators.items():
+        for name in ("W", "T", "U", "V", "bias"):
+            a, b = getattr(op, name), getattr(back.operators[cut], name)
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a.to(F64), b))
+
+
+def test_guard_falls_back_when_the_operator_overfits():
+    """Few calibration tokens, d > tokens, ridge 0: the ghost interpolates noise; held-out loss rejects it."""
+    loaded = _loaded("llama", layers=4)
+    ids = _ids(loaded.model.config.vocab_size, 8, 6)
+    calib = Calibration(ids, "random", 0, tokens_sha256(ids))
+    cfg = PruneConfig(layers="1-2", guard="loss", holdout=0.5, ridge=0.0)
+    sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
+    g = sol.meta["guard"]
+    if g["fallback"]:
+        assert all(op.kind == "identity" for op in sol.operators.values())
+        assert g["scores"]["none"] <= min(v for k, v in g["scores"].items() if k != "none")
+    else:  # then the ghost really was better on held-out windows
+        assert g["scores"][g["chosen"]] < g["scores"]["none"]
+    assert math.isfinite(g["scores"]["none"])
+
+
+def test_lowrank_and_affine_ghosts_save_and_load(tmp_path):
+    for extra, name in (({"rank": 4}, "lr"), ({"affine": True}, "aff")):
+        loaded = _loaded("llama")
+        calib = _calib(loaded.model)
+        sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0, **extra), progress=False,
+                    log=lambda m: None)
+        ids = _ids(loaded.model.config.vocab_size, 2, 10, seed=4)
+        with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:
+            hooked = _logits(m, ids)
+        build_checkpoint(loaded, sol, calib.sha256, tmp_path / name)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).eval()
+        assert torch.allclose(_logits(back, ids), hooked, atol=1e-5)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    loaded = _loaded("llama")
+    calib = _calib(loaded.model)
+    sol = solve(loaded, calib, PruneConfig(layers="1", guard="off", holdout=0.0), progress=False, log=lambda m: None)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(loaded.model), "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []
