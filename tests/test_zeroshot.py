@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -169,6 +170,7 @@ def test_suite_runs_on_tiny_model(tiny_llama, smollm2_tokenizer, cache_dir: Path
         assert res["n"] == 5, name
         assert 0.0 <= res["acc"] <= 1.0 and res["acc_stderr"] >= 0.0
         assert res["version"] == zeroshot.stock_task_config(name)["metadata"]["version"]
+        assert res["data_file"] == export_task_data(name, cache_dir).name
         assert (res["acc_norm"] is None) == (name in {"winogrande", "boolq", "copa", "rte"})
     accs = [r["acc"] for r in out["tasks"].values()]
     norms = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in out["tasks"].values()]
@@ -208,7 +210,7 @@ def test_hooked_model_is_run_in_memory(tiny_llama, smollm2_tokenizer, cache_dir:
     layer = tiny_llama.model.layers[1]
     calls = []
 
-    def ghost(module, args, output):  # scale the layer's update: changes every log-likelihood
+    def ghost(module, args, output):  # an extra operator on the residual stream, as a ghost adds
         calls.append(1)
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = args[0] + 3.0 * (hidden - args[0])

@@ -9,8 +9,9 @@ Peak memory per batch size, over one prefill and one generate call:
   memory allocated before the run ("peak_memory_delta_bytes").
 - CPU on Linux: the process's peak resident set size (VmHWM, reset through
   /proc/self/clear_refs before the run) and its rise over the RSS before the run. RSS counts
-  everything the process touches in that window (allocator caches, other threads), so
-  compare it between models measured the same way, not with CUDA numbers.
+  everything the process touches in that window (other threads too), and memory the
+  allocator keeps from earlier work is reused without raising it: compare models each
+  measured in a fresh process, never with CUDA numbers.
 - Elsewhere: None, with memory_method "unavailable".
 """
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -209,25 +210,26 @@ def evaluate_zeroshot(
     """Zero-shot acc/acc_norm of an in-memory causal LM on `tasks` (first `limit` items each) via lm-eval.
 
     The returned "average" is over all tasks; its "acc_norm" uses acc for tasks whose stock
-    YAML has no acc_norm (winogrande, boolq, copa, rte), as the anchors' tables do.
+    YAML has no acc_norm (winogrande, boolq, copa, rte), so all tasks count in both means.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     names = _check_tasks(tasks)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise GhostedError(f"limit must be a whole number >= 1 or None (all items), got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise GhostedError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     configs = task_configs(names, cache_dir)
-    lm = _make_lm(model, tokenizer, batch_size, progress)
+    data_files = {c["task"]: Path(c["dataset_kwargs"]["data_files"]["validation"]).name for c in configs}
+    lm = _make_lm(model, tokenizer, int(batch_size), progress)
     raw = lm_eval.simple_evaluate(
         model=lm,
         tasks=configs,
         num_fewshot=0,
-        limit=limit,
+        limit=int(limit) if limit is not None else None,
         task_manager=TaskManager(include_defaults=False),
         log_samples=False,
         random_seed=0,
@@ -250,13 +252,14 @@ def evaluate_zeroshot(
             "n_available": int(raw["n-samples"][name]["original"]),
             "version": raw["versions"][name],
             "split": "validation",
+            "data_file": data_files[name],  # content-addressed: the digest pins the exact items
         }
     accs = [t["acc"] for t in per_task.values()]
     norms = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in per_task.values()]
     return {
         "tasks": per_task,
         "average": {"acc": sum(accs) / len(accs), "acc_norm": sum(norms) / len(norms), "n_tasks": len(accs)},
-        "limit": limit,
+        "limit": int(limit) if limit is not None else None,
         "num_fewshot": 0,
         "lm_eval_version": lm_eval.__version__,
     }

@@ -1,0 +1,139 @@
+"""The CLI: real model folders built here, one-line errors, and the shipped SmolLM2 end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ghosted.cli import main
+
+from .tiny_models import make_tiny
+
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and layer pruning removes blocks. " * 3
+    for i in range(60)
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A real Hugging Face folder (weights + tokenizer) of a tiny random Llama."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, tok = make_tiny("llama", num_layers=6)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_local_folder_with_text_file(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--remove", 2, "--calib-source", text_file, "--n-seqs", 6,
+                           "--seq-len", 16, "--out", out, "--quiet")
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["num_layers"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_calibrate_is_deterministic_and_hashed(tiny_folder, text_file, tmp_path, capsys):
+    hashes = []
+    for name in ("a", "b"):
+        code, stdout, _ = _run(capsys, "calibrate", tiny_folder, "--calib-source", text_file, "--n-seqs", 4,
+                               "--seq-len", 16, "--seed", 3, "--out", tmp_path / name)
+        assert code == 0
+        hashes.append(json.loads(stdout)["sha256"])
+        assert json.loads((tmp_path / name / "calibration.json").read_text())["sha256"] == hashes[-1]
+    assert hashes[0] == hashes[1]
+
+
+def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, capsys):
+    args = ["--calib-source", text_file, "--n-seqs", 6, "--seq-len", 16, "--quiet"]
+    assert _run(capsys, "calibrate", tiny_folder, *args[:-1], "--out", tmp_path / "cal")[0] == 0
+    code, stdout, _ = _run(capsys, "score", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2,
+                           "--out", tmp_path / "scores.json", "--quiet")
+    assert code == 0 and "angular pick" in stdout
+    table = json.loads((tmp_path / "scores.json").read_text())
+    assert len(table["layers"]["bi"]) == 6 and len(table["blocks"]["angular"]) == 5
+    assert _run(capsys, "solve", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "ops",
+                "--quiet")[0] == 0
+    assert _run(capsys, "fuse", tiny_folder, "--ops", tmp_path / "ops", "--out", tmp_path / "staged", "--quiet")[0] == 0
+    assert _run(capsys, "prune", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "direct",
+                "--quiet")[0] == 0
+    ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "staged", trust_remote_code=True).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "direct", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "no-such-model", "--remove", "2"], "unknown model 'no-such-model'"),
+    (["prune", "TINY", "--remove", "6"], "--remove must be between 1 and 5"),
+    (["prune", "TINY", "--layers", "4-2"], "is reversed"),
+    (["prune", "TINY", "--layers", "1-3,2"], "more than once"),
+    (["prune", "TINY", "--layers", "7"], "out of range"),
+    (["prune", "TINY", "--remove", "2", "--recovery", "ghots"], "did you mean 'ghost'"),
+    (["prune", "TINY", "--remove", "2", "--calib-source", "EMPTY"], "is empty"),
+    (["prune", "TINY", "--remove", "2", "--n-seqs", "50000"], "windows"),
+    (["prune", "/no/such/dir", "--remove", "2"], "not found"),
+    (["prune", "org/not-cached-model", "--remove", "2"], "HF_HUB_OFFLINE"),
+])
+def test_bad_input_gives_one_line_error(argv, message, tiny_folder, text_file, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    argv = [str(tiny_folder) if a == "TINY" else str(empty) if a == "EMPTY" else a for a in argv]
+    if "--calib-source" not in argv:
+        argv += ["--calib-source", str(text_file), "--seq-len", "16", "--n-seqs", argv[argv.index("--n-seqs") + 1]
+                 if "--n-seqs" in argv else "4"]
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, *argv, "--out", out, "--quiet")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_shipped_smollm2_end_to_end(tmp_path):
+    """The real CLI on the real shipped model, small limits; the result loads with plain transformers."""
+    out = tmp_path / "smol"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ghosted.cli", "prune", "smollm2-135m", "--remove", "3",
+                           "--n-seqs", "8", "--seq-len", "128", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["num_layers"] == 27
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 27 and cfg["ghosted"]["base_model"] == "smollm2-135m"
+    assert cfg["ghosted"]["base_fingerprint"].startswith("sha256:")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
