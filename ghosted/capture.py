@@ -25,6 +25,11 @@ from .linalg import F64, PairSums, orthonormal_mixer
 Pair = tuple[int, int]
 
 
+# "auto" captures like "sink" and also keeps the left-out tokens' sums apart, so the guard can
+# compare fits with and without them on held-out data (prune.py).
+POLICIES = ("auto", "all", "sink", "sink+outliers")
+
+
 @dataclass(frozen=True)
 class TokenPolicy:
     """Which calibration tokens enter the least-squares sums (recorded in the checkpoint).
@@ -34,6 +39,8 @@ class TokenPolicy:
       attention-sink position maps across a cut unlike any other token and bends the fit.
     - "sink+outliers": also leave out tokens whose state norm at the cut's input exceeds
       `outlier_factor` times the batch median (other sink-like tokens).
+    - "auto": the sums of "sink" plus, apart, those of the tokens it leaves out; the held-out
+      guard then picks "sink" or "all" (their sum) per model.
     The operator is still applied to every token at inference.
     """
 
@@ -41,13 +48,13 @@ class TokenPolicy:
     outlier_factor: float = 8.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("all", "sink", "sink+outliers"):
-            raise GhostedError(f"unknown token policy '{self.name}': use all, sink or sink+outliers")
+        if self.name not in POLICIES:
+            raise GhostedError(f"unknown token policy '{self.name}': use {', '.join(POLICIES)}")
 
     def base_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_id: int | None) -> torch.Tensor:
         """[B, T] bool: tokens that may enter the sums before any per-cut outlier test."""
         mask = attention_mask.bool().clone()
-        if self.name != "all":
+        if self.name != "all":  # sink, sink+outliers, auto
             # first real token of each row (left padding aware)
             first = attention_mask.long().argmax(dim=1)
             mask[torch.arange(mask.shape[0]), first] = False
@@ -77,19 +84,35 @@ class CapturePlan:
 @dataclass
 class CaptureResult:
     num_layers: int
-    fit: dict[Pair, PairSums]
-    heldout: dict[Pair, PairSums]
+    fit: dict[Pair, PairSums]  # tokens the policy keeps, fit windows
+    heldout: dict[Pair, PairSums]  # tokens the policy keeps, held-out windows
     cos_sum: torch.Tensor | None  # [L+1, L+1] sum over tokens of cos(h_i, h_j)
     ang_sum: torch.Tensor | None  # [L+1, L+1] sum over tokens of arccos(cos)/pi
     score_tokens: int
     seconds: float = 0.0
+    fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out ("auto" only)
+    heldout_left_out: dict[Pair, PairSums] = field(default_factory=dict)
+
+    def sums(self, pair: Pair, group: str = "total", with_left_out: bool = False) -> PairSums:
+        """Sums of one cut: group fit | heldout | total; with_left_out adds the policy's left-out tokens back."""
+        parts = {"fit": [self.fit], "heldout": [self.heldout], "total": [self.fit, self.heldout]}[group]
+        if with_left_out:
+            if pair not in self.fit_left_out:
+                raise GhostedError("these sums were captured without the left-out tokens (use token policy auto)")
+            parts = parts + {"fit": [self.fit_left_out], "heldout": [self.heldout_left_out],
+                             "total": [self.fit_left_out, self.heldout_left_out]}[group]
+        out = None
+        for part in parts:
+            s = part.get(pair)
+            if s is None:
+                raise KeyError(pair)
+            if s.n:
+                out = s if out is None else out + s
+        return out if out is not None else parts[0][pair]
 
     def total(self, pair: Pair) -> PairSums:
         """Fit + held-out sums: the final operator uses every kept token."""
-        a, b = self.fit.get(pair), self.heldout.get(pair)
-        if a is None:
-            raise KeyError(pair)
-        return a if b is None or b.n == 0 else a + b
+        return self.sums(pair, "total")
 
     def mean_cos(self) -> torch.Tensor:
         return self.cos_sum / max(self.score_tokens, 1)
@@ -164,6 +187,9 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
 
         fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
+        keep_left_out = policy.name == "auto"
+        fit_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
+        held_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
         cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
         ang_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
         score_tokens = 0
@@ -190,7 +216,11 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
                 X, Y = states[s], states[b]
                 m = policy.cut_mask(base, X)
                 Mlp = mlp_out.get(s - 1) if plan.mlp and s >= 1 else None
-                for group, gm in ((fit, m & ~is_held), (held, m & is_held)):
+                groups = [(fit, m & ~is_held), (held, m & is_held)]
+                if keep_left_out:
+                    lo = am.bool() & ~m
+                    groups += [(fit_lo, lo & ~is_held), (held_lo, lo & is_held)]
+                for group, gm in groups:
                     if gm.any():
                         group[(s, b)].add(X[gm], Y[gm], full=plan.full, hadamard=H,
                                           mlp=None if Mlp is None else Mlp[gm])
@@ -203,7 +233,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
             h.remove()
         states.clear()
         mlp_out.clear()
-    return CaptureResult(L, fit, held, cos_sum, ang_sum, score_tokens, time.perf_counter() - t0)
+    return CaptureResult(L, fit, held, cos_sum, ang_sum, score_tokens, time.perf_counter() - t0, fit_lo, held_lo)
 
 
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,

@@ -44,7 +44,7 @@ class PruneConfig:
     affine: bool = False
     rank: int | None = None
     variant: str = "rotate"
-    token_policy: str = "sink"
+    token_policy: str = "auto"  # auto: the guard picks sink or all on held-out data
     holdout: float = 0.25  # fraction of calibration windows held out for the guard and ghost selection
     guard: str = "loss"  # loss | boundary | off
     shortlist: int = 4
@@ -149,8 +149,22 @@ def _opts(cfg: PruneConfig, ridge: float) -> SolveOptions:
     return SolveOptions(ridge=ridge, affine=cfg.affine, rank=cfg.rank, variant=cfg.variant)
 
 
-def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print) -> Solution:
-    """Decide which layers to remove and fit the operators (no change to the model)."""
+def shared_plan(num_layers: int, hidden: int, ks: list[int], methods: list[str], heldout: frozenset[int],
+                variant: str = "rotate") -> CapturePlan:
+    """One capture that serves every (k, method) of a grid: scores plus the sums of every candidate block."""
+    ms = [RECOVERY.get(m) for m in methods]
+    pairs = sorted({(s, s + k) for k in ks for s in range(num_layers - k + 1)})
+    return CapturePlan(pairs=pairs, full=True, hadamard=any(m.hadamard for m in ms) and variant == "rotate",
+                       mlp=any(m.mlp for m in ms), scores=True, heldout=heldout)
+
+
+def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print,
+          shared: CaptureResult | None = None) -> Solution:
+    """Decide which layers to remove and fit the operators (no change to the model).
+
+    `shared`: a capture made once for a whole grid (see shared_plan); used when it holds what this
+    configuration needs, so a grid costs one forward pass over the calibration set.
+    """
     t0 = time.perf_counter()
     model = loaded.model
     L = arch.num_layers(model)
@@ -161,15 +175,18 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
 
     if cfg.layers is not None:
         removed = parse_layers(cfg.layers, L)
-        res = run_capture(loaded, calib, cfg, runs(removed), scores=False, progress=progress)
-        passes += 1
+        res = shared if shared is not None and all(c in shared.fit for c in runs(removed)) else \
+            run_capture(loaded, calib, cfg, runs(removed), scores=False, progress=progress)
+        passes += res is not shared
     else:
         k = int(cfg.remove)
         check_k(k, L)
         candidates = [(s, s + k) for s in range(L - k + 1)]
         groups = 2 if cfg.holdout > 0 else 1
         one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (2 if method.mlp else 1)
-        if cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
+        if shared is not None and shared.cos_sum is not None and all(c in shared.fit for c in candidates):
+            res = shared
+        elif cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
             res = run_capture(loaded, calib, cfg, candidates, scores=True, progress=progress)
             passes += 1
         else:
@@ -188,22 +205,27 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     cuts = runs(removed)
     log(f"removing layers {_fmt(removed)} of {L} (cuts {cuts})")
 
+    auto = cfg.token_policy == "auto"
     guard_info: dict = {"mode": "off"}
     if cfg.recovery == "ghost" and cfg.guard != "off" and any(res.heldout[c].n for c in cuts):
-        ridge, guard_info = _guard(loaded, calib, cfg, res, removed, cuts, log)
-    else:
-        ridge = cfg.ridge if cfg.ridge is not None else 1e-6
-    if guard_info.get("fallback"):
+        choice, guard_info = _guard(loaded, calib, cfg, res, removed, cuts, log)
+    else:  # no held-out check: the papers' setting, every token in the fit unless a policy says otherwise
+        choice = ("all" if auto else cfg.token_policy, cfg.ridge if cfg.ridge is not None else 1e-6)
+    if choice is None:
+        policy, ridge = "none", 0.0
         operators = {c: Operator("identity") for c in cuts}
     else:
-        operators = {c: method.solve(res.total(c), _opts(cfg, ridge)) for c in cuts}
+        policy, ridge = choice
+        operators = {c: method.solve(res.sums(c, "total", with_left_out=auto and policy == "all"), _opts(cfg, ridge))
+                     for c in cuts}
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
-            fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.total(c), op)
+            fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.sums(c, "total", auto and policy == "all"), op)
     meta = {
         "removed_layers": removed, "cuts": [list(c) for c in cuts], "num_layers_dense": L,
-        "recovery": cfg.recovery, "ridge": ridge, "token_policy": cfg.token_policy, "selection": selection_info,
+        "recovery": cfg.recovery, "ridge": ridge, "token_policy": policy, "token_policy_requested": cfg.token_policy,
+        "selection": selection_info,
         "guard": guard_info, "calibration_relative_residual": fit_quality, "capture_passes": passes,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "tokens_fit": {f"{c[0]}-{c[1]}": res.total(c).n for c in cuts},
@@ -213,26 +235,32 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
 
 
 def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
-           cuts: list[Pair], log) -> tuple[float, dict]:
-    """Choose the ridge on held-out windows; fall back to no recovery when nothing beats it."""
+           cuts: list[Pair], log) -> tuple[tuple[str, float] | None, dict]:
+    """Choose token policy and ridge on held-out windows; None (no recovery) when nothing beats plain removal."""
     grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
+    auto = cfg.token_policy == "auto"
+    policies = ["sink", "all"] if auto else [cfg.token_policy]
     method = RECOVERY.get("ghost")
     held = sorted(heldout_windows(calib.n, cfg.holdout))
     ids = calib.input_ids[held]
+    candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
+
+    def ops_for(p: str, r: float) -> dict[Pair, Operator]:
+        return {c: method.solve(res.sums(c, "fit", with_left_out=auto and p == "all"), _opts(cfg, r)) for c in cuts}
+
     scores: dict[str, float] = {}
     if cfg.guard == "loss":
         with temporarily_pruned(loaded.model, removed) as m:
             scores["none"] = mean_nll(m, ids, cfg.batch_size)
-        for r in grid:
-            ops = {c: method.solve(res.fit[c], _opts(cfg, r)) for c in cuts}
-            with temporarily_pruned(loaded.model, removed, ops) as m:
-                scores[repr(r)] = mean_nll(m, ids, cfg.batch_size)
+        for key, (p, r) in candidates.items():
+            with temporarily_pruned(loaded.model, removed, ops_for(p, r)) as m:
+                scores[key] = mean_nll(m, ids, cfg.batch_size)
         unit = "held-out next-token loss"
-    else:  # boundary: relative unexplained energy on held-out tokens (1.0 = plain removal)
+    else:  # boundary: relative unexplained energy on held-out kept tokens (1.0 = plain removal)
         scores["none"] = 1.0
-        for r in grid:
-            errs = [relative_residual(res.heldout[c], method.solve(res.fit[c], _opts(cfg, r))) for c in cuts]
-            scores[repr(r)] = sum(errs) / len(errs)
+        for key, (p, r) in candidates.items():
+            ops = ops_for(p, r)
+            scores[key] = sum(relative_residual(res.heldout[c], ops[c]) for c in cuts) / len(cuts)
         unit = "held-out relative boundary error"
     best = min(scores, key=scores.get)
     info = {"mode": cfg.guard, "criterion": unit, "scores": scores, "heldout_windows": len(held), "chosen": best}
@@ -241,10 +269,10 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
         info["reason"] = (f"no ghost beat plain removal on {unit} (none {scores['none']:.4f}, best ghost "
                           f"{min(v for k, v in scores.items() if k != 'none'):.4f})")
         log(f"WARNING: guard fell back to no recovery: {info['reason']}")
-        return 0.0, info
+        return None, info
     info["fallback"] = False
-    log(f"guard: ridge {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
-    return float(best), info
+    log(f"guard: {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
+    return candidates[best], info
 
 
 def _fmt(removed: list[int]) -> str:

@@ -81,17 +81,7 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
         if op.kind == "identity":
             continue
         if op.kind == "fold_down":
-            if s == 0:
-                raise GhostedError("replaceme needs a kept layer before the cut; the cut starts at layer 0")
-            if not spec.fold_exact:
-                raise GhostedError(f"replaceme cannot be folded exactly into {spec.name} (a norm follows its MLP); "
-                                   "use --recovery ghost or linearpatch")
-            down = arch.layer_submodule(layers[s - 1], spec.mlp_down)
-            w, bias = fold_down_proj(down.weight.data, None if down.bias is None else down.bias.data, op.T,
-                                     spec.down_is_conv1d)
-            down.weight.data.copy_(w)
-            if bias is not None:
-                down.bias.data.copy_(bias)
+            _fold_replaceme(model, spec, list(layers), cut, op)
             applied.folded.append(f"T into layer {s - 1} {spec.mlp_down}")
         elif op.kind == "scalar" and spec.scalar_fold_exact:
             scale_after.append((b, float(op.scale)))
@@ -123,6 +113,22 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
     return applied
 
 
+def _fold_replaceme(model: torch.nn.Module, spec: arch.ArchSpec, layers: list, cut: Pair, op: Operator) -> None:
+    """W_down <- T^T W_down in the last kept layer before the cut (dense index s - 1)."""
+    s = cut[0]
+    if s == 0:
+        raise GhostedError("replaceme needs a kept layer before the cut; the cut starts at layer 0")
+    if not spec.fold_exact:
+        raise GhostedError(f"replaceme cannot be folded exactly into {spec.name} (a norm follows its MLP); "
+                           "use --recovery ghost or linearpatch")
+    down = arch.layer_submodule(layers[s - 1], spec.mlp_down)
+    w, bias = fold_down_proj(down.weight.data, None if down.bias is None else down.bias.data, op.T,
+                             spec.down_is_conv1d)
+    down.weight.data.copy_(w)
+    if bias is not None:
+        down.bias.data.copy_(bias)
+
+
 def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operator]]) -> None:
     """Hook ghosts (fresh model.ghosts) and copy in the operators' weights, in the model's dtype."""
     spec = arch.get_arch(model)
@@ -147,7 +153,7 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     """The model with `removed` layers skipped (and residual ghosts hooked), restored afterwards.
 
     Used to measure candidate plans (greedy selection, held-out loss) without copying weights.
-    Fold-type operators are not supported here; ghosts, scalars and identities are.
+    Folded operators (ReplaceMe) change weights for the duration and are undone afterwards.
     """
     spec = arch.get_arch(model)
     layers = arch.get_layers(model)
@@ -168,11 +174,18 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     had_ghosts = hasattr(model, "ghosts")
     saved_ghosts = model.ghosts if had_ghosts else None
     handles_before = _hook_snapshot(model)
+    saved_weights: list = []
     try:
+        for cut, op in sorted((operators or {}).items()):
+            if op.kind == "fold_down":  # fold now (dense indices), restore the weights afterwards
+                down = arch.layer_submodule(saved_layers[cut[0] - 1], spec.mlp_down)
+                saved_weights.append((down, down.weight.data.clone(),
+                                      None if down.bias is None else down.bias.data.clone()))
+                _fold_replaceme(model, spec, saved_layers, cut, op)
         arch.remove_layers(model, removed)
         entries = []
         for cut, op in sorted((operators or {}).items()):
-            if op.kind == "identity":
+            if op.kind in ("identity", "fold_down"):
                 continue
             if op.kind == "scalar":
                 op = Operator("full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
@@ -185,6 +198,10 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
         yield model
     finally:
         _restore_hooks(model, handles_before)
+        for mod, w, b in saved_weights:
+            mod.weight.data.copy_(w)
+            if b is not None:
+                mod.bias.data.copy_(b)
         setattr(parent, attr, torch.nn.ModuleList(saved_layers))
         for k, v in saved_cfg.items():
             setattr(cfg, k, v)

@@ -244,3 +244,18 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_policy_keeps_left_out_tokens_apart():
+    """auto = sink sums + left-out sums; together they equal the all-token sums exactly."""
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size, 6, 16)
+    plan = CapturePlan(pairs=[(1, 3)], heldout=frozenset({4, 5}))
+    auto = capture(model, ids, plan, TokenPolicy("auto"), progress=False)
+    every = capture(model, ids, plan, TokenPolicy("all"), progress=False)
+    sink = capture(model, ids, plan, TokenPolicy("sink"), progress=False)
+    both = auto.sums((1, 3), "fit", with_left_out=True)
+    assert both.n == every.fit[(1, 3)].n == sink.fit[(1, 3)].n + 4  # one position 0 per fit window
+    assert torch.allclose(both.gram, every.fit[(1, 3)].gram) and torch.allclose(both.cross, every.fit[(1, 3)].cross)
+    assert torch.allclose(auto.sums((1, 3), "fit").gram, sink.fit[(1, 3)].gram)
+    assert auto.sums((1, 3), "total", with_left_out=True).n == every.total((1, 3)).n
