@@ -27,7 +27,7 @@ Pair = tuple[int, int]
 
 # "auto" captures like "sink" and also keeps the left-out tokens' sums apart, so the guard can
 # compare fits with and without them on held-out data (prune.py).
-POLICIES = ("auto", "all", "sink", "sink+outliers")
+POLICIES = ("auto", "all", "sink", "anchor", "sink+outliers")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,10 @@ class TokenPolicy:
       attention-sink position maps across a cut unlike any other token and bends the fit.
     - "sink+outliers": also leave out tokens whose state norm at the cut's input exceeds
       `outlier_factor` times the batch median (other sink-like tokens).
+    - "anchor": the sink tokens stay in the fit with their own state as target, which pins the
+      operator to identity along the (massive-activation) sink directions.
     - "auto": the sums of "sink" plus, apart, those of the tokens it leaves out; the held-out
-      guard then picks "sink" or "all" (their sum) per model.
+      guard then picks "sink", "anchor" or "all" per model and cut size.
     The operator is still applied to every token at inference.
     """
 
@@ -93,22 +95,26 @@ class CaptureResult:
     fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out ("auto" only)
     heldout_left_out: dict[Pair, PairSums] = field(default_factory=dict)
 
-    def sums(self, pair: Pair, group: str = "total", with_left_out: bool = False) -> PairSums:
-        """Sums of one cut: group fit | heldout | total; with_left_out adds the policy's left-out tokens back."""
-        parts = {"fit": [self.fit], "heldout": [self.heldout], "total": [self.fit, self.heldout]}[group]
-        if with_left_out:
-            if pair not in self.fit_left_out:
-                raise GhostedError("these sums were captured without the left-out tokens (use token policy auto)")
-            parts = parts + {"fit": [self.fit_left_out], "heldout": [self.heldout_left_out],
-                             "total": [self.fit_left_out, self.heldout_left_out]}[group]
-        out = None
-        for part in parts:
-            s = part.get(pair)
-            if s is None:
-                raise KeyError(pair)
-            if s.n:
-                out = s if out is None else out + s
-        return out if out is not None else parts[0][pair]
+    def sums(self, pair: Pair, group: str = "total", fit: str = "kept") -> PairSums:
+        """Sums of one cut over windows `group` (fit | heldout | total) for a fit policy:
+        kept (the tokens the capture policy kept), all (kept + left out), anchor (kept, plus the
+        left-out tokens with target = their own state, pinning the operator to identity on them).
+        For all/anchor the relative ridge still refers to the kept tokens' trace."""
+        groups = {"fit": [(self.fit, self.fit_left_out)], "heldout": [(self.heldout, self.heldout_left_out)],
+                  "total": [(self.fit, self.fit_left_out), (self.heldout, self.heldout_left_out)]}[group]
+        if fit not in ("kept", "all", "anchor"):
+            raise ValueError(f"fit policy must be kept, all or anchor, got {fit}")
+        kept = _add([g[pair] for g, _ in groups])
+        if fit == "kept":
+            return kept
+        if pair not in self.fit_left_out:
+            raise GhostedError("these sums were captured without the left-out tokens (use token policy auto)")
+        left = _add([lo[pair] for _, lo in groups])
+        if left.n == 0:
+            return kept
+        out = kept + (left if fit == "all" else left.as_identity_targets())
+        out.trace_ref = None if kept.gram is None else float(torch.trace(kept.gram))
+        return out
 
     def total(self, pair: Pair) -> PairSums:
         """Fit + held-out sums: the final operator uses every kept token."""
@@ -119,6 +125,16 @@ class CaptureResult:
 
     def mean_angular(self) -> torch.Tensor:
         return self.ang_sum / max(self.score_tokens, 1)
+
+
+def _add(parts: list[PairSums]) -> PairSums:
+    nonempty = [p for p in parts if p.n]
+    if not nonempty:
+        return parts[0]
+    out = nonempty[0]
+    for p in nonempty[1:]:
+        out = out + p
+    return out
 
 
 class _Stop(Exception):
@@ -187,7 +203,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
 
         fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
-        keep_left_out = policy.name == "auto"
+        keep_left_out = policy.name in ("auto", "anchor")
         fit_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
         held_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
         cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None

@@ -38,6 +38,7 @@ class PairSums:
     abs_yh: torch.Tensor | None = None  # sum |Y H|    [d]
     mlp_gram: torch.Tensor | None = None  # Mlp^T Mlp      [d, d] (ReplaceMe; Mlp = MLP output of layer s-1)
     mlp_cross: torch.Tensor | None = None  # Mlp^T (Y - A) [d, d], A = X - Mlp
+    trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
             mlp: torch.Tensor | None = None) -> None:
@@ -72,21 +73,29 @@ class PairSums:
     def __add__(self, other: "PairSums") -> "PairSums":
         out = PairSums(self.d, self.n + other.n)
         for f in fields(self):
-            if f.name in ("d", "n"):
+            if f.name in ("d", "n", "trace_ref"):
                 continue
             a, b = getattr(self, f.name), getattr(other, f.name)
             setattr(out, f.name, a if b is None else b if a is None else a + b.to(a.device))
         return out
 
     def to(self, device: str | torch.device) -> "PairSums":
-        out = PairSums(self.d, self.n)
+        out = PairSums(self.d, self.n, trace_ref=self.trace_ref)
         for f in fields(self):
-            if f.name not in ("d", "n") and getattr(self, f.name) is not None:
+            if f.name not in ("d", "n", "trace_ref") and getattr(self, f.name) is not None:
                 setattr(out, f.name, getattr(self, f.name).to(device))
         return out
 
+    def as_identity_targets(self) -> "PairSums":
+        """The same tokens with Y replaced by X: in a fit they anchor the operator to identity on their span."""
+        out = PairSums(self.d, self.n, gram=self.gram, cross=self.gram, sum_x=self.sum_x, sum_y=self.sum_x,
+                       sq_y=None if self.gram is None else torch.trace(self.gram), sq_d=torch.zeros((), dtype=F64),
+                       abs_x=self.abs_x, abs_y=self.abs_x, abs_xh=self.abs_xh, abs_yh=self.abs_xh,
+                       mlp_gram=self.mlp_gram, mlp_cross=self.mlp_gram)
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("d", "n")
+        sd = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("d", "n", "trace_ref")
               and getattr(self, f.name) is not None}
         sd["n"] = torch.tensor(self.n)
         sd["d"] = torch.tensor(self.d)
@@ -131,9 +140,14 @@ class Operator:
         raise ValueError(f"operator kind {self.kind} has no residual matrix")
 
 
-def ridge_lambda(gram: torch.Tensor, ridge: float) -> float:
-    """Ridge is relative: lambda = ridge * tr(gram) / d, so one value fits any model scale."""
-    return float(ridge) * float(torch.trace(gram)) / gram.shape[0]
+def ridge_lambda(gram: torch.Tensor, ridge: float, trace_ref: float | None = None) -> float:
+    """Ridge is relative: lambda = ridge * tr(gram) / d, so one value fits any model scale.
+
+    trace_ref replaces tr(gram) when the gram includes a few massive tokens (attention sinks) that
+    would otherwise inflate lambda for every policy that keeps them.
+    """
+    trace = float(torch.trace(gram)) if trace_ref is None else float(trace_ref)
+    return float(ridge) * trace / gram.shape[0]
 
 
 def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -149,7 +163,7 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False) -> Opera
     """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too."""
     G, C = s.gram, s.cross
     d = s.d
-    lam = ridge_lambda(G, ridge)
+    lam = ridge_lambda(G, ridge, s.trace_ref)
     rhs = C - G  # X^T (Y - X)
     if not affine:
         M = _solve_spd(G + lam * torch.eye(d, dtype=F64, device=G.device), rhs)

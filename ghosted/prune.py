@@ -40,7 +40,7 @@ class PruneConfig:
     select: str = "angular"
     recovery: str = "ghost"
     ridge: float | None = None  # None: chosen on held-out data from ridge_grid (ghost), 1e-6 otherwise
-    ridge_grid: tuple[float, ...] = (1e-6, 1e-3, 1e-2, 1e-1)
+    ridge_grid: tuple[float, ...] = (1e-6, 1e-2)
     affine: bool = False
     rank: int | None = None
     variant: str = "rotate"
@@ -216,12 +216,11 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         operators = {c: Operator("identity") for c in cuts}
     else:
         policy, ridge = choice
-        operators = {c: method.solve(res.sums(c, "total", with_left_out=auto and policy == "all"), _opts(cfg, ridge))
-                     for c in cuts}
+        operators = {c: method.solve(res.sums(c, "total", _fit_mode(auto, policy)), _opts(cfg, ridge)) for c in cuts}
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
-            fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.sums(c, "total", auto and policy == "all"), op)
+            fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.total(c), op)
     meta = {
         "removed_layers": removed, "cuts": [list(c) for c in cuts], "num_layers_dense": L,
         "recovery": cfg.recovery, "ridge": ridge, "token_policy": policy, "token_policy_requested": cfg.token_policy,
@@ -239,14 +238,14 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     """Choose token policy and ridge on held-out windows; None (no recovery) when nothing beats plain removal."""
     grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
     auto = cfg.token_policy == "auto"
-    policies = ["sink", "all"] if auto else [cfg.token_policy]
+    policies = ["sink", "anchor", "all"] if auto else [cfg.token_policy]
     method = RECOVERY.get("ghost")
     held = sorted(heldout_windows(calib.n, cfg.holdout))
     ids = calib.input_ids[held]
     candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
 
     def ops_for(p: str, r: float) -> dict[Pair, Operator]:
-        return {c: method.solve(res.sums(c, "fit", with_left_out=auto and p == "all"), _opts(cfg, r)) for c in cuts}
+        return {c: method.solve(res.sums(c, "fit", _fit_mode(auto, p)), _opts(cfg, r)) for c in cuts}
 
     scores: dict[str, float] = {}
     if cfg.guard == "loss":
@@ -273,6 +272,13 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     info["fallback"] = False
     log(f"guard: {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
     return candidates[best], info
+
+
+def _fit_mode(auto: bool, policy: str) -> str:
+    """How the captured sums combine for an (effective) token policy; see CaptureResult.sums."""
+    if policy == "anchor":
+        return "anchor"
+    return "all" if auto and policy == "all" else "kept"
 
 
 def _fmt(removed: list[int]) -> str:

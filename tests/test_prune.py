@@ -254,8 +254,12 @@ def test_auto_policy_keeps_left_out_tokens_apart():
     auto = capture(model, ids, plan, TokenPolicy("auto"), progress=False)
     every = capture(model, ids, plan, TokenPolicy("all"), progress=False)
     sink = capture(model, ids, plan, TokenPolicy("sink"), progress=False)
-    both = auto.sums((1, 3), "fit", with_left_out=True)
+    both = auto.sums((1, 3), "fit", "all")
     assert both.n == every.fit[(1, 3)].n == sink.fit[(1, 3)].n + 4  # one position 0 per fit window
     assert torch.allclose(both.gram, every.fit[(1, 3)].gram) and torch.allclose(both.cross, every.fit[(1, 3)].cross)
     assert torch.allclose(auto.sums((1, 3), "fit").gram, sink.fit[(1, 3)].gram)
-    assert auto.sums((1, 3), "total", with_left_out=True).n == every.total((1, 3)).n
+    assert auto.sums((1, 3), "total", "all").n == every.total((1, 3)).n
+    anchored = auto.sums((1, 3), "fit", "anchor")
+    lo = auto.fit_left_out[(1, 3)]
+    assert torch.allclose(anchored.cross - anchored.gram, sink.fit[(1, 3)].cross - sink.fit[(1, 3)].gram)
+    assert torch.allclose(anchored.gram, both.gram) and lo.n == 4

@@ -1,0 +1,212 @@
+"""eval (one model: perplexity, zero-shot, efficiency) and compare (a pruning grid against the dense model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import GhostedError
+from .core import _calib_args, _calibration, _log, _model_args, _write_json, _yaml_sections, calib_settings
+
+# CLI flag -> EvalSettings field (None-defaulted so the YAML `eval:` section can fill in; CLI wins).
+EVAL_FLAGS = ("tasks", "ppl", "limit", "ppl_windows", "batch_size")
+
+
+def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
+    from ..compare import PPL_SOURCES_HELP
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tasks", help="zero-shot tasks, comma-separated (default: the 9-task suite "
+                                   "piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,copa,rte; "
+                                   "'none' for no zero-shot)")
+    g.add_argument("--limit", type=int, help="first N items of each task (default: all)")
+    g.add_argument("--ppl", help=f"perplexity sources, comma-separated: {PPL_SOURCES_HELP} "
+                                 "(default wiki,ptb; 'none' to skip)")
+    g.add_argument("--ppl-windows", type=int, help="windows per perplexity source (default 32)")
+    if seq_len:
+        g.add_argument("--seq-len", type=int, help="tokens per perplexity window (default 512)")
+    g.add_argument("--batch-size", type=int, help="sequences per forward pass in evaluation (default 8)")
+
+
+def eval_settings(args: argparse.Namespace, seq_len: int | None = None):
+    """EvalSettings from defaults < the YAML `eval:` section < CLI flags."""
+    from ..compare import EvalSettings
+
+    merged = dict(_yaml_eval(getattr(args, "config", None)))
+    if seq_len is not None and "seq_len" not in merged:
+        merged["seq_len"] = seq_len
+    for flag in (*EVAL_FLAGS, "seq_len"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            merged[flag] = v
+    return EvalSettings.from_dict(merged)
+
+
+def _yaml_eval(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    _yaml_sections(path)  # existence and YAML errors, one line each
+    section = (yaml.safe_load(path.read_text()) or {}).get("eval") or {}
+    if not isinstance(section, dict):
+        raise GhostedError(f"{path}: the `eval:` section must be a mapping")
+    return section
+
+
+def _command_line(args: argparse.Namespace, name: str, positional: str = "model") -> str:
+    """The command as parsed (every flag given or defaulted, in parser order): enough to rerun it."""
+    parts = ["ghosted", name, str(getattr(args, positional))]
+    for key, value in vars(args).items():
+        if key in (positional, "func", "command", "efficiency_worker") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    if getattr(args, "quiet", False):
+        for name in ("lm_eval", "transformers", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _efficiency_settings(args: argparse.Namespace):
+    from ..compare import EfficiencySettings
+
+    try:
+        sizes = tuple(int(x) for x in args.efficiency_batch_sizes.split(","))
+    except ValueError as exc:
+        raise GhostedError(f"--efficiency-batch-sizes takes e.g. 1,8, got '{args.efficiency_batch_sizes}'") from exc
+    return EfficiencySettings(batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                              repeats=args.repeats)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..compare import evaluate_model
+
+    t0 = time.perf_counter()
+    _quiet_libraries(args)
+    if args.efficiency_worker:
+        return _efficiency_worker(args)
+    settings = eval_settings(args)
+    want_eff = args.efficiency or args.baseline is not None
+    eff = _efficiency_settings(args) if want_eff else None
+    result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device, efficiency=eff,
+                            baseline=args.baseline, progress=not args.quiet, log=lambda m: _log(args, m))
+    result["command"] = _command_line(args, "eval")
+    result["seconds"] = time.perf_counter() - t0
+    if args.out:
+        _write_json(args.out, result)
+    summary = {"out": str(args.out) if args.out else None, "model": result["model"],
+               "ppl": {s: v["ppl"] for s, v in result["ppl"].items()},
+               "zeroshot_average": result["zeroshot"]["average"]["acc_norm"] if result["zeroshot"] else None,
+               "seconds": round(result["seconds"], 1)}
+    if "efficiency" in result and "ratios" in result["efficiency"]:
+        summary["efficiency_ratios"] = result["efficiency"]["ratios"]
+    print(json.dumps(summary if args.out else result, default=float))
+    return 0
+
+
+def _efficiency_worker(args: argparse.Namespace) -> int:
+    """Hidden: measure this one model in this (fresh) process and write the JSON (see compare.measure_isolated)."""
+    from ..compare import measure_loaded
+    from ..models import load_model
+
+    if args.out is None:
+        raise GhostedError("--efficiency-worker needs --out")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    _write_json(args.out, measure_loaded(loaded, _efficiency_settings(args)))
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_config(args: argparse.Namespace):
+    """CompareConfig from CLI > YAML (`prune:`, `eval:`, `calibration:`) > defaults."""
+    from ..compare import CompareConfig, parse_ks, parse_names
+    from ..prune import PruneConfig
+
+    _, yaml_prune = _yaml_sections(getattr(args, "config", None))
+    template = {k: v for k, v in yaml_prune.items() if k not in ("remove", "layers", "recovery")}
+    if args.select is not None:
+        template["select"] = args.select
+    ks = parse_ks(args.remove)
+    methods = parse_names(args.recovery) or ()
+    # The perplexity windows are as long as the calibration windows unless the YAML `eval:` says otherwise.
+    settings = eval_settings(args, seq_len=int(calib_settings(args)["seq_len"]))
+    return CompareConfig(ks=ks, methods=methods, prune=PruneConfig.from_dict({**template, "remove": 1}),
+                         evaluation=settings)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import run_compare
+    from ..models import load_model
+    from ..report import write_report
+
+    t0 = time.perf_counter()
+    _quiet_libraries(args)
+    cfg = compare_config(args)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise GhostedError(f"--out-dir {args.out_dir} exists and is not a folder")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
+    calib = _calibration(args, loaded)
+    result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
+    result["command"] = _command_line(args, "compare")
+    result["wall_seconds"] = time.perf_counter() - t0
+    paths = write_report(result, args.out_dir)
+    _log(args, f"wrote {', '.join(str(p) for p in paths)} in {result['wall_seconds']:.0f}s")
+    print(json.dumps({"out_dir": str(args.out_dir), "cells": len(result["cells"]),
+                      "failed": sum(1 for c in result["cells"] if c.get("error")),
+                      "wall_seconds": round(result["wall_seconds"], 1)}))
+    return 0
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and (optionally) efficiency of one model",
+                       description="Evaluate MODEL (dense, or a pruned folder written by `ghosted prune`): "
+                                   "perplexity on text sources, zero-shot accuracy through lm-eval, and with "
+                                   "--efficiency size, latency, throughput and peak memory.")
+    _model_args(p)
+    _eval_args(p, seq_len=True)
+    e = p.add_argument_group("efficiency")
+    e.add_argument("--efficiency", action="store_true",
+                   help="also measure parameters, checkpoint size, prefill latency, decode tokens/s at batch 1 "
+                        "and 8, and peak memory (in a fresh process per model)")
+    e.add_argument("--baseline", help="dense model to measure in the same run for pruned/dense ratios "
+                                      "(implies --efficiency)")
+    e.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the timings (default 128)")
+    e.add_argument("--new-tokens", type=int, default=32, help="generated tokens for decode speed (default 32)")
+    e.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median kept (default 3)")
+    e.add_argument("--efficiency-batch-sizes", default="1,8", help=argparse.SUPPRESS)
+    e.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help="write the results JSON here (atomically); without it, print it")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="grid of layers removed x recovery method vs the dense model, with a report",
+                       description="One shared calibration pass, then for each number of removed layers and each "
+                                   "recovery method: solve, evaluate the pruned model in memory, and write "
+                                   "compare.json, compare.md and plots to --out-dir.")
+    _model_args(p)
+    _calib_args(p)  # --seq-len here sets both the calibration and the perplexity windows
+    g = p.add_argument_group("grid")
+    g.add_argument("--remove", required=True, help="numbers of layers to remove, e.g. 6,9")
+    g.add_argument("--recovery", default="none,linearpatch,replaceme,ghost",
+                   help="recovery methods, comma-separated (default none,linearpatch,replaceme,ghost)")
+    g.add_argument("--select", help="selection metric: angular (default), bi, cosine, ppl, ghost")
+    _eval_args(p, seq_len=False)
+    p.add_argument("--out-dir", type=Path, required=True, help="report folder (compare.json, compare.md, *.png)")
+    p.set_defaults(func=cmd_compare)
