@@ -286,7 +286,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
         raise GhostedError(f"--remove takes layer counts like 6,9, got '{text}'") from exc
 
 
-def _fmt_layers(removed: list[int]) -> str:
+def format_layers(removed: list[int]) -> str:
     from .surgery import runs
 
     return ",".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in runs(removed))
@@ -338,7 +338,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
             quality = evaluate_quality(pruned, tok, cfg.evaluation, progress)
         avg = _average(quality)
         cell.update(
-            removed=sol.removed, removed_text=_fmt_layers(sol.removed), cuts=meta["cuts"], ridge=meta["ridge"],
+            removed=sol.removed, removed_text=format_layers(sol.removed), cuts=meta["cuts"], ridge=meta["ridge"],
             guard=meta["guard"], calibration_relative_residual=meta["calibration_relative_residual"],
             selection=meta["selection"], capture_passes=meta["capture_passes"], ppl=quality["ppl"],
             zeroshot=quality["zeroshot"],

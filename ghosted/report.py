@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .compare import task_score
+from .compare import format_layers, task_score
 
 PPL_PLOT = "ppl_vs_removed.png"
 SCORES_PLOT = "layer_scores.png"
@@ -194,7 +194,7 @@ def plot_scores(result: dict, path: Path) -> bool:
         removed = next((c["removed"] for c in result["cells"] if c["k"] == k and not c.get("error")), None)
         if removed:
             ax1.axvspan(min(removed) - 0.5, max(removed) + 0.5, color=shades[i % len(shades)], alpha=0.08 + 0.04 * i,
-                        label=f"removed at k={k}: {_runs_text(removed)}")
+                        label=f"removed at k={k}: {format_layers(removed)}")
     ax1.set_xlabel("layer i (dense index)")
     ax1.set_ylabel("score (low = removable)")
     ax1.set_title("per layer")
@@ -213,11 +213,6 @@ def plot_scores(result: dict, path: Path) -> bool:
     fig.suptitle(f"{result['model']}: selection scores on {sc['tokens']} calibration tokens")
     _save(fig, path)
     return True
-
-
-def _runs_text(removed: list[int]) -> str:
-    lo, hi = min(removed), max(removed)
-    return f"{lo}-{hi}" if hi - lo + 1 == len(removed) else ",".join(map(str, removed))
 
 
 def plot_accuracy(result: dict, path: Path) -> bool:

@@ -137,3 +137,16 @@ def test_shipped_smollm2_end_to_end(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, stdout, _ = _run(capsys, "bench", tiny_folder, "--n-seqs", "4,8", "--seq-len", 16, "--remove", 2,
+                           "--prompt", 8, "--new-tokens", 4, "--repeats", 1, "--out", out)
+    assert code == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["n_seqs"] for r in report["runs"]] == [4, 8]
+    for r in report["runs"]:
+        assert r["fit_over_forward"] > 0 and r["peak_over_model"] > 0 and r["capture_passes"] == 1
+    assert report["speed"]["ideal_speedup"] == pytest.approx(6 / 4)
+    assert "prune+fit" in stdout and out.with_suffix(".md").exists()

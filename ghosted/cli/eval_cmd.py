@@ -71,8 +71,15 @@ def _command_line(args: argparse.Namespace, name: str, positional: str = "model"
 
 
 def _quiet_libraries(args: argparse.Namespace) -> None:
+    """--quiet: no progress bars or info logs from the libraries either (errors still show)."""
     if getattr(args, "quiet", False):
-        for name in ("lm_eval", "transformers", "datasets"):
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        for name in ("lm_eval", "datasets"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -82,12 +89,13 @@ def _quiet_libraries(args: argparse.Namespace) -> None:
 def _efficiency_settings(args: argparse.Namespace):
     from ..compare import EfficiencySettings
 
-    try:
-        sizes = tuple(int(x) for x in args.efficiency_batch_sizes.split(","))
-    except ValueError as exc:
-        raise GhostedError(f"--efficiency-batch-sizes takes e.g. 1,8, got '{args.efficiency_batch_sizes}'") from exc
-    return EfficiencySettings(batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                              repeats=args.repeats)
+    given = {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "repeats") if getattr(args, k) is not None}
+    if args.efficiency_batch_sizes is not None:
+        try:
+            given["batch_sizes"] = tuple(int(x) for x in args.efficiency_batch_sizes.split(","))
+        except ValueError as exc:
+            raise GhostedError(f"--efficiency-batch-sizes takes e.g. 1,8, got '{args.efficiency_batch_sizes}'") from exc
+    return EfficiencySettings(**given)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -188,10 +196,10 @@ def add_parser(sub) -> None:
                         "and 8, and peak memory (in a fresh process per model)")
     e.add_argument("--baseline", help="dense model to measure in the same run for pruned/dense ratios "
                                       "(implies --efficiency)")
-    e.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the timings (default 128)")
-    e.add_argument("--new-tokens", type=int, default=32, help="generated tokens for decode speed (default 32)")
-    e.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median kept (default 3)")
-    e.add_argument("--efficiency-batch-sizes", default="1,8", help=argparse.SUPPRESS)
+    e.add_argument("--prompt-len", type=int, help="prompt tokens for the timings (default 128)")
+    e.add_argument("--new-tokens", type=int, help="generated tokens for decode speed (default 32)")
+    e.add_argument("--repeats", type=int, help="timed runs per measurement, median kept (default 3)")
+    e.add_argument("--efficiency-batch-sizes", help=argparse.SUPPRESS)  # default 1,8; smaller in tests
     e.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="write the results JSON here (atomically); without it, print it")
     p.set_defaults(func=cmd_eval)

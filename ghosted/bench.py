@@ -1,0 +1,167 @@
+"""`ghosted bench`: how close prune+fit sits to its physical limit (a benchmark, not a test).
+
+Reports, as ratios against their targets:
+- prune+fit wall time / one dense forward over the same calibration set (target <= 1.3);
+- peak memory / model size, per calibration size (target <= 1.2 + O(d^2) sums, flat in N);
+- pruned+ghost prefill and decode throughput / the ideal L / (L - k) speed-up (target >= 0.98).
+Each calibration size runs in its own process so peak memory is that run's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import arch
+from .data import build_calibration
+from .models import load_model
+from .prune import PruneConfig, solve
+from .surgery import temporarily_pruned
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+@torch.no_grad()
+def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    device = next(model.parameters()).device
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, ids.shape[0], batch_size):
+        model(input_ids=ids[s:s + batch_size].to(device), use_cache=False)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _throughput(model: torch.nn.Module, vocab: int, prompt: int, new: int, repeats: int) -> dict:
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt), generator=g).to(device)
+    pre, dec = [], []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t2 = time.perf_counter()
+        pre.append(prompt / (t1 - t0))
+        dec.append(new / (t2 - t1))
+    pre, dec = sorted(pre[1:]), sorted(dec[1:])  # first run is warm-up
+    return {"prefill_tok_s": pre[len(pre) // 2], "decode_tok_s": dec[len(dec) // 2]}
+
+
+def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int) -> dict:
+    """One calibration size, in this process: forward time, prune+fit time, peak memory."""
+    loaded = load_model(model_name, dtype=dtype, device=device)
+    model = loaded.model
+    dev = next(model.parameters()).device
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    calib = build_calibration(loaded.tokenizer, "passages", n, seq_len, 0) if loaded.tokenizer is not None else None
+    ids = calib.input_ids
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base_peak = _peak_bytes(dev)
+    fwd = _forward_seconds(model, ids, batch_size)
+    cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
+                      token_policy="sink", batch_size=batch_size)
+    t0 = time.perf_counter()
+    sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
+    _sync(dev)
+    fit = time.perf_counter() - t0
+    peak = _peak_bytes(dev)
+    return {"n_seqs": n, "seq_len": seq_len, "model_bytes": size, "dense_forward_s": fwd, "prune_fit_s": fit,
+            "fit_over_forward": fit / fwd, "peak_bytes": peak, "peak_before_bytes": base_peak,
+            "peak_over_model": peak / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
+            "hidden": model.config.hidden_size, "layers": arch.num_layers(model)}
+
+
+def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int, new: int, repeats: int,
+              removed: list[int]) -> dict:
+    """Prefill / decode throughput, dense vs pruned with its ghost, against the ideal L/(L-k)."""
+    from .linalg import Operator
+
+    loaded = load_model(model_name, dtype=dtype, device=device)
+    model = loaded.model
+    L = arch.num_layers(model)
+    d = model.config.hidden_size
+    vocab = model.config.vocab_size
+    dense = _throughput(model, vocab, prompt, new, repeats)
+    cut = (removed[0], removed[-1] + 1)
+    ghost = Operator("full", W=torch.eye(d, dtype=torch.float64) + 1e-3 * torch.randn(d, d, dtype=torch.float64))
+    with temporarily_pruned(model, removed, {cut: ghost}) as m:
+        pruned = _throughput(m, vocab, prompt, new, repeats)
+    with temporarily_pruned(model, removed) as m:
+        plain = _throughput(m, vocab, prompt, new, repeats)
+    ideal = L / (L - len(removed))
+    out = {"ideal_speedup": ideal, "prompt": prompt, "new_tokens": new, "dense": dense, "pruned_ghost": pruned,
+           "pruned_plain": plain}
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        sp = pruned[key] / dense[key]
+        out[f"{key}_speedup"] = sp
+        out[f"{key}_over_ideal"] = sp / ideal
+        out[f"{key}_ghost_overhead"] = 1 - pruned[key] / plain[key]
+    return out
+
+
+def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: str = "cpu", dtype: str = "float32",
+          batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3) -> dict:
+    """Every calibration size in a fresh process, then the speed test; returns the whole report."""
+    runs = []
+    for n in sizes:
+        cmd = [sys.executable, "-m", "ghosted.bench", model_name, str(n), str(seq_len), str(remove), device, dtype,
+               str(batch_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            from .errors import GhostedError
+
+            raise GhostedError(f"bench run with {n} sequences failed: {proc.stderr.strip().splitlines()[-1]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    speed = run_speed(model_name, remove, device, dtype, prompt, new, repeats, runs[0]["removed"])
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"model": model_name, "device": name, "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "runs": runs, "speed": speed,
+            "targets": {"fit_over_forward": 1.3, "peak_over_model": 1.2, "throughput_over_ideal": 0.98}}
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']})", "",
+             "| calibration | dense forward s | prune+fit s | ratio (target <= 1.3) | peak / model size (target <= 1.2) |",
+             "|---|---|---|---|---|"]
+    for x in r["runs"]:
+        lines.append(f"| {x['n_seqs']} x {x['seq_len']} | {x['dense_forward_s']:.1f} | {x['prune_fit_s']:.1f} | "
+                     f"{x['fit_over_forward']:.2f} | {x['peak_over_model']:.2f} |")
+    s = r["speed"]
+    lines += ["", f"Throughput, pruned + ghost vs dense (ideal speed-up L/(L-k) = {s['ideal_speedup']:.3f}, target >= 0.98 of it):", "",
+              "| | dense tok/s | pruned+ghost tok/s | speed-up | / ideal | ghost overhead |", "|---|---|---|---|---|---|"]
+    for key, label in (("prefill_tok_s", f"prefill ({s['prompt']} tokens, batch 1)"), ("decode_tok_s", f"decode ({s['new_tokens']} tokens, batch 1)")):
+        lines.append(f"| {label} | {s['dense'][key]:.0f} | {s['pruned_ghost'][key]:.0f} | {s[f'{key}_speedup']:.3f} | "
+                     f"{s[f'{key}_over_ideal']:.3f} | {100 * s[f'{key}_ghost_overhead']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # one calibration size in a fresh process (called by bench())
+    name, n, t, k, device, dtype, bs = sys.argv[1:8]
+    print(json.dumps(run_one(name, int(n), int(t), int(k), device, dtype, int(bs))))

@@ -1,0 +1,45 @@
+"""ghosted bench: prune+fit cost against one dense forward, memory against model size, speed-up against ideal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import GhostedError
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import bench, to_markdown
+    from ..io import write_json_atomic, write_text_atomic
+
+    try:
+        sizes = [int(x) for x in args.n_seqs.split(",")]
+    except ValueError as exc:
+        raise GhostedError(f"--n-seqs takes comma-separated integers, got {args.n_seqs!r}") from exc
+    if any(n < 1 for n in sizes):
+        raise GhostedError("--n-seqs values must be >= 1")
+    report = bench(args.model, sizes, args.seq_len, args.remove, args.device, args.dtype, args.batch_size,
+                   args.prompt, args.new_tokens, args.repeats)
+    md = to_markdown(report)
+    if args.out:
+        write_json_atomic(args.out.with_suffix(".json"), report)
+        write_text_atomic(args.out.with_suffix(".md"), md)
+    print(md)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark prune+fit cost, memory and inference speed-up (not a test)")
+    p.add_argument("model", help="shipped name, local folder, .gguf or hub id")
+    p.add_argument("--n-seqs", default="32,128", help="calibration sizes, each in its own process (default 32,128)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--remove", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt", type=int, default=256, help="prefill length for the speed test")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. reports/bench_cpu)")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,123 @@
+"""register, registry list | promote | rollback: thin wrappers over ghosted.tracking (MLflow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="params file whose `gate:` and `registry:` sections apply")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of --config, "
+                                          "else sqlite:///mlflow.db in the current folder)")
+
+
+def _quiet_mlflow() -> None:
+    # MLflow and alembic announce every database migration on INFO: keep the CLI's output to its results.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace):
+    from ..tracking import load_config
+
+    _quiet_mlflow()
+    return load_config(args.config, args.tracking_uri)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..tracking import RegistryConfig, register
+
+    gate, reg = _config(args)
+    if args.name:
+        reg = RegistryConfig(reg.tracking_uri, reg.experiment, args.name)
+    res = register(args.checkpoint, args.metrics, args.dense_metrics, gate, reg, scores=args.scores,
+                   reports=args.reports, log=lambda m: None if args.quiet else print(m, file=sys.stderr, flush=True))
+    if not args.quiet:
+        print(f"{res['name']} version {res['version']}: gate {res['gate']}"
+              + (f" ({'; '.join(res['reasons'])})" if res["reasons"] else "") + f"; {res['decision']}",
+              file=sys.stderr)
+    print(json.dumps(res, default=float))
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("NAME", "VERSION", "CREATED", "GATE", "PPL RATIO", "RETAINED", "REMOVED", "METHOD", "CHAMPION")
+    body = [(r["name"], r["version"], r["created"], r["gate"],
+             "-" if r["rank_value"] is None else f"{r['rank_value']:.4f} ({r['rank_by']})",
+             "-" if r["retained_acc"] is None else f"{r['retained_acc']:.4f}",
+             r["removed_layers"] or "-", r["method"] or "-", "*" if r["champion"] else "") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
+    fails = [f"  v{r['version']} ({r['name']}): {r['gate_reason']}" for r in rows if r["gate"] == "fail"]
+    return "\n".join(lines + (["", "gate failures:", *fails] if fails else []))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..tracking import list_versions
+
+    _, reg = _config(args)
+    rows = list_versions(reg, args.name)
+    print(json.dumps(rows, default=float, indent=2) if args.json else (_table(rows) if rows else "no versions"))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from ..tracking import promote
+
+    _, reg = _config(args)
+    res = promote(reg, args.name, args.version)
+    if res["changed"]:
+        print(f"{args.name}: champion is now version {res['champion']} (was {res['previous'] or 'none'}; "
+              f"gate {res['gate']})")
+    else:
+        print(f"{args.name}: version {res['champion']} is already the champion")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from ..tracking import rollback
+
+    _, reg = _config(args)
+    res = rollback(reg, args.name)
+    print(f"{args.name}: champion rolled back from version {res['previous']} to version {res['champion']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("register", help="log a pruned checkpoint to MLflow, register it, apply the gate",
+                       description="Log an MLflow run for CKPT_DIR (params from its `ghosted` block, metrics from the "
+                                   "two evaluation JSONs), register it as a new version of ghosted-<base model>, "
+                                   "and move the `champion` alias to it if it passes the gate and beats the champion.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT_DIR", help="folder written by `ghosted prune` or `fuse`")
+    p.add_argument("--metrics", type=Path, required=True, help="`ghosted eval` results of the pruned checkpoint")
+    p.add_argument("--dense-metrics", type=Path, required=True, help="`ghosted eval` results of the dense base model")
+    p.add_argument("--scores", type=Path, help="`ghosted score` table: adds per-layer plots to the reports")
+    p.add_argument("--reports", type=Path, help="write gate.json, plots and summary.md here and log them to the run")
+    p.add_argument("--name", help="registered model name (default: ghosted-<base model>)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the JSON result")
+    _tracking_args(p)
+    p.set_defaults(func=cmd_register)
+
+    r = sub.add_parser("registry", help="list versions, promote one, roll the champion back",
+                       description="The MLflow model registry of ghosted checkpoints.")
+    rs = r.add_subparsers(dest="registry_command", metavar="ACTION")
+    rs.required = True
+    p = rs.add_parser("list", help="versions with their gate verdict; * marks the champion")
+    p.add_argument("--name", help="only this registered model")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    _tracking_args(p)
+    p.set_defaults(func=cmd_list)
+    p = rs.add_parser("promote", help="make VERSION the champion by hand (the gate is not consulted)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION")
+    _tracking_args(p)
+    p.set_defaults(func=cmd_promote)
+    p = rs.add_parser("rollback", help="give the champion alias back to the previous champion")
+    p.add_argument("name", metavar="NAME")
+    _tracking_args(p)
+    p.set_defaults(func=cmd_rollback)
