@@ -225,6 +225,11 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
             missing = needed - set(states)
             if missing:
                 raise GhostedError(f"capture did not see hidden states {sorted(missing)}: unsupported layer layout")
+            for i in sorted(states):  # an fp16 overflow must stop here, not poison the float64 sums
+                if not torch.isfinite(states[i]).all():
+                    raise GhostedError(f"non-finite activations at the input of layer {i} in {states[i].dtype} "
+                                       f"(windows {start}-{start + ids.shape[0] - 1}): load the model with "
+                                       "--dtype bfloat16 or float32")
             base = policy.base_mask(ids, am, bos_id)
             rows = torch.arange(start, start + ids.shape[0], device=device)
             is_held = torch.tensor([int(r) in plan.heldout for r in rows.tolist()], device=device)[:, None]

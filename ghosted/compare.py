@@ -268,6 +268,8 @@ class CompareConfig:
             RECOVERY.get(m)
         if len(set(self.methods)) != len(self.methods):
             raise GhostedError(f"--recovery {','.join(self.methods)} lists a method twice")
+        if not self.evaluation.tasks and not self.evaluation.ppl:
+            raise GhostedError("nothing to evaluate: give --tasks or --ppl (not both 'none')")
         for cell in self.cells():  # every cell's config is valid before anything runs
             self.cell_config(*cell)
 

@@ -263,3 +263,19 @@ def test_auto_policy_keeps_left_out_tokens_apart():
     lo = auto.fit_left_out[(1, 3)]
     assert torch.allclose(anchored.cross - anchored.gram, sink.fit[(1, 3)].cross - sink.fit[(1, 3)].gram)
     assert torch.allclose(anchored.gram, both.gram) and lo.n == 4
+
+
+def test_fp16_overflow_is_reported_not_summed():
+    model, _ = make_tiny("llama")
+    model.half()
+    layer = arch.get_layers(model)[0]
+    layer.mlp.down_proj.weight.data.fill_(6e4)  # forces inf in the residual stream after layer 0
+    with pytest.raises(ghosted.GhostedError, match="non-finite activations at the input of layer"):
+        capture(model, _ids(model.config.vocab_size, 2, 8), CapturePlan(pairs=[(1, 2)]), progress=False)
+
+
+def test_bf16_model_still_accumulates_float64():
+    model, _ = make_tiny("llama")
+    model.to(torch.bfloat16)
+    res = capture(model, _ids(model.config.vocab_size, 2, 8), CapturePlan(pairs=[(1, 2)]), progress=False)
+    assert res.fit[(1, 2)].gram.dtype == torch.float64 and torch.isfinite(res.fit[(1, 2)].gram).all()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import GhostedError
@@ -70,17 +72,32 @@ def _command_line(args: argparse.Namespace, name: str, positional: str = "model"
     return shlex.join(parts)
 
 
-def _quiet_libraries(args: argparse.Namespace) -> None:
-    """--quiet: no progress bars or info logs from the libraries either (errors still show)."""
-    if getattr(args, "quiet", False):
-        import datasets
-        import transformers
+@contextlib.contextmanager
+def _quiet_libraries(args: argparse.Namespace) -> Iterator[None]:
+    """--quiet: no progress bars or info logs from the libraries either (errors still show); restored after."""
+    if not getattr(args, "quiet", False):
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        for name in ("lm_eval", "datasets"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),
+             {n: logging.getLogger(n).level for n in ("lm_eval", "datasets")})
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    for name in saved[3]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(saved[0])
+        if saved[1]:
+            hf_logging.enable_progress_bar()
+        if saved[2]:
+            datasets.enable_progress_bars()
+        for name, level in saved[3].items():
+            logging.getLogger(name).setLevel(level)
 
 
 # --------------------------------------------------------------------------- eval
@@ -99,10 +116,14 @@ def _efficiency_settings(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    with _quiet_libraries(args):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     from ..compare import evaluate_model
 
     t0 = time.perf_counter()
-    _quiet_libraries(args)
     if args.efficiency_worker:
         return _efficiency_worker(args)
     settings = eval_settings(args)
@@ -162,14 +183,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..report import write_report
 
     t0 = time.perf_counter()
-    _quiet_libraries(args)
     cfg = compare_config(args)
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise GhostedError(f"--out-dir {args.out_dir} exists and is not a folder")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
-    calib = _calibration(args, loaded)
-    result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
+    with _quiet_libraries(args):
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
+        calib = _calibration(args, loaded)
+        result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
     result["command"] = _command_line(args, "compare")
     result["wall_seconds"] = time.perf_counter() - t0
     paths = write_report(result, args.out_dir)
