@@ -216,7 +216,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         operators = {c: Operator("identity") for c in cuts}
     else:
         policy, ridge = choice
-        operators = {c: method.solve(res.sums(c, "total", _fit_mode(auto, policy)), _opts(cfg, ridge)) for c in cuts}
+        operators = {c: method.solve(res.sums(c, "total", _fit_mode(res, policy)), _opts(cfg, ridge)) for c in cuts}
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
@@ -245,7 +245,7 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
 
     def ops_for(p: str, r: float) -> dict[Pair, Operator]:
-        return {c: method.solve(res.sums(c, "fit", _fit_mode(auto, p)), _opts(cfg, r)) for c in cuts}
+        return {c: method.solve(res.sums(c, "fit", _fit_mode(res, p)), _opts(cfg, r)) for c in cuts}
 
     scores: dict[str, float] = {}
     if cfg.guard == "loss":
@@ -274,11 +274,12 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     return candidates[best], info
 
 
-def _fit_mode(auto: bool, policy: str) -> str:
-    """How the captured sums combine for an (effective) token policy; see CaptureResult.sums."""
+def _fit_mode(res: CaptureResult, policy: str) -> str:
+    """How the captured sums combine for an (effective) token policy; see CaptureResult.sums.
+    A capture that kept the left-out tokens apart (policy auto/anchor) serves every policy."""
     if policy == "anchor":
         return "anchor"
-    return "all" if auto and policy == "all" else "kept"
+    return "all" if policy == "all" and res.fit_left_out else "kept"
 
 
 def _fmt(removed: list[int]) -> str:

@@ -464,8 +464,13 @@ def _version(client, name: str, version: str | int):
     raise GhostedError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions)) or 'none'}")
 
 
+def _alias(model) -> str | None:
+    v = model.aliases.get(CHAMPION)
+    return None if v is None else str(v)
+
+
 def _champion(client, name: str) -> str | None:
-    return client.get_registered_model(name).aliases.get(CHAMPION)
+    return _alias(client.get_registered_model(name))
 
 
 def _history(model) -> list[str]:
@@ -592,7 +597,7 @@ def list_versions(reg: RegistryConfig, name: str | None = None) -> list[dict]:
     with _mlflow_errors(reg):
         models = [_registered_model(client, name)] if name else list(client.search_registered_models())
         for m in sorted(models, key=lambda m: m.name):
-            champ = m.aliases.get(CHAMPION)
+            champ = _alias(m)
             for v in sorted(client.search_model_versions(f"name='{m.name}'"), key=lambda v: int(v.version)):
                 t = v.tags
                 rows.append({"name": m.name, "version": str(v.version), "champion": str(v.version) == champ,
@@ -624,7 +629,7 @@ def rollback(reg: RegistryConfig, name: str) -> dict:
     client = _client(reg)
     with _mlflow_errors(reg):
         model = _registered_model(client, name)
-        current = model.aliases.get(CHAMPION)
+        current = _alias(model)
         if current is None:
             raise GhostedError(f"model '{name}' has no champion to roll back")
         hist = _history(model)

@@ -193,11 +193,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
     result["command"] = _command_line(args, "compare")
     result["wall_seconds"] = time.perf_counter() - t0
-    paths = write_report(result, args.out_dir)
+    try:
+        paths = write_report(result, args.out_dir)
+    except Exception:  # never lose a long run to a plotting problem: keep the numbers, then fail
+        _write_json(args.out_dir / "compare.json", result)
+        raise
     _log(args, f"wrote {', '.join(str(p) for p in paths)} in {result['wall_seconds']:.0f}s")
     print(json.dumps({"out_dir": str(args.out_dir), "cells": len(result["cells"]),
                       "failed": sum(1 for c in result["cells"] if c.get("error")),
                       "wall_seconds": round(result["wall_seconds"], 1)}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    src = args.out_dir / "compare.json"
+    if not src.is_file():
+        raise GhostedError(f"{src} not found: write it with `ghosted compare ... --out-dir {args.out_dir}`")
+    try:
+        result = json.loads(src.read_text())
+    except json.JSONDecodeError as exc:
+        raise GhostedError(f"{src} is not valid JSON ({exc.msg})") from exc
+    paths = write_report(result, args.out_dir)
+    print(json.dumps({"out_dir": str(args.out_dir), "files": [p.name for p in paths]}))
     return 0
 
 
@@ -239,3 +258,9 @@ def add_parser(sub) -> None:
     _eval_args(p, seq_len=False)
     p.add_argument("--out-dir", type=Path, required=True, help="report folder (compare.json, compare.md, *.png)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="regenerate compare.md and the plots from a compare.json",
+                       description="Rewrite compare.md and the PNG plots in OUT_DIR from OUT_DIR/compare.json "
+                                   "(written by `ghosted compare`), without re-running anything.")
+    p.add_argument("out_dir", type=Path, help="folder holding compare.json")
+    p.set_defaults(func=cmd_report)

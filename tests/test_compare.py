@@ -1,0 +1,131 @@
+"""`ghosted compare`: one shared capture, in-memory cells that match saved checkpoints, the report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghosted.cli import main
+from ghosted.compare import CompareConfig, EvalSettings, run_compare
+from ghosted.data import build_calibration
+from ghosted.errors import GhostedError
+from ghosted.models import load_model
+from ghosted.prune import PruneConfig
+from ghosted.report import PLOTS, write_report
+
+from .test_eval_cli import run, save_tiny_folder
+
+GRID = ["--remove", "1,2", "--recovery", "none,ghost", "--tasks", "piqa", "--limit", "2", "--ppl", "wiki",
+        "--ppl-windows", "2", "--seq-len", "32", "--n-seqs", "6"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-compare") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reports") / "reports"
+    code = main(["compare", str(tiny_folder), *GRID, "--out-dir", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_compare_writes_report(report_dir):
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(["compare.json", "compare.md", *PLOTS])
+    for png in PLOTS:
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((report_dir / "compare.json").read_text())
+    assert [(c["k"], c["method"]) for c in res["cells"]] == [(1, "none"), (1, "ghost"), (2, "none"), (2, "ghost")]
+    assert all("error" not in c for c in res["cells"])
+    assert res["dense"]["ppl"]["wiki"]["windows"] == 2 and res["dense"]["zeroshot"]["tasks"]["piqa"]["n"] == 2
+    assert res["wall_seconds"] >= res["seconds"] > 0
+    assert res["capture"]["pairs"] == 6 + 5  # every block of 1 and of 2 layers, from one pass
+    assert all(c["capture_passes"] == 0 for c in res["cells"])  # every cell solved from the shared capture
+    assert len(res["scores"]["layers"]["bi"]) == 6 and set(res["scores"]["blocks"]) == {"1", "2"}
+    for c in res["cells"]:
+        assert len(c["removed"]) == c["k"]
+        assert c["retained"] == pytest.approx(c["zeroshot"]["average"]["acc_norm"] / res["dense"]["average"])
+    md = (report_dir / "compare.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert table[0].split(" | ")[:6] == ["| k", "method", "removed layers", "wiki PPL", "piqa", "average"]
+    assert "retained" in table[0] and len(table) == 1 + 1 + 4  # header, dense, 4 cells
+    assert "Wall time:" in md and "ghosted compare " in md and "--remove 1,2" in md
+    for png in PLOTS:
+        assert f"]({png})" in md
+    # regenerating from the JSON gives the same markdown
+    assert main(["report", str(report_dir)]) == 0
+    assert (report_dir / "compare.md").read_text() == md
+
+
+def test_in_memory_cells_match_saved_checkpoints(report_dir, tiny_folder, tmp_path, capsys):
+    """The ghost cells' perplexity equals `ghosted prune` + `ghosted eval` of the saved model, same settings."""
+    res = json.loads((report_dir / "compare.json").read_text())
+    ghost_cells = [c for c in res["cells"] if c["method"] == "ghost"]
+    assert any(not c["guard"].get("fallback") for c in ghost_cells), "no ghost cell carries a ghost"
+    for cell in ghost_cells:
+        ckpt = tmp_path / f"pruned-{cell['k']}"
+        code, stdout, err = run(capsys, "prune", tiny_folder, "--remove", cell["k"], "--recovery", "ghost",
+                                "--n-seqs", 6, "--seq-len", 32, "--out", ckpt, "--quiet")
+        assert code == 0, err
+        assert json.loads(stdout.strip().splitlines()[-1])["removed_layers"] == cell["removed"]
+        code, stdout, err = run(capsys, "eval", ckpt, "--tasks", "none", "--ppl", "wiki", "--ppl-windows", 2,
+                                "--seq-len", 32, "--quiet")
+        assert code == 0, err
+        saved = json.loads(stdout)["ppl"]["wiki"]["ppl"]
+        assert saved == pytest.approx(cell["ppl"]["wiki"]["ppl"], rel=1e-4)
+
+
+def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path):
+    loaded = load_model(str(tiny_folder))
+    calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
+    ids = calib.input_ids[:2]
+    with torch.no_grad():
+        before = loaded.model(ids).logits.clone()
+    cfg = CompareConfig(ks=(2, 1), methods=("none", "linearpatch", "replaceme", "scalar", "ghost"),
+                        prune=PruneConfig(remove=1, guard="off"),
+                        evaluation=EvalSettings(tasks="none", ppl="wiki", ppl_windows=1, seq_len=32))
+    res = run_compare(loaded, calib, cfg, progress=False)
+    with torch.no_grad():
+        after = loaded.model(ids).logits
+    assert torch.equal(before, after)  # folds undone, ghosts unhooked, layers back
+    assert [(c["k"], c["method"]) for c in res["cells"]][:5] == [(1, m) for m in cfg.methods]
+    by = {(c["k"], c["method"]): c["ppl"]["wiki"]["ppl"] for c in res["cells"]}
+    assert len(set(by.values())) > 2  # the methods really differ
+    # no tasks: the accuracy plot is not written, and a stale one is removed
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "accuracy.png").write_bytes(b"stale")
+    write_report(res, out)
+    assert not (out / "accuracy.png").exists() and (out / "ppl_vs_removed.png").exists()
+    assert "Zero-shot: not evaluated." in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--remove", "1,2", "--recovery", "none,ghots"], "did you mean 'ghost'"),
+    (["--remove", "1,1"], "lists a count twice"),
+    (["--remove", "0"], "whole numbers >= 1"),
+    (["--remove", "six"], "layer counts like 6,9"),
+    (["--remove", "6"], "--remove must be between 1 and 5"),
+    (["--remove", "1", "--tasks", "piqa", "--limit", "0"], "--limit must be a whole number >= 1"),
+    (["--remove", "1", "--tasks", "none", "--ppl", "none"], "nothing to evaluate"),
+    (["--remove", "1", "--select", "angualr"], "did you mean 'angular'"),
+])
+def test_compare_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, capsys):
+    out = tmp_path / "rep"
+    code, _, err = run(capsys, "compare", tiny_folder, *argv, "--n-seqs", 6, "--seq-len", 32, "--ppl-windows", 1,
+                       "--out-dir", out, "--quiet")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_eval_settings_reject_unknown_keys():
+    with pytest.raises(GhostedError, match="unknown eval option"):
+        EvalSettings.from_dict({"taks": "piqa"})

@@ -1,0 +1,113 @@
+"""`ghosted eval` on a real tiny model folder: the results JSON, efficiency with a baseline, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ghosted.cli import main
+
+from .tiny_models import make_tiny_tokenizer, tiny_config
+
+
+def save_tiny_folder(path: Path, num_layers: int = 6) -> Path:
+    """A tiny random Llama folder (weights + tokenizer) whose context fits lm-eval's longest PIQA items."""
+    config = tiny_config("llama", num_layers)
+    config.max_position_embeddings = 1024  # the tiny BPE spells words out: PIQA solutions run past 64 tokens
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-eval") / "tiny-llama")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_writes_results_json(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code, stdout, _ = run(capsys, "eval", tiny_folder, "--tasks", "piqa", "--limit", 3, "--ppl", "wiki",
+                          "--ppl-windows", 2, "--seq-len", 32, "--out", out, "--quiet")
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert {"model", "ppl", "zeroshot", "seconds"} <= set(res) and "efficiency" not in res
+    assert set(res["ppl"]) == {"wiki"}
+    wiki = res["ppl"]["wiki"]
+    assert wiki["windows"] == 2 and wiki["seq_len"] == 32 and wiki["tokens_scored"] == 2 * 31
+    assert 1.0 < wiki["ppl"] < 10 * 128  # a random 128-token model: about the vocabulary size
+    piqa = res["zeroshot"]["tasks"]["piqa"]
+    assert piqa["n"] == 3 and 0.0 <= piqa["acc_norm"] <= 1.0
+    assert res["zeroshot"]["limit"] == 3 and res["seconds"] > 0
+    assert res["command"].startswith("ghosted eval ") and "--tasks piqa" in res["command"]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["ppl"]["wiki"] == pytest.approx(wiki["ppl"])
+
+
+def test_eval_yaml_section_and_cli_precedence(tiny_folder, tmp_path, capsys):
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text("eval:\n  tasks: none\n  ppl: [wiki]\n  ppl_windows: 1\n  seq_len: 16\n")
+    code, stdout, _ = run(capsys, "eval", tiny_folder, "--config", cfg, "--seq-len", 24, "--quiet")
+    assert code == 0
+    res = json.loads(stdout)  # no --out: the whole result on stdout
+    assert res["zeroshot"] is None
+    assert res["ppl"]["wiki"]["windows"] == 1 and res["ppl"]["wiki"]["seq_len"] == 24  # CLI beats YAML
+
+
+def test_eval_efficiency_against_baseline(tiny_folder, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert run(capsys, "prune", tiny_folder, "--remove", 2, "--n-seqs", 6, "--seq-len", 32, "--out", pruned,
+               "--quiet")[0] == 0
+    out = tmp_path / "eff.json"
+    code, _, err = run(capsys, "eval", pruned, "--tasks", "none", "--ppl", "none", "--baseline", tiny_folder,
+                       "--prompt-len", 16, "--new-tokens", 4, "--repeats", 1, "--efficiency-batch-sizes", "1,2",
+                       "--out", out, "--quiet")
+    assert code == 0, err
+    eff = json.loads(out.read_text())["efficiency"]
+    assert eff["model"]["num_layers"] == 4 and eff["baseline"]["num_layers"] == 6
+    for side in ("model", "baseline"):
+        assert set(eff[side]["batches"]) == {"1", "2"}
+        assert eff[side]["checkpoint_bytes"] > 0 and eff[side]["params"] > 0
+        for row in eff[side]["batches"].values():
+            assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
+    ratios = eff["ratios"]
+    assert ratios["params_ratio"] == pytest.approx(eff["model"]["params"] / eff["baseline"]["params"])
+    assert ratios["params_ratio"] < 1 and ratios["checkpoint_bytes_ratio"] < 1
+    assert set(ratios["batches"]) == {"1", "2"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "piqa,hellaswagg"], "did you mean 'hellaswag'"),
+    (["--tasks", "piqa,piqa"], "names a task twice"),
+    (["--limit", "0"], "--limit must be a whole number >= 1"),
+    (["--ppl-windows", "0"], "--ppl-windows must be a whole number >= 1"),
+    (["--ppl", "wikki"], "unknown perplexity source 'wikki'"),
+    (["--tasks", "none", "--ppl", "none"], "nothing to evaluate"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--model", "/no/such/dir"], "not found"),
+    (["--efficiency", "--baseline", "no-such-dense"], "unknown model 'no-such-dense'"),
+])
+def test_eval_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, capsys):
+    model = str(tiny_folder)
+    if "--model" in argv:
+        i = argv.index("--model")
+        model = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    out = tmp_path / "r.json"
+    code, _, err = run(capsys, "eval", model, *argv, "--out", out, "--quiet")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()

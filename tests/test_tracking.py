@@ -1,0 +1,242 @@
+"""Tracking, gate and registry: a real checkpoint (`ghosted prune` on a tiny model), real MLflow on SQLite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ghosted.cli import main
+from ghosted.errors import GhostedError
+from ghosted.tracking import GateConfig, RegistryConfig, apply_gate, beats, registered_name
+
+from .tiny_models import make_tiny
+
+TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
+                   for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """A tiny dense folder, its pruned checkpoint and its score table, all made by the real CLI."""
+    root = tmp_path_factory.mktemp("tracking")
+    model, tok = make_tiny("llama", num_layers=6)
+    model.save_pretrained(root / "tiny-llama")
+    tok.save_pretrained(root / "tiny-llama")
+    (root / "calib.txt").write_text(TEXT)
+    common = ["--calib-source", str(root / "calib.txt"), "--n-seqs", "6", "--seq-len", "16", "--quiet"]
+    assert main(["prune", str(root / "tiny-llama"), "--remove", "2", *common, "--out", str(root / "pruned")]) == 0
+    assert main(["score", str(root / "tiny-llama"), "--remove", "2", *common, "--out", str(root / "scores.json")]) == 0
+    return {"dense": root / "tiny-llama", "ckpt": root / "pruned", "scores": root / "scores.json"}
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def params(tmp_path) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text("gate:\n  max_ppl_ratio: 1.5\n  min_retained_acc: 0.9\n  rank_by: wiki\n")
+    return p
+
+
+def results(path: Path, wiki: float, ptb: float, acc: float | None) -> Path:
+    """A `ghosted eval` results file with the given numbers."""
+    doc = {"model": "x", "ppl": {"wiki": {"ppl": wiki, "nll": 0.0}, "ptb": {"ppl": ptb, "nll": 0.0}},
+           "zeroshot": None if acc is None else {"tasks": {"piqa": {"acc": acc, "acc_norm": acc}},
+                                                 "average": {"acc": acc, "acc_norm": acc}}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _register(capsys, built, uri, params, tmp_path, name: str, wiki: float, acc: float = 0.5, **kw) -> dict:
+    tag = f"{wiki}-{acc}"
+    dense = results(tmp_path / f"dense-{tag}.json", 10.0, 20.0, 0.5)
+    pruned = results(tmp_path / f"pruned-{tag}.json", 10.0 * wiki, 20.0 * wiki, acc)
+    extra = [x for k, v in kw.items() for x in (f"--{k}", v)]
+    code, out, err = _cli(capsys, "register", built["ckpt"], "--metrics", pruned, "--dense-metrics", dense,
+                          "--config", params, "--tracking-uri", uri, "--name", name, "--quiet", *extra)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _champion(uri: str, name: str) -> str | None:
+    v = _client(uri).get_registered_model(name).aliases.get("champion")
+    return None if v is None else str(v)
+
+
+# --------------------------------------------------------------------------- the gate, pure
+
+
+def test_gate_verdicts():
+    cfg = GateConfig(max_ppl_ratio=1.5, min_retained_acc=0.9)
+    dense = {"ppl": {"wiki": {"ppl": 10.0}, "ptb": {"ppl": 20.0}}, "zeroshot": {"average": {"acc_norm": 0.5}}}
+
+    def pruned(w: float, p: float, a: float | None) -> dict:
+        return {"ppl": {"wiki": {"ppl": w}, "ptb": {"ppl": p}},
+                "zeroshot": None if a is None else {"average": {"acc_norm": a}}}
+
+    ok = apply_gate(dense, pruned(12.0, 25.0, 0.48), cfg)
+    assert ok.passed and ok.reasons == () and ok.rank_value == pytest.approx(1.2)
+    assert ok.ppl_ratio == pytest.approx({"wiki": 1.2, "ptb": 1.25}) and ok.retained_acc == pytest.approx(0.96)
+    bad_ppl = apply_gate(dense, pruned(12.0, 31.0, 0.48), cfg)
+    assert not bad_ppl.passed and bad_ppl.reasons == ("ptb perplexity ratio 1.550 > max_ppl_ratio 1.5",)
+    bad_acc = apply_gate(dense, pruned(12.0, 25.0, 0.40), cfg)
+    assert not bad_acc.passed and "retained accuracy 0.800 < min_retained_acc 0.9" in bad_acc.reason
+    assert "no zero-shot average" in apply_gate(dense, pruned(12.0, 25.0, None), cfg).reason
+    assert apply_gate(dense, pruned(12.0, 25.0, None), GateConfig(min_retained_acc=None)).passed
+    assert not apply_gate(dense, pruned(float("nan"), 25.0, 0.5), cfg).passed
+    with pytest.raises(GhostedError, match="unknown gate option"):
+        GateConfig.from_dict({"max_ppl": 2})
+
+
+def test_better_than_champion_rule():
+    champ = {"base_fingerprint": "sha256:a", "rank_by": "wiki", "rank_value": "1.3", "retained_acc": "0.9"}
+    assert beats({**champ, "rank_value": "1.2"}, champ)[0]
+    assert not beats({**champ, "rank_value": "1.4"}, champ)[0]
+    assert not beats(dict(champ), champ)[0]
+    assert beats({**champ, "retained_acc": "0.95"}, champ)[0]
+    assert beats({**champ, "base_fingerprint": "sha256:b", "rank_value": "1.9"}, champ)[0]
+    assert beats(champ, None)[0]
+
+
+def test_registered_names():
+    assert registered_name("smollm2-135m") == "ghosted-smollm2-135m"
+    assert registered_name("HuggingFaceTB/SmolLM2-135M") == "ghosted-HuggingFaceTB--SmolLM2-135M"
+    assert registered_name("/some/where/tiny-llama/") == "ghosted-tiny-llama"
+
+
+# --------------------------------------------------------------------------- register + gate + champion
+
+
+def test_gate_pass_registers_champion_with_lineage(built, uri, params, tmp_path, capsys):
+    reports = tmp_path / "reports"
+    res = _register(capsys, built, uri, params, tmp_path, "m-pass", 1.2, scores=built["scores"], reports=reports)
+    assert res["gate"] == "pass" and res["champion_moved"] and res["champion"] == res["version"] == "1"
+    client = _client(uri)
+    assert _champion(uri, "m-pass") == "1"
+    meta = json.loads((built["ckpt"] / "config.json").read_text())["ghosted"]
+    v = client.get_model_version("m-pass", "1")
+    assert v.tags["base_fingerprint"] == meta["base_fingerprint"]
+    assert v.tags["removed_layers"] == ",".join(map(str, meta["removed_layers"]))
+    assert v.tags["method"] == "ghost" and v.tags["calibration_sha256"] == meta["calibration_sha256"]
+    assert v.tags["gate"] == "pass" and float(v.tags["rank_value"]) == pytest.approx(1.2)
+    assert len(v.tags.get("git_commit", "x" * 40)) == 40
+    run = client.get_run(res["run_id"])
+    assert run.data.params["base_model"] == str(built["dense"]) and run.data.params["recovery"] == "ghost"
+    assert run.data.metrics["gate/ppl_ratio/wiki"] == pytest.approx(1.2)
+    assert run.data.metrics["pruned/ppl/wiki/ppl"] == pytest.approx(12.0)
+    arts = {a.path for a in client.list_artifacts(res["run_id"])}
+    assert {"checkpoint", "metrics", "reports"} <= arts
+    assert "checkpoint/config.json" in {a.path for a in client.list_artifacts(res["run_id"], "checkpoint")}
+    gate = json.loads((reports / "gate.json").read_text())
+    assert gate["passed"] and gate["ppl_ratio"]["wiki"] == pytest.approx(1.2)
+    rows = json.loads((reports / "layer_scores.json").read_text())
+    assert len(rows) == 6 and sum(r["removed"] for r in rows) == 2
+    assert (reports / "layer_scores.png").stat().st_size > 1000
+    assert "version 1" in (reports / "summary.md").read_text()
+    # The registered model remembers the base fingerprint (what flows/recompress.py compares against).
+    assert client.get_registered_model("m-pass").tags["base_fingerprint"] == meta["base_fingerprint"]
+
+
+def test_gate_fail_records_reason_and_moves_nothing(built, uri, params, tmp_path, capsys):
+    assert _register(capsys, built, uri, params, tmp_path, "m-fail", 1.2)["champion"] == "1"
+    res = _register(capsys, built, uri, params, tmp_path, "m-fail", 2.0, acc=0.3)
+    assert res["gate"] == "fail" and not res["champion_moved"] and res["champion"] == "1"
+    assert _champion(uri, "m-fail") == "1"
+    v = _client(uri).get_model_version("m-fail", res["version"])
+    assert v.tags["gate"] == "fail"
+    assert "wiki perplexity ratio 2.000 > max_ppl_ratio 1.5" in v.tags["gate_reason"]
+    assert "retained accuracy 0.600 < min_retained_acc 0.9" in v.tags["gate_reason"]
+    assert v.description.startswith("gate FAILED")
+    code, out, _ = _cli(capsys, "registry", "list", "--name", "m-fail", "--tracking-uri", uri)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == ["m-fail", "1"] and lines[1].endswith("*") and "fail" in lines[2]
+    assert "gate failures:" in out and "perplexity ratio 2.000" in out
+
+
+def test_champion_moves_only_when_gate_passes_and_better(built, uri, params, tmp_path, capsys):
+    name = "m-better"
+    assert _register(capsys, built, uri, params, tmp_path, name, 1.3)["champion"] == "1"
+    worse = _register(capsys, built, uri, params, tmp_path, name, 1.4)
+    assert worse["gate"] == "pass" and not worse["champion_moved"] and _champion(uri, name) == "1"
+    failing_but_best = _register(capsys, built, uri, params, tmp_path, name, 1.0, acc=0.1)
+    assert failing_but_best["gate"] == "fail" and _champion(uri, name) == "1"
+    better = _register(capsys, built, uri, params, tmp_path, name, 1.1)
+    assert better["champion_moved"] and _champion(uri, name) == better["version"] == "4"
+    assert "lower wiki PPL ratio" in better["decision"]
+
+
+def test_promote_and_rollback(built, uri, params, tmp_path, capsys):
+    name = "m-hand"
+    _register(capsys, built, uri, params, tmp_path, name, 1.3)
+    _register(capsys, built, uri, params, tmp_path, name, 1.2)
+    assert _champion(uri, name) == "2"
+    code, out, _ = _cli(capsys, "registry", "promote", name, "1", "--tracking-uri", uri)
+    assert code == 0 and "champion is now version 1 (was 2" in out and _champion(uri, name) == "1"
+    assert "promoted" in _client(uri).get_model_version(name, "1").tags
+    code, out, _ = _cli(capsys, "registry", "rollback", name, "--tracking-uri", uri)
+    assert code == 0 and "from version 1 to version 2" in out and _champion(uri, name) == "2"
+    code, out, _ = _cli(capsys, "registry", "rollback", name, "--tracking-uri", uri)
+    assert code == 0 and _champion(uri, name) == "1"
+    code, _, err = _cli(capsys, "registry", "rollback", name, "--tracking-uri", uri)
+    assert code == 2 and "no earlier champion than version 1" in err
+    rows = json.loads(_cli(capsys, "registry", "list", "--name", name, "--json", "--tracking-uri", uri)[1])
+    assert [r["champion"] for r in rows] == [True, False]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["registry", "promote", "no-such-model", "1"], "no registered model 'no-such-model'; known:"),
+    (["registry", "promote", "m-pass", "9"], "model 'm-pass' has no version 9; versions: 1"),
+    (["registry", "rollback", "m-pass"], "no earlier champion"),
+    (["registry", "list", "--name", "nope"], "no registered model 'nope'"),
+])
+def test_registry_errors_are_one_line(argv, message, uri, built, params, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    if not MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models(filter_string="name='m-pass'"):
+        _register(capsys, built, uri, params, tmp_path, "m-pass", 1.2)
+    code, _, err = _cli(capsys, *argv, "--tracking-uri", uri)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_register_rejects_bad_inputs(built, uri, params, tmp_path, capsys):
+    dense = results(tmp_path / "d.json", 10.0, 20.0, 0.5)
+    code, _, err = _cli(capsys, "register", built["dense"], "--metrics", dense, "--dense-metrics", dense,
+                        "--tracking-uri", uri)
+    assert code == 2 and "has no `ghosted` block" in err
+    code, _, err = _cli(capsys, "register", built["ckpt"], "--metrics", tmp_path / "missing.json",
+                        "--dense-metrics", dense, "--tracking-uri", uri)
+    assert code == 2 and "pruned metrics file not found" in err
+    (tmp_path / "bad.yaml").write_text("gate:\n  max_ratio: 2\n")
+    code, _, err = _cli(capsys, "register", built["ckpt"], "--metrics", dense, "--dense-metrics", dense,
+                        "--config", tmp_path / "bad.yaml", "--tracking-uri", uri)
+    assert code == 2 and "unknown gate option(s) ['max_ratio']" in err
+
+
+def test_relative_sqlite_uri_resolves_against_the_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("registry:\n  tracking_uri: sqlite:///mlflow.db\n")
+    from ghosted.tracking import load_config
+
+    _, reg = load_config(tmp_path / "params.yaml")
+    assert reg == RegistryConfig(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", "ghosted", None)
+    _, reg = load_config(tmp_path / "params.yaml", "http://127.0.0.1:5000")
+    assert reg.tracking_uri == "http://127.0.0.1:5000"
