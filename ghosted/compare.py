@@ -165,14 +165,15 @@ def measure_loaded(loaded, eff: EfficiencySettings) -> dict:
     return stats
 
 
-def measure_isolated(model: str, eff: EfficiencySettings, dtype: str = "float32", device: str = "cpu") -> dict:
+def measure_isolated(model: str, eff: EfficiencySettings, dtype: str = "float32", device: str = "cpu",
+                     device_map: str | None = None) -> dict:
     """measure_efficiency of `model` in a fresh Python process: peak memory counts that model alone."""
     with tempfile.TemporaryDirectory(prefix="ghosted-eff-") as tmp:
         out = Path(tmp) / "efficiency.json"
         cmd = [sys.executable, "-m", "ghosted.cli", "eval", str(model), "--dtype", dtype, "--device", device,
                "--efficiency-worker", "--prompt-len", str(eff.prompt_len), "--new-tokens", str(eff.new_tokens),
                "--repeats", str(eff.repeats), "--efficiency-batch-sizes", ",".join(map(str, eff.batch_sizes)),
-               "--out", str(out), "--quiet"]
+               "--out", str(out), "--quiet", *(["--device-map", device_map] if device_map else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0 or not out.is_file():
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -183,8 +184,8 @@ def measure_isolated(model: str, eff: EfficiencySettings, dtype: str = "float32"
 
 
 def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32", device: str = "cpu",
-                   efficiency: EfficiencySettings | None = None, baseline: str | None = None,
-                   progress: bool = True, log: Log = _nolog) -> dict:
+                   device_map: str | None = None, efficiency: EfficiencySettings | None = None,
+                   baseline: str | None = None, progress: bool = True, log: Log = _nolog) -> dict:
     """Everything `ghosted eval` reports for one model: perplexity, zero-shot accuracy and, if asked, efficiency
     (with `baseline`: the dense model measured in the same run, and pruned/dense ratios)."""
     from .models import load_model, resolve
@@ -198,11 +199,11 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
         raise GhostedError("nothing to evaluate: give --tasks, --ppl or --efficiency")
     result: dict[str, Any] = {"model": ref.name, "dtype": dtype, "device": device}
     if efficiency is not None:  # before this process loads anything: the machine is quiet while it times
-        result["efficiency"] = efficiency_report(model, efficiency, dtype, device, baseline, log)
+        result["efficiency"] = efficiency_report(model, efficiency, dtype, device, baseline, log, device_map)
     result["ppl"] = {}
     result["zeroshot"] = None
     if settings.tasks or settings.ppl:
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
         log(f"loaded {model} ({type(loaded.model).__name__}, {arch.num_layers(loaded.model)} layers)")
         quality = evaluate_quality(loaded.model, loaded.tokenizer, settings, progress)
         result["ppl"], result["zeroshot"] = quality["ppl"], quality["zeroshot"]
@@ -213,16 +214,16 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
 
 
 def efficiency_report(model: str, eff: EfficiencySettings, dtype: str, device: str, baseline: str | None,
-                      log: Log = _nolog) -> dict:
+                      log: Log = _nolog, device_map: str | None = None) -> dict:
     """Efficiency of `model` (and of `baseline`, with pruned/dense ratios), each measured in its own process."""
     from .evaluate.efficiency import efficiency_ratios
 
     out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": asdict(eff)}
     log(f"measuring efficiency of {model} on {device} (own process)")
-    out["model"] = measure_isolated(model, eff, dtype, device)
+    out["model"] = measure_isolated(model, eff, dtype, device, device_map)
     if baseline is not None:
         log(f"measuring efficiency of the baseline {baseline} on {device} (own process)")
-        out["baseline"] = measure_isolated(baseline, eff, dtype, device)
+        out["baseline"] = measure_isolated(baseline, eff, dtype, device, device_map)
         out["ratios"] = efficiency_ratios(out["baseline"], out["model"])
     return out
 
@@ -361,7 +362,8 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
         "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "seed": calib.seed,
                         "sha256": calib.sha256, "heldout_windows": len(plan.heldout)},
         "settings": {"remove": sorted(cfg.ks), "recovery": list(cfg.methods),
-                     "prune": {k: v for k, v in _config_dict(tmpl).items() if k not in ("remove", "layers", "recovery")},
+                     "prune": {k: v for k, v in _config_dict(tmpl).items()
+                               if k not in ("remove", "layers", "recovery")},
                      "eval": cfg.evaluation.as_dict()},
         "scores": {"tokens": res.score_tokens, "layers": layer_scores(res),
                    "blocks": {str(k): block_scores(res, k) for k in sorted(cfg.ks)}},

@@ -81,6 +81,8 @@ def test_in_memory_cells_match_saved_checkpoints(report_dir, tiny_folder, tmp_pa
 
 
 def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path):
+    text = tmp_path / "eval.txt"  # a small perplexity source: tokenizing all of `wiki` per cell costs seconds
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
     loaded = load_model(str(tiny_folder))
     calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
     ids = calib.input_ids[:2]
@@ -88,13 +90,13 @@ def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path)
         before = loaded.model(ids).logits.clone()
     cfg = CompareConfig(ks=(2, 1), methods=("none", "linearpatch", "replaceme", "scalar", "ghost"),
                         prune=PruneConfig(remove=1, guard="off"),
-                        evaluation=EvalSettings(tasks="none", ppl="wiki", ppl_windows=1, seq_len=32))
+                        evaluation=EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32))
     res = run_compare(loaded, calib, cfg, progress=False)
     with torch.no_grad():
         after = loaded.model(ids).logits
     assert torch.equal(before, after)  # folds undone, ghosts unhooked, layers back
     assert [(c["k"], c["method"]) for c in res["cells"]][:5] == [(1, m) for m in cfg.methods]
-    by = {(c["k"], c["method"]): c["ppl"]["wiki"]["ppl"] for c in res["cells"]}
+    by = {(c["k"], c["method"]): c["ppl"][str(text)]["ppl"] for c in res["cells"]}
     assert len(set(by.values())) > 2  # the methods really differ
     # no tasks: the accuracy plot is not written, and a stale one is removed
     out = tmp_path / "rep"

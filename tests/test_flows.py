@@ -33,7 +33,7 @@ def _tiny(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _params(root: Path, model: Path, **prune) -> Path:
+def _params(root: Path, model: Path, name: str = "params.yaml", **prune) -> Path:
     """A params.yaml for the tiny model: .txt calibration and perplexity text, no zero-shot tasks."""
     import yaml
 
@@ -46,7 +46,7 @@ def _params(root: Path, model: Path, **prune) -> Path:
            "eval": {"ppl": str(text), "ppl_windows": 2, "seq_len": 16, "tasks": "none", "batch_size": 4},
            "gate": {"max_ppl_ratio": 1000.0, "min_retained_acc": None, "rank_by": str(text)},
            "registry": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "flows-test"}}
-    path = root / "params.yaml"
+    path = root / name
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -83,7 +83,7 @@ def test_compress_runs_caches_and_reruns_only_what_changed(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs  # nothing rewritten
 
     # A prune change reruns solve and what follows; calibration and scores stay cached.
-    state = compress_mod.compress(params=str(_params(tmp_path, model, ridge=0.01)), workdir=str(work),
+    state = compress_mod.compress(params=str(_params(tmp_path, model, "ridge.yaml", ridge=0.01)), workdir=str(work),
                                   return_state=True)
     states = _task_states(state.state_details.flow_run_id)
     assert states["calibrate"] == ["Cached"] and states["score"] == ["Cached"]

@@ -21,6 +21,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="shipped name (smollm2-135m, gemma3-270m), local HF folder, .gguf file, or hub id")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--device-map", help="accelerate device map for models larger than one device, e.g. auto")
     p.add_argument("--config", type=Path, help="YAML file whose `calibration:` and `prune:` sections set defaults")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -104,7 +105,7 @@ def _load(args: argparse.Namespace):
     from ..models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
     _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
     return loaded
 

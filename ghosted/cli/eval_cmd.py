@@ -7,28 +7,26 @@ import contextlib
 import json
 import logging
 import shlex
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import GhostedError
-from .core import _calib_args, _calibration, _log, _model_args, _write_json, _yaml_sections, calib_settings
+from .core import (_calib_args, _calibration, _load, _log, _model_args, _write_json, _yaml_sections,
+                   calib_settings)
 
 # CLI flag -> EvalSettings field (None-defaulted so the YAML `eval:` section can fill in; CLI wins).
 EVAL_FLAGS = ("tasks", "ppl", "limit", "ppl_windows", "batch_size")
 
 
 def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
-    from ..compare import PPL_SOURCES_HELP
-
     g = p.add_argument_group("evaluation")
     g.add_argument("--tasks", help="zero-shot tasks, comma-separated (default: the 9-task suite "
                                    "piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,copa,rte; "
                                    "'none' for no zero-shot)")
     g.add_argument("--limit", type=int, help="first N items of each task (default: all)")
-    g.add_argument("--ppl", help=f"perplexity sources, comma-separated: {PPL_SOURCES_HELP} "
-                                 "(default wiki,ptb; 'none' to skip)")
+    g.add_argument("--ppl", help="perplexity sources, comma-separated: wiki, ptb, passages, ptb-train, a .txt/.jsonl "
+                                 "file or hf:NAME:SPLIT:FIELD (default wiki,ptb; 'none' to skip)")
     g.add_argument("--ppl-windows", type=int, help="windows per perplexity source (default 32)")
     if seq_len:
         g.add_argument("--seq-len", type=int, help="tokens per perplexity window (default 512)")
@@ -129,8 +127,9 @@ def _eval(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
-    result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device, efficiency=eff,
-                            baseline=args.baseline, progress=not args.quiet, log=lambda m: _log(args, m))
+    result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device,
+                            device_map=getattr(args, "device_map", None), efficiency=eff, baseline=args.baseline,
+                            progress=not args.quiet, log=lambda m: _log(args, m))
     result["command"] = _command_line(args, "eval")
     result["seconds"] = time.perf_counter() - t0
     if args.out:
@@ -148,12 +147,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _efficiency_worker(args: argparse.Namespace) -> int:
     """Hidden: measure this one model in this (fresh) process and write the JSON (see compare.measure_isolated)."""
     from ..compare import measure_loaded
-    from ..models import load_model
 
     if args.out is None:
         raise GhostedError("--efficiency-worker needs --out")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    _write_json(args.out, measure_loaded(loaded, _efficiency_settings(args)))
+    _write_json(args.out, measure_loaded(_load(args), _efficiency_settings(args)))
     return 0
 
 
@@ -179,7 +176,6 @@ def compare_config(args: argparse.Namespace):
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..compare import run_compare
-    from ..models import load_model
     from ..report import write_report
 
     t0 = time.perf_counter()
@@ -187,8 +183,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise GhostedError(f"--out-dir {args.out_dir} exists and is not a folder")
     with _quiet_libraries(args):
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-        _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
+        loaded = _load(args)
         calib = _calibration(args, loaded)
         result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
     result["command"] = _command_line(args, "compare")
