@@ -188,10 +188,14 @@ def apply_gate(dense: Mapping[str, Any], pruned: Mapping[str, Any], cfg: GateCon
     return Verdict(not reasons, tuple(reasons), ratios, retained, rank)
 
 
-def gate_report(verdict: Verdict, cfg: GateConfig) -> dict:
-    """gate.json: the verdict as DVC metrics (numbers) plus its reasons."""
-    return {"passed": verdict.passed, "pass": int(verdict.passed), "ppl_ratio": verdict.ppl_ratio,
-            "retained_acc": verdict.retained_acc, "rank_by": cfg.rank_by, "rank_value": verdict.rank_value,
+def gate_report(verdict: Verdict, cfg: GateConfig, dense: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict:
+    """gate.json: the verdict and the headline numbers (one compact row in `dvc metrics show`)."""
+    def headline(doc: Mapping[str, Any]) -> dict:
+        return {"ppl": perplexities(doc), cfg.acc_metric: zeroshot_average(doc, cfg.acc_metric)}
+
+    return {"passed": verdict.passed, "ppl_ratio": verdict.ppl_ratio,
+            "retained_acc": verdict.retained_acc, "dense": headline(dense), "pruned": headline(pruned),
+            "rank_by": cfg.rank_by, "rank_value": verdict.rank_value,
             "thresholds": {"max_ppl_ratio": cfg.max_ppl_ratio, "min_retained_acc": cfg.min_retained_acc,
                            "acc_metric": cfg.acc_metric},
             "reasons": list(verdict.reasons)}
@@ -368,7 +372,7 @@ def write_reports(out_dir: Path, meta: Mapping[str, Any], dense: Mapping, pruned
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "gate.json"]
-    write_json_atomic(written[0], gate_report(verdict, cfg))
+    write_json_atomic(written[0], gate_report(verdict, cfg, dense, pruned))
     plots: list[str] = []
     if scores:
         rows, brows = score_records(scores, list(meta.get("removed_layers") or []))
