@@ -19,6 +19,8 @@ TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog;
                    for i in range(40))
 STAGES = ("calibrate", "score", "solve", "fuse", "evaluate_dense", "evaluate_pruned", "register")
 
+pytest.importorskip("dvc")
+pytest.importorskip("mlflow")
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from ghosted.cli import main
-from ghosted.errors import GhostedError
-from ghosted.tracking import GateConfig, RegistryConfig, apply_gate, beats, registered_name
+pytest.importorskip("mlflow")
 
-from .tiny_models import make_tiny
+from ghosted.cli import main  # noqa: E402
+from ghosted.errors import GhostedError  # noqa: E402
+from ghosted.tracking import GateConfig, RegistryConfig, apply_gate, beats, registered_name  # noqa: E402
+
+from .tiny_models import make_tiny  # noqa: E402
 
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
