@@ -147,21 +147,57 @@ def validate_pairs(pairs: list[Pair], num_layers: int) -> None:
             raise GhostedError(f"cut ({s}, {b}) is outside the model's {num_layers} layers")
 
 
-@torch.no_grad()
-def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy = TokenPolicy(),
-            attention_mask: torch.Tensor | None = None, batch_size: int = 4, bos_id: int | None = None,
-            progress: bool = True, desc: str = "calibration pass") -> CaptureResult:
-    """One streaming pass of the dense model over input_ids [N, T]."""
-    import time
+class _Sums:
+    """Everything one capture accumulates; fed one batch of states at a time (either capture path)."""
 
-    t0 = time.perf_counter()
-    L = arch.num_layers(model)
-    validate_pairs(plan.pairs, L)
-    layers = arch.get_layers(model)
-    spec = arch.get_arch(model)
-    device = next(model.parameters()).device
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    def __init__(self, plan: CapturePlan, policy: TokenPolicy, L: int, d: int, device: torch.device,
+                 bos_id: int | None) -> None:
+        self.plan, self.policy, self.L, self.bos_id = plan, policy, L, bos_id
+        self.H = orthonormal_mixer(d).to(device) if plan.hadamard else None
+        self.fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
+        self.held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
+        self.keep_left_out = policy.name in ("auto", "anchor")
+        self.fit_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
+        self.held_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
+        self.cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
+        self.ang_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
+        self.score_tokens = 0
 
+    def add(self, states: dict[int, torch.Tensor], mlp_out: dict[int, torch.Tensor], ids: torch.Tensor,
+            am: torch.Tensor, start: int) -> None:
+        """One batch: states[i] = hidden_states[i] [B, T, d]; rows start .. start+B-1 of the calibration set."""
+        device = ids.device
+        states = {i: h.to(device) for i, h in states.items()}
+        for i in sorted(states):  # an fp16 overflow must stop here, not poison the float64 sums
+            if not torch.isfinite(states[i]).all():
+                raise GhostedError(f"non-finite activations at the input of layer {i} in {states[i].dtype} "
+                                   f"(windows {start}-{start + ids.shape[0] - 1}): load the model with "
+                                   "--dtype bfloat16 or float32")
+        plan = self.plan
+        base = self.policy.base_mask(ids, am, self.bos_id)
+        rows = range(start, start + ids.shape[0])
+        is_held = torch.tensor([r in plan.heldout for r in rows], device=device)[:, None]
+        for (s, b) in plan.pairs:
+            X, Y = states[s], states[b]
+            m = self.policy.cut_mask(base, X)
+            Mlp = mlp_out[s - 1].to(device) if plan.mlp and s >= 1 else None
+            groups = [(self.fit, m & ~is_held), (self.held, m & is_held)]
+            if self.keep_left_out:
+                lo = am.bool() & ~m
+                groups += [(self.fit_lo, lo & ~is_held), (self.held_lo, lo & is_held)]
+            for group, gm in groups:
+                if gm.any():
+                    group[(s, b)].add(X[gm], Y[gm], full=plan.full, hadamard=self.H,
+                                      mlp=None if Mlp is None else Mlp[gm])
+        if plan.scores:
+            self.score_tokens += _accumulate_scores(states, base, self.L, self.cos_sum, self.ang_sum)
+
+    def result(self, seconds: float) -> CaptureResult:
+        return CaptureResult(self.L, self.fit, self.held, self.cos_sum, self.ang_sum, self.score_tokens, seconds,
+                             self.fit_lo, self.held_lo)
+
+
+def _needed(plan: CapturePlan, L: int) -> set[int]:
     needed: set[int] = set()
     for s, b in plan.pairs:
         needed |= {s, b}
@@ -169,10 +205,44 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
         needed |= set(range(L + 1))
     if not needed:
         raise GhostedError("nothing to capture: no cut and no scores requested")
+    return needed
+
+
+@torch.no_grad()
+def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy = TokenPolicy(),
+            attention_mask: torch.Tensor | None = None, batch_size: int = 4, bos_id: int | None = None,
+            progress: bool = True, desc: str = "calibration pass", layerwise: bool = False,
+            device: str | torch.device | None = None) -> CaptureResult:
+    """One streaming pass of the dense model over input_ids [N, T].
+
+    layerwise=False: batch by batch through the whole model where it lives.
+    layerwise=True: layer by layer; each decoder layer is moved to `device` (default: where the model
+    lives), run on every calibration batch, and moved back, carrying the calibration hidden states
+    forward, so the device holds one layer plus the states (for models larger than the device). Both
+    paths feed the same accumulator and give the same sums.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    L = arch.num_layers(model)
+    validate_pairs(plan.pairs, L)
+    needed = _needed(plan, L)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    sums = _Sums(plan, policy, L, d, device, bos_id)
+    if layerwise:
+        _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress, desc)
+        return sums.result(time.perf_counter() - t0)
+    if device != home:
+        raise GhostedError(f"the model is on {home}; capture on {device} needs layerwise=True")
+
+    layers = arch.get_layers(model)
+    spec = arch.get_arch(model)
     deepest = max(needed)
     mlp_layers = {s - 1 for s, _ in plan.pairs if s >= 1} if plan.mlp else set()
-    H = orthonormal_mixer(d).to(device) if plan.hadamard else None
-
     states: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
     handles = []
@@ -186,12 +256,6 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
                 raise _Stop
         return hook
 
-    def make_mlp(i: int):
-        def hook(_module, _args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            mlp_out[i] = out.detach()
-        return hook
-
     try:
         for i in range(L):
             if i <= deepest:
@@ -199,19 +263,8 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
         if deepest == L:
             handles.append(arch.get_final_norm(model).register_forward_pre_hook(make_pre(L), with_kwargs=True))
         for i in mlp_layers:
-            handles.append(arch.layer_submodule(layers[i], spec.mlp).register_forward_hook(make_mlp(i)))
-
-        fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
-        held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
-        keep_left_out = policy.name in ("auto", "anchor")
-        fit_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
-        held_lo: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs} if keep_left_out else {}
-        cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
-        ang_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
-        score_tokens = 0
+            handles.append(arch.layer_submodule(layers[i], spec.mlp).register_forward_hook(_mlp_hook(mlp_out, i)))
         N = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         bar = tqdm(total=N, desc=desc, unit="seq", disable=not progress)
         for start in range(0, N, batch_size):
             ids = input_ids[start:start + batch_size].to(device)
@@ -225,28 +278,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
             missing = needed - set(states)
             if missing:
                 raise GhostedError(f"capture did not see hidden states {sorted(missing)}: unsupported layer layout")
-            for i in sorted(states):  # an fp16 overflow must stop here, not poison the float64 sums
-                if not torch.isfinite(states[i]).all():
-                    raise GhostedError(f"non-finite activations at the input of layer {i} in {states[i].dtype} "
-                                       f"(windows {start}-{start + ids.shape[0] - 1}): load the model with "
-                                       "--dtype bfloat16 or float32")
-            base = policy.base_mask(ids, am, bos_id)
-            rows = torch.arange(start, start + ids.shape[0], device=device)
-            is_held = torch.tensor([int(r) in plan.heldout for r in rows.tolist()], device=device)[:, None]
-            for (s, b) in plan.pairs:
-                X, Y = states[s], states[b]
-                m = policy.cut_mask(base, X)
-                Mlp = mlp_out.get(s - 1) if plan.mlp and s >= 1 else None
-                groups = [(fit, m & ~is_held), (held, m & is_held)]
-                if keep_left_out:
-                    lo = am.bool() & ~m
-                    groups += [(fit_lo, lo & ~is_held), (held_lo, lo & is_held)]
-                for group, gm in groups:
-                    if gm.any():
-                        group[(s, b)].add(X[gm], Y[gm], full=plan.full, hadamard=H,
-                                          mlp=None if Mlp is None else Mlp[gm])
-            if plan.scores:
-                score_tokens += _accumulate_scores(states, base, L, cos_sum, ang_sum)
+            sums.add(states, mlp_out, ids, am, start)
             bar.update(ids.shape[0])
         bar.close()
     finally:
@@ -254,7 +286,129 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
             h.remove()
         states.clear()
         mlp_out.clear()
-    return CaptureResult(L, fit, held, cos_sum, ang_sum, score_tokens, time.perf_counter() - t0, fit_lo, held_lo)
+    return sums.result(time.perf_counter() - t0)
+
+
+def _mlp_hook(store: dict[int, torch.Tensor], i: int):
+    def hook(_module, _args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        store[i] = out.detach()
+    return hook
+
+
+def _to(obj, device: torch.device):
+    """Move every tensor inside args/kwargs (tuples, lists, dicts) to device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for decoder layer i during the recording pass: keeps its inputs, returns h unchanged."""
+
+    def __init__(self, layer: torch.nn.Module, i: int, book: dict, last: int, tuple_len: int) -> None:
+        super().__init__()
+        self.layer = layer  # attributes the model's loop may read (e.g. attention_type) stay reachable
+        self.i, self.book, self.last, self.tuple_len = i, book, last, tuple_len
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        rest = args[1:] if args else ()
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.book[self.i] = (h.detach(), rest, kw)
+        if self.i == self.last:
+            raise _Stop
+        return h if self.tuple_len == 0 else (h,) + (None,) * (self.tuple_len - 1)
+
+
+def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress, desc):
+    """Layer-major capture. A recording pass (decoder layers replaced by recorders that return their input)
+    collects, per batch, each layer's call arguments (masks, rotary embeddings: they may differ per layer,
+    e.g. Gemma 3's sliding and global layers) at the cost of the embeddings. Then layer i is moved to
+    `device`, applied to every batch's carried state, and moved back. States a cut or score still needs
+    later wait on the layer's home device (host memory), not on `device`."""
+    layers = arch.get_layers(model)
+    spec = arch.get_arch(model)
+    home = next(model.parameters()).device
+    deepest = max(needed)
+    N = input_ids.shape[0]
+    mlp_layers = {s - 1 for s, _ in plan.pairs if s >= 1} if plan.mlp else set()
+
+    # 1. Recording pass, batch by batch. A first call that stops at layer 0 and one real call of layer 0
+    #    tell the recorders whether a decoder layer returns a tensor or a tuple.
+    originals = list(layers)
+
+    def record(ids: torch.Tensor, am: torch.Tensor, last: int, tuple_len: int) -> dict[int, tuple]:
+        book: dict[int, tuple] = {}
+        try:
+            for i in range(last + 1):
+                layers[i] = _Recorder(originals[i], i, book, last, tuple_len)
+            try:
+                model(input_ids=ids, attention_mask=am, use_cache=False)
+            except _Stop:
+                pass
+        finally:
+            for i in range(last + 1):
+                layers[i] = originals[i]
+        return book
+
+    first = record(input_ids[:batch_size].to(home), attention_mask[:batch_size].to(home), 0, 0)
+    h0, a0, k0 = first[0]
+    probe = originals[0](h0, *a0, **k0)
+    tuple_len = len(probe) if isinstance(probe, tuple) else 0
+    del probe, first
+    batches = []  # per batch: (start, ids, am, {layer i: (h_in, args, kwargs)})
+    for start in range(0, N, batch_size):
+        ids = input_ids[start:start + batch_size].to(home)
+        am = attention_mask[start:start + batch_size].to(home)
+        batches.append((start, ids, am, record(ids, am, max(deepest - 1, 0), tuple_len)))
+
+    # 2. Layer-major pass.
+    carried = {b: batches[b][3][0][0].to(device) for b in range(len(batches))}  # hidden_states[0] per batch
+    waiting: dict[int, dict[int, torch.Tensor]] = {b: {} for b in carried}  # states kept for later cuts
+    mlp_wait: dict[int, dict[int, torch.Tensor]] = {b: {} for b in carried}
+    bar = tqdm(total=deepest, desc=f"{desc} (layer by layer)", unit="layer", disable=not progress)
+    for i in range(deepest + 1):
+        if i in needed:  # state i of every batch is current: park it for later pairs (or finish at deepest)
+            for b in carried:
+                waiting[b][i] = carried[b] if i == deepest else carried[b].to(home, copy=True)
+        if i == deepest:
+            break
+        layer = layers[i]
+        layer.to(device)
+        current = {}
+        handle = None
+        if i in mlp_layers:
+            handle = arch.layer_submodule(layer, spec.mlp).register_forward_hook(_mlp_hook(current, i))
+        try:
+            for b, (_, _, _, book) in enumerate(batches):
+                _, args, kwargs = book[i]
+                out = layer(carried[b], *_to(args, device), **_to(kwargs, device))
+                carried[b] = (out[0] if isinstance(out, tuple) else out).detach()
+                if i in current:
+                    mlp_wait[b][i] = current.pop(i).to(home)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if device != home:
+                layer.to(home)
+        bar.update(1)
+    bar.close()
+    for b, (start, ids, am, _) in enumerate(batches):
+        sums.add(waiting[b], mlp_wait[b], ids.to(device), am.to(device), start)
+        waiting[b].clear()
 
 
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,

@@ -316,7 +316,8 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     bos = tok.bos_token_id if adds_bos(tok) else None
     log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
     res = capture(model, calib.input_ids, plan, TokenPolicy(tmpl.token_policy), batch_size=tmpl.batch_size,
-                  bos_id=bos, progress=progress, desc="shared calibration pass")
+                  bos_id=bos, progress=progress, desc="shared calibration pass",
+                  layerwise=getattr(loaded, "layerwise", False), device=getattr(loaded, "capture_device", None))
     capture_seconds = time.perf_counter() - t0
 
     log("evaluating the dense model")

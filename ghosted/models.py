@@ -187,6 +187,8 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     ref: ModelRef
+    layerwise: bool = False  # calibration passes move one decoder layer at a time to capture_device
+    capture_device: str | None = None
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu",

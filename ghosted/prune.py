@@ -111,7 +111,8 @@ def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: lis
     plan = CapturePlan(pairs=pairs, full=needs_full, hadamard=method.hadamard and cfg.variant == "rotate",
                        mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout))
     return capture(loaded.model, calib.input_ids, plan, TokenPolicy(cfg.token_policy), batch_size=cfg.batch_size,
-                   bos_id=_bos(loaded.tokenizer), progress=progress)
+                   bos_id=_bos(loaded.tokenizer), progress=progress, layerwise=loaded.layerwise,
+                   device=loaded.capture_device)
 
 
 def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: int = 4,
@@ -121,7 +122,8 @@ def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: 
     if k is not None:
         check_k(k, L)
     res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), TokenPolicy("all"),
-                  batch_size=batch_size, progress=progress, desc="scoring pass")
+                  batch_size=batch_size, progress=progress, desc="scoring pass", layerwise=loaded.layerwise,
+                  device=loaded.capture_device)
     table = score_table(res, k)
     table["calibration_sha256"] = calib.sha256
     return table

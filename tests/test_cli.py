@@ -87,6 +87,21 @@ def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, capsys):
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
 
 
+def test_layerwise_prune_equals_whole_model_prune(tiny_folder, text_file, tmp_path, capsys):
+    """--layerwise changes where the calibration pass runs, not what comes out."""
+    args = ["--remove", 2, "--calib-source", text_file, "--n-seqs", 6, "--seq-len", 16, "--quiet"]
+    assert _run(capsys, "prune", tiny_folder, *args, "--out", tmp_path / "whole")[0] == 0
+    assert _run(capsys, "prune", tiny_folder, *args, "--layerwise", "--out", tmp_path / "layered")[0] == 0
+    a = json.loads((tmp_path / "whole" / "config.json").read_text())["ghosted"]
+    b = json.loads((tmp_path / "layered" / "config.json").read_text())["ghosted"]
+    assert a["removed_layers"] == b["removed_layers"]
+    ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    ma = AutoModelForCausalLM.from_pretrained(tmp_path / "whole", trust_remote_code=True).eval()
+    mb = AutoModelForCausalLM.from_pretrained(tmp_path / "layered", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(ma(ids).logits, mb(ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["prune", "no-such-model", "--remove", "2"], "unknown model 'no-such-model'"),
     (["prune", "TINY", "--remove", "6"], "--remove must be between 1 and 5"),
@@ -98,6 +113,7 @@ def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, capsys):
     (["prune", "TINY", "--remove", "2", "--n-seqs", "50000"], "windows"),
     (["prune", "/no/such/dir", "--remove", "2"], "not found"),
     (["prune", "org/not-cached-model", "--remove", "2"], "HF_HUB_OFFLINE"),
+    (["prune", "TINY", "--remove", "2", "--layerwise", "--device-map", "auto"], "pick one"),
 ])
 def test_bad_input_gives_one_line_error(argv, message, tiny_folder, text_file, tmp_path, capsys):
     empty = tmp_path / "empty.txt"

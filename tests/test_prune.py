@@ -279,3 +279,49 @@ def test_bf16_model_still_accumulates_float64():
     model.to(torch.bfloat16)
     res = capture(model, _ids(model.config.vocab_size, 2, 8), CapturePlan(pairs=[(1, 2)]), progress=False)
     assert res.fit[(1, 2)].gram.dtype == torch.float64 and torch.isfinite(res.fit[(1, 2)].gram).all()
+
+
+def _assert_same_capture(a, b):
+    assert a.score_tokens == b.score_tokens
+    for x, y in [(a.cos_sum, b.cos_sum), (a.ang_sum, b.ang_sum)]:
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6)
+    for group in ("fit", "heldout", "fit_left_out", "heldout_left_out"):
+        ga, gb = getattr(a, group), getattr(b, group)
+        assert set(ga) == set(gb)
+        for pair in ga:
+            sa, sb = ga[pair], gb[pair]
+            assert sa.n == sb.n
+            for name in ("gram", "cross", "sum_x", "sum_y", "abs_xh", "mlp_gram", "mlp_cross"):
+                va, vb = getattr(sa, name), getattr(sb, name)
+                assert (va is None) == (vb is None), name
+                if va is not None:
+                    assert torch.allclose(va, vb, rtol=1e-6, atol=1e-6), (group, pair, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_capture_gives_identical_statistics(family):
+    """Layer by layer (each layer run on all batches, states carried forward) == the whole-model pass,
+    with left padding, held-out windows, the MLP sums of ReplaceMe, rotated sums and every score."""
+    model, _ = make_tiny(family, num_layers=5)
+    ids = _ids(model.config.vocab_size, 6, 12)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    am[4, :5] = 0
+    plan = CapturePlan(pairs=[(1, 3), (3, 5), (0, 2)], hadamard=True, mlp=arch.get_arch(model).fold_exact,
+                       scores=True, heldout=frozenset({4, 5}))
+    kw = dict(attention_mask=am, batch_size=4, progress=False)
+    whole = capture(model, ids, plan, TokenPolicy("auto"), **kw)
+    before = _logits(model, ids)
+    layered = capture(model, ids, plan, TokenPolicy("auto"), layerwise=True, **kw)
+    _assert_same_capture(whole, layered)
+    assert torch.equal(before, _logits(model, ids))  # the model is intact afterwards
+    assert all(type(m).__name__ != "_Recorder" for m in arch.get_layers(model))
+
+
+def test_layerwise_capture_refuses_another_device_without_layerwise():
+    model, _ = make_tiny("llama")
+    with pytest.raises(ghosted.GhostedError, match="layerwise"):
+        capture(model, _ids(model.config.vocab_size, 2, 8), CapturePlan(pairs=[(1, 2)]), progress=False,
+                device="meta")

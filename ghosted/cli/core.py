@@ -22,6 +22,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--device-map", help="accelerate device map for models larger than one device, e.g. auto")
+    p.add_argument("--layerwise", action="store_true",
+                   help="keep the model in host memory; calibration passes move one decoder layer at a time to "
+                        "--device and carry the calibration states forward (models larger than the device)")
     p.add_argument("--config", type=Path, help="YAML file whose `calibration:` and `prune:` sections set defaults")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -105,7 +108,13 @@ def _load(args: argparse.Namespace):
     from ..models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
+    layerwise = getattr(args, "layerwise", False)
+    if layerwise and getattr(args, "device_map", None):
+        raise GhostedError("--layerwise and --device-map are two ways to fit a large model: pick one")
+    loaded = load_model(args.model, dtype=args.dtype, device="cpu" if layerwise else args.device,
+                        device_map=getattr(args, "device_map", None))
+    if layerwise:
+        loaded.layerwise, loaded.capture_device = True, args.device
     _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
     return loaded
 

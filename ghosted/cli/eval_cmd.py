@@ -124,6 +124,9 @@ def _eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.efficiency_worker:
         return _efficiency_worker(args)
+    if getattr(args, "layerwise", False):
+        raise GhostedError("--layerwise applies to calibration passes (prune, calibrate, score, solve, compare), "
+                           "not to eval; use --device-map auto for a model larger than one device")
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
