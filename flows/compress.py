@@ -30,7 +30,7 @@ from prefect.context import TaskRunContext
 
 from ghosted.errors import GhostedError
 
-SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry")
+SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep")
 FILE_OUTPUTS = {"score": ".json", "evaluate": ".json"}  # other stages write folders
 RETRY_DELAYS = [10, 60]
 

@@ -159,3 +159,56 @@ def test_content_keys_follow_file_content(tmp_path):
     assert k1 != compress_mod.stage_key("solve", {"calib": a, "prune": {"remove": 3}})
     (a / "x.bin").write_bytes(b"2")
     assert k1 != compress_mod.stage_key("solve", {"calib": a, "prune": {"remove": 2}})
+
+
+def test_sweep_on_a_dask_cluster_equals_the_sequential_run(tmp_path):
+    """The grid runs as Prefect tasks on a local Dask cluster (worker processes), from one shared capture,
+    and gives exactly the numbers of the one-task-at-a-time run."""
+    import os
+
+    import yaml
+
+    from flows import sweep as sweep_mod
+
+    model = _tiny(tmp_path / "tiny-llama")
+    params = _params(tmp_path, model)
+    doc = yaml.safe_load(params.read_text())
+    doc["sweep"] = {"remove": [1, 2], "recovery": ["none", "ghost"], "workers": 2, "threads_per_worker": 1,
+                    "eval": doc["eval"]}
+    params.write_text(yaml.safe_dump(doc))
+
+    dask = sweep_mod.run(str(params), str(tmp_path / "work-dask"))
+    seq = sweep_mod.run(str(params), str(tmp_path / "work-seq"), sequential=True)
+    assert dask["runner"].startswith("dask local cluster, 2 workers")
+    assert len(dask["cells"]) == 5  # dense + 2 x 2
+    assert {c["worker_pid"] for c in dask["cells"]}.isdisjoint({os.getpid()})  # ran in the workers
+    assert {c["worker_pid"] for c in seq["cells"]} == {os.getpid()}
+    assert dask["shared"]["reused"] == "no" and len(list((tmp_path / "work-dask").rglob("stats.pt"))) == 1
+    for a, b in zip(dask["cells"], seq["cells"]):
+        assert (a["k"], a["method"], a.get("removed")) == (b["k"], b["method"], b.get("removed"))
+        assert a["ppl"] == b["ppl"]
+    by = {(c["k"], c["method"]): c for c in dask["cells"]}
+    src = next(iter(by[(0, "dense")]["ppl"]))
+    for k in (1, 2):  # a ghost the guard kept changes the model; a fallback is plain removal
+        ghost, none = by[(k, "ghost")], by[(k, "none")]
+        assert ghost["removed"] == none["removed"]
+        assert (ghost["ppl"][src] == none["ppl"][src]) == ghost["guard"]["fallback"]
+    assert not by[(1, "ghost")]["guard"]["fallback"]
+
+    sweep_mod.write_report(dask, tmp_path / "report")
+    assert "| 2 | ghost |" in (tmp_path / "report" / "sweep.md").read_text()
+    again = sweep_mod.run(str(params), str(tmp_path / "work-dask"), sequential=True)
+    assert again["shared"]["reused"] == "yes"  # the shared statistics are computed once per input set
+
+
+def test_sweep_rejects_bad_settings(tmp_path):
+    import yaml
+
+    from flows import sweep as sweep_mod
+
+    params = _params(tmp_path, _tiny(tmp_path / "tiny-llama"))
+    doc = yaml.safe_load(params.read_text())
+    doc["sweep"] = {"recovery": ["ghots"]}
+    params.write_text(yaml.safe_dump(doc))
+    with pytest.raises(GhostedError, match="ghots"):
+        sweep_mod.run(str(params), str(tmp_path / "w"))
