@@ -242,3 +242,64 @@ def test_relative_sqlite_uri_resolves_against_the_params_file(tmp_path):
     assert reg == RegistryConfig(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", "ghosted", None)
     _, reg = load_config(tmp_path / "params.yaml", "http://127.0.0.1:5000")
     assert reg.tracking_uri == "http://127.0.0.1:5000"
+
+
+# --------------------------------------------------------------------------- a tracking server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on loopback with its own SQLite store and artifact root (what a team would run)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+           "--workers", "1"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_registry_works_against_a_tracking_server(built, mlflow_server, params, tmp_path, capsys):
+    url = mlflow_server["url"]
+    first = _register(capsys, built, url, params, tmp_path, "m-server", 1.3, reports=tmp_path / "r1")
+    assert first["gate"] == "pass" and first["champion"] == "1"
+    second = _register(capsys, built, url, params, tmp_path, "m-server", 1.2)
+    assert second["champion"] == "2" and _champion(url, "m-server") == "2"
+    assert _client(url).get_model_version("m-server", "2").tags["gate"] == "pass"
+    # Artifacts went through the server to its artifact store, not to a local folder of this process.
+    stored = list((mlflow_server["root"] / "artifacts").rglob("config.json"))
+    assert stored, "the checkpoint was not uploaded to the server's artifact store"
+    code, out, err = _cli(capsys, "registry", "list", "--tracking-uri", url, "--name", "m-server")
+    rows = {ln.split()[1]: ln for ln in out.splitlines()[1:] if ln.strip()}
+    assert code == 0 and rows["2"].rstrip().endswith("*") and not rows["1"].rstrip().endswith("*"), err
+    assert not (tmp_path / "mlruns").exists()
