@@ -25,8 +25,8 @@ from .linalg import F64, PairSums, orthonormal_mixer
 Pair = tuple[int, int]
 
 
-# "auto" captures like "sink" and also keeps the left-out tokens' sums apart, so the guard can
-# compare fits with and without them on held-out data (prune.py).
+# Every policy but "all" keeps the left-out tokens' sums apart: "sink" needs them for the sink shift,
+# and under "auto" the guard compares fits with and without them on held-out data (prune.py).
 POLICIES = ("auto", "all", "sink", "anchor", "sink+outliers")
 
 
@@ -34,16 +34,16 @@ POLICIES = ("auto", "all", "sink", "anchor", "sink+outliers")
 class TokenPolicy:
     """Which calibration tokens enter the least-squares sums (recorded in the checkpoint).
 
-    - "all": every non-padding token (the paper).
-    - "sink" (default): also leave out position 0 of every window and every BOS token: the
-      attention-sink position maps across a cut unlike any other token and bends the fit.
+    - "all": every non-padding token, and one map for every token at inference (the paper).
+    - "sink": leave out position 0 of every window and every BOS token: the attention-sink position
+      maps across a cut unlike any other token and bends the fit. At inference the operator maps every
+      token except position 0, which gets the sink shift h + mean(Y - X) over the left-out tokens.
     - "sink+outliers": also leave out tokens whose state norm at the cut's input exceeds
-      `outlier_factor` times the batch median (other sink-like tokens).
+      `outlier_factor` times the batch median (other sink-like tokens); no sink shift.
     - "anchor": the sink tokens stay in the fit with their own state as target, which pins the
       operator to identity along the (massive-activation) sink directions.
-    - "auto": the sums of "sink" plus, apart, those of the tokens it leaves out; the held-out
-      guard then picks "sink", "anchor" or "all" per model and cut size.
-    The operator is still applied to every token at inference.
+    - "auto" (default of `ghosted prune`): the sums of "sink" plus, apart, those of the tokens it
+      leaves out; the held-out guard then picks "sink", "anchor" or "all" per model and cut size.
     """
 
     name: str = "sink"
@@ -92,7 +92,7 @@ class CaptureResult:
     ang_sum: torch.Tensor | None  # [L+1, L+1] sum over tokens of arccos(cos)/pi
     score_tokens: int
     seconds: float = 0.0
-    fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out ("auto" only)
+    fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out
     heldout_left_out: dict[Pair, PairSums] = field(default_factory=dict)
 
     def sums(self, pair: Pair, group: str = "total", fit: str = "kept") -> PairSums:
@@ -115,6 +115,14 @@ class CaptureResult:
         out = kept + (left if fit == "all" else left.as_identity_targets())
         out.trace_ref = None if kept.gram is None else float(torch.trace(kept.gram))
         return out
+
+    def left_out(self, pair: Pair, group: str = "total") -> PairSums | None:
+        """Sums of the tokens the policy left out of the fit (None when the capture did not keep them)."""
+        if pair not in self.fit_left_out:
+            return None
+        parts = {"fit": [self.fit_left_out], "heldout": [self.heldout_left_out],
+                 "total": [self.fit_left_out, self.heldout_left_out]}[group]
+        return _add([g[pair] for g in parts])
 
     def total(self, pair: Pair) -> PairSums:
         """Fit + held-out sums: the final operator uses every kept token."""
@@ -156,7 +164,7 @@ class _Sums:
         self.H = orthonormal_mixer(d).to(device) if plan.hadamard else None
         self.fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         self.held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
-        self.keep_left_out = policy.name in ("auto", "anchor")
+        self.keep_left_out = policy.name != "all"
         self.fit_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.held_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None

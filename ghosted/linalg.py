@@ -124,6 +124,7 @@ class Operator:
     V: torch.Tensor | None = None  # [d, r]
     scale: float | None = None  # kind == "scalar": h <- c h
     T: torch.Tensor | None = None  # kind == "fold_down": ReplaceMe transform of the MLP output [d, d]
+    sink_shift: torch.Tensor | None = None  # [d]: position-0 tokens get h <- h + sink_shift instead (see capture)
     info: dict = field(default_factory=dict)
 
     def matrix(self, d: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ from .recovery import RECOVERY, SolveOptions
 from .selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from .surgery import Pair, apply, runs, temporarily_pruned
 
+OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift")
+
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30
 
@@ -218,7 +220,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         operators = {c: Operator("identity") for c in cuts}
     else:
         policy, ridge = choice
-        operators = {c: method.solve(res.sums(c, "total", _fit_mode(res, policy)), _opts(cfg, ridge)) for c in cuts}
+        operators = {c: solve_cut(res, c, "total", policy, cfg, ridge) for c in cuts}
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
@@ -247,7 +249,7 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
 
     def ops_for(p: str, r: float) -> dict[Pair, Operator]:
-        return {c: method.solve(res.sums(c, "fit", _fit_mode(res, p)), _opts(cfg, r)) for c in cuts}
+        return {c: solve_cut(res, c, "fit", p, cfg, r) for c in cuts}
 
     scores: dict[str, float] = {}
     if cfg.guard == "loss":
@@ -276,9 +278,26 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
     return candidates[best], info
 
 
+def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: PruneConfig, ridge: float) -> Operator:
+    """The operator of one cut from the sums of `group` windows under an (effective) token policy.
+
+    Under "sink" the positions left out of the fit (position 0, BOS) get their own map at inference,
+    the sink shift h <- h + mean(Y - X) over the left-out calibration tokens: the first token's state is
+    nearly the same vector in every window (SmolLM2-135M: cosine 0.99999 between windows after layer 12),
+    and a cut that removes the layers that build that attention sink must rebuild it, which no map fitted
+    on ordinary tokens does (see README, "Attention sinks")."""
+    method = RECOVERY.get(cfg.recovery)
+    op = method.solve(res.sums(cut, group, _fit_mode(res, policy)), _opts(cfg, ridge))
+    if policy == "sink" and method.residual and op.kind in ("full", "lowrank"):
+        left = res.left_out(cut, group)
+        if left is not None and left.n:
+            op.sink_shift = (left.sum_y - left.sum_x) / left.n
+    return op
+
+
 def _fit_mode(res: CaptureResult, policy: str) -> str:
     """How the captured sums combine for an (effective) token policy; see CaptureResult.sums.
-    A capture that kept the left-out tokens apart (policy auto/anchor) serves every policy."""
+    A capture that kept the left-out tokens apart (every policy but "all") serves every policy."""
     if policy == "anchor":
         return "anchor"
     return "all" if policy == "all" and res.fit_left_out else "kept"
@@ -303,7 +322,7 @@ def save_solution(sol: Solution, out_dir: Path) -> None:
         for (s, b), op in sol.operators.items():
             key = f"{s}-{b}"
             entry = {"kind": op.kind, "scale": op.scale, "info": op.info}
-            for name in ("W", "bias", "U", "V", "T"):
+            for name in OPERATOR_TENSORS:
                 t = getattr(op, name)
                 if t is not None:
                     tensors[f"{key}.{name}"] = t.to(F64).contiguous().cpu()
@@ -330,7 +349,7 @@ def load_solution(path: Path) -> Solution:
     ops = {}
     for key, e in plan["operators"].items():
         s, b = (int(x) for x in key.split("-"))
-        kw = {n: tensors.get(f"{key}.{n}") for n in ("W", "bias", "U", "V", "T")}
+        kw = {n: tensors.get(f"{key}.{n}") for n in OPERATOR_TENSORS}
         ops[(s, b)] = Operator(e["kind"], scale=e["scale"], info=e["info"], **kw)
     return Solution(plan["removed"], ops, plan["meta"])
 

@@ -42,9 +42,13 @@ class GhostSpec:
     rank: int | None = None
     bias: bool = False
     cut: Pair = (0, 0)
+    sink_shift: bool = False
 
     def as_config(self) -> dict:
-        return {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
+        out = {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
+        if self.sink_shift:
+            out["sink_shift"] = True
+        return out
 
 
 @dataclass
@@ -105,7 +109,8 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
     ghost_entries = []
     for cut, op in sorted(residual_ops.items()):
         rank = op.U.shape[1] if op.kind == "lowrank" else None
-        g = GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut)
+        g = GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
+                      sink_shift=op.sink_shift is not None)
         applied.ghosts.append(g)
         ghost_entries.append((g, op))
     if ghost_entries:
@@ -145,6 +150,8 @@ def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operat
             mod.weight.data.copy_(op.W)
         if op.bias is not None:
             mod.bias.data.copy_(op.bias)
+        if op.sink_shift is not None:
+            mod.sink_shift.data.copy_(op.sink_shift)
 
 
 @contextmanager
@@ -192,7 +199,8 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
             if op.kind not in ("full", "lowrank"):
                 raise ValueError(f"temporarily_pruned cannot apply a {op.kind} operator")
             rank = op.U.shape[1] if op.kind == "lowrank" else None
-            entries.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut), op))
+            entries.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
+                                      sink_shift=op.sink_shift is not None), op))
         if entries:
             install_ghosts(model, entries)
         yield model

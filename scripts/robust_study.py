@@ -85,7 +85,7 @@ def main() -> None:
              f"(lm-eval, acc_norm where defined, first {args.limit} validation items). Wall time {seconds / 60:.1f} min.", "",
              "| k | variant | removed | policy / ridge (guard choice) | wiki PPL | PTB PPL | " + " | ".join(tasks) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(tasks)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["k"]):
         rem = f"{r['removed'][0]}-{r['removed'][-1]}" if r["removed"] else "-"
         pol = f"{r.get('token_policy', '-')} / {r.get('ridge', '-')} ({r.get('guard', '-')})" if r["k"] else "-"
         lines.append(f"| {r['k']} | {r['variant']} | {rem} | {pol} | {r['wiki']:.2f} | {r['ptb']:.2f} | "

@@ -90,12 +90,15 @@ def test_sums_never_see_padding():
     assert res.fit[(0, 2)].n == 16
 
 
+@pytest.mark.parametrize("policy", ["all", "sink"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ghost_checkpoint_round_trip(family, tmp_path):
+def test_ghost_checkpoint_round_trip(family, policy, tmp_path):
     """Fit a ghost, apply it, save; plain transformers (trust_remote_code) and ghosted.load give the same logits."""
     loaded = _loaded(family)
     calib = _calib(loaded.model)
-    sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0), progress=False, log=lambda m: None)
+    sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0, token_policy=policy),
+                progress=False, log=lambda m: None)
+    assert (sol.operators[(1, 3)].sink_shift is not None) == (policy == "sink")
     ids = _ids(loaded.model.config.vocab_size, 2, 12, seed=1)
     with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:
         hooked = _logits(m, ids)
@@ -325,3 +328,34 @@ def test_layerwise_capture_refuses_another_device_without_layerwise():
     with pytest.raises(ghosted.GhostedError, match="layerwise"):
         capture(model, _ids(model.config.vocab_size, 2, 8), CapturePlan(pairs=[(1, 2)]), progress=False,
                 device="meta")
+
+
+def test_sink_shift_routes_position_zero_only():
+    from ghosted._remote.modeling_ghosted import Ghost
+
+    g = Ghost(3, sink_shift=True)
+    g.weight.data = 2 * torch.eye(3)
+    g.sink_shift.data = torch.tensor([100.0, 0.0, 0.0])
+    h = torch.ones(2, 4, 3)
+    pos = torch.tensor([[0, 1, 2, 3], [1, 1, 0, 1]])  # second row: left padding as generate() numbers it
+    out = g(h, pos)
+    first = out[..., 0] == 101.0
+    assert first.tolist() == [[True, False, False, False], [False, False, True, False]]
+    assert torch.all(out[~first] == 2.0)
+    assert torch.all(g(h[:, -1:], torch.tensor([[4], [3]])) == 2.0)  # a decode step is never the sink
+    assert g(h).tolist()[0][0] == [101.0, 1.0, 1.0]  # no position ids: the first index of a prompt
+
+
+def test_sink_shift_is_the_mean_move_of_position_zero():
+    """The shift equals mean(h_b - h_s) over the windows' first tokens, from transformers' own hidden states."""
+    from ghosted.prune import solve_cut
+
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size, 6, 16)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("sink"), progress=False)
+    op = solve_cut(res, (1, 3), "total", "sink", PruneConfig(layers="1-2"), 1e-6)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = (hs[3][:, 0] - hs[1][:, 0]).to(F64).mean(0)
+    assert torch.allclose(op.sink_shift, expected, atol=1e-6)
+    assert solve_cut(res, (1, 3), "total", "anchor", PruneConfig(layers="1-2"), 1e-6).sink_shift is None

@@ -3,7 +3,8 @@
 # loads it with plain transformers; the ghosted package imports the same code.
 #
 # A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
-# h <- h + (h U) V^T for a low-rank ghost. It runs as a forward pre-hook on the first kept
+# h <- h + (h U) V^T for a low-rank ghost. A ghost with a sink shift maps the first token of a
+# sequence (position id 0, the attention sink) by h <- h + sink_shift instead. It runs as a forward pre-hook on the first kept
 # layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
 # in the state dict as `ghosts.<site>.*`, <site> being that kept layer's index in the pruned
 # model (or the pruned layer count for the final norm).
@@ -16,10 +17,11 @@ from torch import nn
 class Ghost(nn.Module):
     """One boundary operator on the residual stream (row vectors)."""
 
-    def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.rank = rank
+        self.sink_shift = nn.Parameter(torch.zeros(hidden_size)) if sink_shift else None
         if rank is None:
             self.weight = nn.Parameter(torch.eye(hidden_size))  # [d, d]
         else:
@@ -27,14 +29,31 @@ class Ghost(nn.Module):
             self.V = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.rank is None:
             out = h @ self.weight.to(h.dtype)
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
         if self.bias is not None:
             out = out + self.bias.to(h.dtype)
+        if self.sink_shift is not None:
+            first = first_positions(h, position_ids)
+            if bool(first.any()):
+                out = torch.where(first[..., None], h + self.sink_shift.to(h.dtype), out)
         return out
+
+
+def first_positions(h: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: the tokens at position 0. Without position ids (a layer that is not given them), the
+    first index of a multi-token call counts as position 0."""
+    B, T = h.shape[:2]
+    if position_ids is not None:
+        pid = position_ids if position_ids.dim() == 2 else position_ids[None]
+        return (pid == 0).to(h.device).expand(B, T)
+    first = torch.zeros(B, T, dtype=torch.bool, device=h.device)
+    if T > 1:
+        first[:, 0] = True
+    return first
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
@@ -49,7 +68,8 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
     layers = _resolve(model, layers_path)
     for g in ghosts:
         site = int(g["site"])
-        module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)))
+        module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
+                       sink_shift=bool(g.get("sink_shift", False)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
         target.register_forward_pre_hook(_make_hook(module), with_kwargs=True)
@@ -57,10 +77,11 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
 
 def _make_hook(ghost: Ghost):
     def hook(_module, args, kwargs):
+        pos = kwargs.get("position_ids")
         if args:
-            return (ghost(args[0]), *args[1:]), kwargs
+            return (ghost(args[0], pos), *args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = ghost(kwargs["hidden_states"])
+        kwargs["hidden_states"] = ghost(kwargs["hidden_states"], pos)
         return args, kwargs
 
     return hook
