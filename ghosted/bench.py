@@ -4,7 +4,13 @@ Reports, as ratios against their targets:
 - prune+fit wall time / one dense forward over the same calibration set (target <= 1.3);
 - peak memory / model size, per calibration size (target <= 1.2 + O(d^2) sums, flat in N);
 - pruned+ghost prefill and decode throughput / the ideal L / (L - k) speed-up (target >= 0.98).
-Each calibration size runs in its own process so peak memory is that run's alone.
+Each calibration size runs in its own process so peak memory is that run's alone. Peak memory is
+the device's allocator peak on a GPU; on the CPU the process's resident high-water mark, reset after
+loading (/proc/self/clear_refs) and taken net of the runtime's own memory before the model was loaded.
+
+MODEL may also be `random:PRESET` (e.g. random:llama-8b) or `random:path/config.json`: that
+architecture with random weights (seed 0) built directly on the device, and random calibration tokens,
+for measuring the cost at a scale whose weights are not at hand.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from . import arch
-from .data import build_calibration
-from .models import load_model
+from .data import Calibration, build_calibration, tokens_sha256
+from .errors import GhostedError
+from .models import Loaded, ModelRef, load_model
 from .prune import PruneConfig, solve
 from .surgery import temporarily_pruned
 
@@ -31,10 +39,71 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Real configurations for random-weight runs (bench only).
+PRESETS: dict[str, dict] = {
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
+    """A real model (any name `ghosted prune` takes) or `random:PRESET|config.json` with random weights."""
+    if not name.startswith("random:"):
+        return load_model(name, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import parse_dtype
+
+    spec = name.removeprefix("random:")
+    if spec in PRESETS:
+        cfg = dict(PRESETS[spec])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    elif Path(spec).is_file():
+        config = AutoConfig.from_pretrained(spec)
+    else:
+        raise GhostedError(f"unknown random model '{spec}': use a preset ({', '.join(PRESETS)}) or a config.json path")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
+    return Loaded(model.eval(), None, ModelRef(name, "random", spec))
+
+
+def _calibration(loaded: Loaded, n: int, seq_len: int) -> Calibration:
+    if loaded.tokenizer is not None:
+        return build_calibration(loaded.tokenizer, "passages", n, seq_len, 0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (n, seq_len), generator=g)
+    return Calibration(ids, "random tokens", 0, tokens_sha256(ids))
+
+
+def _rss_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    hwm = _rss_bytes("VmHWM")
+    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 @torch.no_grad()
@@ -74,14 +143,18 @@ def _throughput(model: torch.nn.Module, vocab: int, prompt: int, new: int, repea
 
 def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int) -> dict:
     """One calibration size, in this process: forward time, prune+fit time, peak memory."""
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    runtime = _rss_bytes("VmRSS") or 0  # the interpreter and libraries, before any weight is loaded
+    loaded = load_bench_model(model_name, dtype, device)
     model = loaded.model
     dev = next(model.parameters()).device
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    calib = build_calibration(loaded.tokenizer, "passages", n, seq_len, 0) if loaded.tokenizer is not None else None
+    calib = _calibration(loaded, n, seq_len)
     ids = calib.input_ids
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        runtime = 0
+    elif not _reset_cpu_peak():  # loading (e.g. dequantising a GGUF) must not count as prune+fit memory
+        runtime = 0
     base_peak = _peak_bytes(dev)
     fwd = _forward_seconds(model, ids, batch_size)
     cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
@@ -90,10 +163,10 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
     _sync(dev)
     fit = time.perf_counter() - t0
-    peak = _peak_bytes(dev)
+    peak = _peak_bytes(dev) - runtime
     return {"n_seqs": n, "seq_len": seq_len, "model_bytes": size, "dense_forward_s": fwd, "prune_fit_s": fit,
-            "fit_over_forward": fit / fwd, "peak_bytes": peak, "peak_before_bytes": base_peak,
-            "peak_over_model": peak / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
+            "fit_over_forward": fit / fwd, "peak_bytes": peak, "peak_before_bytes": base_peak - runtime,
+            "runtime_bytes": runtime, "peak_over_model": peak / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
             "hidden": model.config.hidden_size, "layers": arch.num_layers(model)}
 
 
@@ -102,7 +175,7 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
     """Prefill / decode throughput, dense vs pruned with its ghost, against the ideal L/(L-k)."""
     from .linalg import Operator
 
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    loaded = load_bench_model(model_name, dtype, device)
     model = loaded.model
     L = arch.num_layers(model)
     d = model.config.hidden_size
@@ -128,14 +201,15 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
 def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: str = "cpu", dtype: str = "float32",
           batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3) -> dict:
     """Every calibration size in a fresh process, then the speed test; returns the whole report."""
+    spec = model_name.removeprefix("random:")
+    if model_name.startswith("random:") and spec not in PRESETS and not Path(spec).is_file():
+        raise GhostedError(f"unknown random model '{spec}': use a preset ({', '.join(PRESETS)}) or a config.json path")
     runs = []
     for n in sizes:
         cmd = [sys.executable, "-m", "ghosted.bench", model_name, str(n), str(seq_len), str(remove), device, dtype,
                str(batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
-            from .errors import GhostedError
-
             raise GhostedError(f"bench run with {n} sequences failed: {proc.stderr.strip().splitlines()[-1]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     speed = run_speed(model_name, remove, device, dtype, prompt, new, repeats, runs[0]["removed"])
@@ -148,6 +222,9 @@ def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: 
 
 def to_markdown(r: dict) -> str:
     lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']})", "",
+             "Peak memory: " + ("the GPU allocator's peak" if "CPU" not in r["device"] else
+                                "resident high-water mark during forward + prune + fit, net of the runtime "
+                                "before loading") + "; model size = parameter bytes.", "",
              "| calibration | dense forward s | prune+fit s | ratio (target <= 1.3) | peak / model size (target <= 1.2) |",
              "|---|---|---|---|---|"]
     for x in r["runs"]:

@@ -166,3 +166,21 @@ def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, capsys):
         assert r["fit_over_forward"] > 0 and r["peak_over_model"] > 0 and r["capture_passes"] == 1
     assert report["speed"]["ideal_speedup"] == pytest.approx(6 / 4)
     assert "prune+fit" in stdout and out.with_suffix(".md").exists()
+
+
+def test_bench_on_a_random_weight_model_of_a_config(tmp_path, capsys):
+    """random:config.json builds that architecture with random weights (how the 8B figures are taken)."""
+    from .tiny_models import tiny_config
+
+    cfg = tmp_path / "config.json"
+    tiny_config("qwen3", num_layers=6).to_json_file(cfg)
+    out = tmp_path / "bench"
+    code, stdout, err = _run(capsys, "bench", f"random:{cfg}", "--n-seqs", "4", "--seq-len", 16, "--remove", 2,
+                             "--prompt", 8, "--new-tokens", 4, "--repeats", 1, "--out", out)
+    assert code == 0, err
+    report = json.loads(out.with_suffix(".json").read_text())
+    run = report["runs"][0]
+    assert run["layers"] == 6 and run["removed"] and run["peak_bytes"] > 0 and run["runtime_bytes"] > 0
+    assert report["speed"]["ideal_speedup"] == pytest.approx(6 / 4)
+    code, _, err = _run(capsys, "bench", "random:llama-80b", "--n-seqs", "4", "--out", tmp_path / "x")
+    assert code == 2 and "unknown random model 'llama-80b'" in err and not (tmp_path / "x.json").exists()

@@ -31,7 +31,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark prune+fit cost, memory and inference speed-up (not a test)")
-    p.add_argument("model", help="shipped name, local folder, .gguf or hub id")
+    p.add_argument("model", help="shipped name, local folder, .gguf or hub id; or random:PRESET (llama-8b, llama-1b) "
+                                 "or random:config.json for random weights of that architecture")
     p.add_argument("--n-seqs", default="32,128", help="calibration sizes, each in its own process (default 32,128)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--remove", type=int, default=7)
