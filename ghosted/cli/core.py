@@ -17,15 +17,16 @@ CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "s
 CALIB_DEFAULTS = {"source": "passages", "n": 32, "seq_len": 512, "seed": 0}
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
     p.add_argument("model", help="shipped name (smollm2-135m, gemma3-270m), local HF folder, .gguf file, or hub id")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--device-map", help="accelerate device map for models larger than one device, e.g. auto")
-    p.add_argument("--layerwise", action="store_true",
-                   help="keep the model in host memory; calibration passes move one decoder layer at a time to "
-                        "--device and carry the calibration states forward (models larger than the device)")
-    p.add_argument("--config", type=Path, help="YAML file whose `calibration:` and `prune:` sections set defaults")
+    if layerwise:
+        p.add_argument("--layerwise", action="store_true",
+                       help="keep the model in host memory; calibration passes move one decoder layer at a time to "
+                            "--device and carry the calibration states forward (models larger than the device)")
+    p.add_argument("--config", type=Path, help="YAML file (e.g. params.yaml) whose sections set this command's defaults (calibration:, prune:, eval:)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -124,9 +124,6 @@ def _eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.efficiency_worker:
         return _efficiency_worker(args)
-    if getattr(args, "layerwise", False):
-        raise GhostedError("--layerwise applies to calibration passes (prune, calibrate, score, solve, compare), "
-                           "not to eval; use --device-map auto for a model larger than one device")
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
@@ -226,7 +223,7 @@ def add_parser(sub) -> None:
                        description="Evaluate MODEL (dense, or a pruned folder written by `ghosted prune`): "
                                    "perplexity on text sources, zero-shot accuracy through lm-eval, and with "
                                    "--efficiency size, latency, throughput and peak memory.")
-    _model_args(p)
+    _model_args(p, layerwise=False)
     _eval_args(p, seq_len=True)
     e = p.add_argument_group("efficiency")
     e.add_argument("--efficiency", action="store_true",
