@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -140,9 +140,12 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
         with temporarily_pruned(loaded.model, removed) as m:
             return mean_nll(m, ids, cfg.batch_size)
 
+    # the ghost as the guard would build it under "sink" (fit without the sinks, sink shift for position 0)
+    policy = "sink" if cfg.token_policy == "auto" else cfg.token_policy
+    ghost_cfg = replace(cfg, recovery="ghost")
+
     def ghost(removed: list[int]) -> float:
-        ops = {c: RECOVERY.get("ghost").solve(res.fit[c], _opts(cfg, cfg.ridge or cfg.ridge_grid[0]))
-               for c in runs(removed)}
+        ops = {c: solve_cut(res, c, "fit", policy, ghost_cfg, cfg.ridge or cfg.ridge_grid[0]) for c in runs(removed)}
         with temporarily_pruned(loaded.model, removed, ops) as m:
             return mean_nll(m, ids, cfg.batch_size)
 
