@@ -295,8 +295,40 @@ def format_layers(removed: list[int]) -> str:
     return ",".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in runs(removed))
 
 
-def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: Log = _nolog) -> dict:
-    """Dense model once, then every (k, method) cell solved from one shared capture and evaluated in memory."""
+def _resume_key(loaded, calib, cfg: CompareConfig) -> str:
+    import hashlib
+    import json
+
+    from . import __version__
+
+    doc = {"model": loaded.ref.name, "path": loaded.ref.path, "calibration": calib.sha256, "ghosted": __version__,
+           "dtype": str(next(loaded.model.parameters()).dtype), "prune": _config_dict(cfg.prune),
+           "eval": cfg.evaluation.as_dict()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_partial(path, key: str, log: Log) -> dict:
+    import json
+
+    if path is None or not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if doc.get("key") != key:
+        log(f"{path} belongs to other settings: starting afresh")
+        return {}
+    return doc
+
+
+def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: Log = _nolog,
+                partial_path=None) -> dict:
+    """Dense model once, then every (k, method) cell solved from one shared capture and evaluated in memory.
+
+    partial_path: after the dense model and after every cell the results so far are written there
+    (atomically); a later run with the same model, calibration and settings skips what it holds, so an
+    interrupted grid resumes where it stopped."""
     import torch
 
     from .capture import TokenPolicy, capture
@@ -320,13 +352,31 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
                   layerwise=getattr(loaded, "layerwise", False), device=getattr(loaded, "capture_device", None))
     capture_seconds = time.perf_counter() - t0
 
-    log("evaluating the dense model")
-    dense = evaluate_quality(model, tok, cfg.evaluation, progress)
+    key = _resume_key(loaded, calib, cfg)
+    done = _load_partial(partial_path, key, log)
+    done_cells = {(c["k"], c["method"]): c for c in done.get("cells", []) if not c.get("error")}
+
+    def save_partial() -> None:
+        if partial_path is not None:
+            from .io import write_json_atomic
+
+            write_json_atomic(partial_path, {"key": key, "dense": dense, "cells": cells})
+
+    if done.get("dense"):
+        dense = done["dense"]
+        log(f"resuming from {partial_path}: dense model and {len(done_cells)} cell(s) already evaluated")
+    else:
+        log("evaluating the dense model")
+        dense = evaluate_quality(model, tok, cfg.evaluation, progress)
     log(f"dense: {_brief(dense)}")
     dense_avg = _average(dense)
+    cells: list[dict] = []
+    save_partial()
 
-    cells = []
     for k, method in cfg.cells():
+        if (k, method) in done_cells:
+            cells.append(done_cells[(k, method)])
+            continue
         t_cell = time.perf_counter()
         cell: dict[str, Any] = {"k": k, "method": method}
         try:
@@ -351,6 +401,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
             seconds=time.perf_counter() - t_cell,
         )
         cells.append(cell)
+        save_partial()
         log(f"k={k} {method} (layers {cell['removed_text']}): {_brief(quality)}")
 
     return {

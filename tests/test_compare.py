@@ -131,3 +131,38 @@ def test_compare_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_
 def test_eval_settings_reject_unknown_keys():
     with pytest.raises(GhostedError, match="unknown eval option"):
         EvalSettings.from_dict({"taks": "piqa"})
+
+
+def test_interrupted_compare_resumes_where_it_stopped(tiny_folder, tmp_path):
+    """After every cell the results so far are on disk; a rerun with the same settings skips them and
+    ends with the numbers of an uninterrupted run."""
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
+    loaded = load_model(str(tiny_folder))
+    calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
+    cfg = CompareConfig(ks=(1, 2), methods=("none", "ghost"), prune=PruneConfig(remove=1, guard="off"),
+                        evaluation=EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32))
+    full = run_compare(loaded, calib, cfg, progress=False)
+    partial = tmp_path / "compare.partial.json"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_second_cell(msg: str) -> None:
+        if msg.startswith("k=1 ghost"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_compare(loaded, calib, cfg, progress=False, log=stop_after_second_cell, partial_path=partial)
+    assert [(c["k"], c["method"]) for c in json.loads(partial.read_text())["cells"]] == [(1, "none"), (1, "ghost")]
+    lines: list[str] = []
+    resumed = run_compare(loaded, calib, cfg, progress=False, log=lines.append, partial_path=partial)
+    assert any("dense model and 2 cell(s) already evaluated" in ln for ln in lines)
+    assert not any(ln.startswith("evaluating the dense model") or ln.startswith("k=1 ") for ln in lines)
+    assert [c["ppl"] for c in resumed["cells"]] == [c["ppl"] for c in full["cells"]]
+    # other settings never pick up a stale partial file
+    other = CompareConfig(ks=(1,), methods=("none",), prune=PruneConfig(remove=1, guard="off", ridge=0.5),
+                          evaluation=cfg.evaluation)
+    lines.clear()
+    run_compare(loaded, calib, other, progress=False, log=lines.append, partial_path=partial)
+    assert any("belongs to other settings" in ln for ln in lines)

@@ -185,7 +185,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with _quiet_libraries(args):
         loaded = _load(args)
         calib = _calibration(args, loaded)
-        result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
+        partial = args.out_dir / "compare.partial.json"
+        result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m),
+                             partial_path=partial)
     result["command"] = _command_line(args, "compare")
     result["wall_seconds"] = time.perf_counter() - t0
     try:
@@ -193,6 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except Exception:  # never lose a long run to a plotting problem: keep the numbers, then fail
         _write_json(args.out_dir / "compare.json", result)
         raise
+    partial.unlink(missing_ok=True)
     _log(args, f"wrote {', '.join(str(p) for p in paths)} in {result['wall_seconds']:.0f}s")
     print(json.dumps({"out_dir": str(args.out_dir), "cells": len(result["cells"]),
                       "failed": sum(1 for c in result["cells"] if c.get("error")),
