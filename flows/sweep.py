@@ -219,7 +219,9 @@ def write_report(result: dict[str, Any], out: Path) -> None:
              "|---|---|---|" + "---|" * len(sources) + "---|---|"]
     for c in cells:
         ppl = [f"{c['ppl'][s]:.2f}" if c.get("ppl") and s in c["ppl"] else "-" for s in sources]
-        note = c.get("error") or (f"guard: {c['guard']}" if c.get("guard") else "")
+        g = c.get("guard") or {}
+        note = c.get("error") or ("" if g.get("mode", "off") == "off" else
+                                  f"guard chose {g.get('chosen')}" + (" (fallback)" if g.get("fallback") else ""))
         lines.append(f"| {c['k']} | {c['method']} | {c.get('removed_text', '-')} | " + " | ".join(ppl)
                      + f" | {c['seconds']:.1f} | {note} |")
     lines += ["", f"- Runner: {result['runner']}",
