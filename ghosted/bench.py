@@ -6,7 +6,8 @@ Reports, as ratios against their targets:
 - pruned+ghost prefill and decode throughput / the ideal L / (L - k) speed-up (target >= 0.98).
 Each calibration size runs in its own process so peak memory is that run's alone. Peak memory is
 the device's allocator peak on a GPU; on the CPU the process's resident high-water mark, reset after
-loading (/proc/self/clear_refs) and taken net of the runtime's own memory before the model was loaded.
+loading and after the timed dense forward (/proc/self/clear_refs), net of the runtime's own memory
+before the model was loaded: the memory of prune + fit alone.
 
 MODEL may also be `random:PRESET` (e.g. random:llama-8b) or `random:path/config.json`: that
 architecture with random weights (seed 0) built directly on the device, and random calibration tokens,
@@ -118,27 +119,26 @@ def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int)
 
 
 @torch.no_grad()
-def _throughput(model: torch.nn.Module, vocab: int, prompt: int, new: int, repeats: int) -> dict:
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, prompt), generator=g).to(device)
-    pre, dec = [], []
-    for _ in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        _sync(device)
-        t1 = time.perf_counter()
+def _one_run(model: torch.nn.Module, ids: torch.Tensor, new: int) -> tuple[float, float]:
+    """Prefill and decode tokens/s of one greedy generation with a KV cache."""
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(new):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(new):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        t2 = time.perf_counter()
-        pre.append(prompt / (t1 - t0))
-        dec.append(new / (t2 - t1))
-    pre, dec = sorted(pre[1:]), sorted(dec[1:])  # first run is warm-up
-    return {"prefill_tok_s": pre[len(pre) // 2], "decode_tok_s": dec[len(dec) // 2]}
+    _sync(device)
+    t2 = time.perf_counter()
+    return ids.shape[1] / (t1 - t0), new / (t2 - t1)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
 def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int) -> dict:
@@ -151,12 +151,14 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     calib = _calibration(loaded, n, seq_len)
     ids = calib.input_ids
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
         runtime = 0
-    elif not _reset_cpu_peak():  # loading (e.g. dequantising a GGUF) must not count as prune+fit memory
+    fwd = _forward_seconds(model, ids, batch_size)
+    # the peak belongs to prune+fit alone: the dense forward's logits ([batch, T, vocab]) are not part of it
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    elif not _reset_cpu_peak():
         runtime = 0
     base_peak = _peak_bytes(dev)
-    fwd = _forward_seconds(model, ids, batch_size)
     cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
                       token_policy="sink", batch_size=batch_size)
     t0 = time.perf_counter()
@@ -172,29 +174,39 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
 
 def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int, new: int, repeats: int,
               removed: list[int]) -> dict:
-    """Prefill / decode throughput, dense vs pruned with its ghost, against the ideal L/(L-k)."""
+    """Prefill / decode throughput, dense vs pruned with its ghost (and without), against the ideal L/(L-k).
+
+    The three variants take turns inside every repeat, so a drift of the machine's speed hits all of
+    them alike; the first round is a warm-up; medians are reported."""
     from .linalg import Operator
 
     loaded = load_bench_model(model_name, dtype, device)
     model = loaded.model
     L = arch.num_layers(model)
     d = model.config.hidden_size
-    vocab = model.config.vocab_size
-    dense = _throughput(model, vocab, prompt, new, repeats)
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
     cut = (removed[0], removed[-1] + 1)
     ghost = Operator("full", W=torch.eye(d, dtype=torch.float64) + 1e-3 * torch.randn(d, d, dtype=torch.float64))
-    with temporarily_pruned(model, removed, {cut: ghost}) as m:
-        pruned = _throughput(m, vocab, prompt, new, repeats)
-    with temporarily_pruned(model, removed) as m:
-        plain = _throughput(m, vocab, prompt, new, repeats)
+    runs: dict[str, list[tuple[float, float]]] = {"dense": [], "pruned_ghost": [], "pruned_plain": []}
+    for r in range(repeats + 1):
+        dense = _one_run(model, ids, new)
+        with temporarily_pruned(model, removed, {cut: ghost}) as m:
+            pruned = _one_run(m, ids, new)
+        with temporarily_pruned(model, removed) as m:
+            plain = _one_run(m, ids, new)
+        if r:  # round 0 warms up
+            for key, v in (("dense", dense), ("pruned_ghost", pruned), ("pruned_plain", plain)):
+                runs[key].append(v)
+    res = {key: {"prefill_tok_s": _median([v[0] for v in vals]), "decode_tok_s": _median([v[1] for v in vals])}
+           for key, vals in runs.items()}
     ideal = L / (L - len(removed))
-    out = {"ideal_speedup": ideal, "prompt": prompt, "new_tokens": new, "dense": dense, "pruned_ghost": pruned,
-           "pruned_plain": plain}
+    out = {"ideal_speedup": ideal, "prompt": prompt, "new_tokens": new, "repeats": repeats, **res}
     for key in ("prefill_tok_s", "decode_tok_s"):
-        sp = pruned[key] / dense[key]
+        sp = res["pruned_ghost"][key] / res["dense"][key]
         out[f"{key}_speedup"] = sp
         out[f"{key}_over_ideal"] = sp / ideal
-        out[f"{key}_ghost_overhead"] = 1 - pruned[key] / plain[key]
+        out[f"{key}_ghost_overhead"] = 1 - res["pruned_ghost"][key] / res["pruned_plain"][key]
     return out
 
 
@@ -223,7 +235,7 @@ def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: 
 def to_markdown(r: dict) -> str:
     lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']})", "",
              "Peak memory: " + ("the GPU allocator's peak" if "CPU" not in r["device"] else
-                                "resident high-water mark during forward + prune + fit, net of the runtime "
+                                "resident high-water mark during prune + fit, net of the runtime "
                                 "before loading") + "; model size = parameter bytes.", "",
              "| calibration | dense forward s | prune+fit s | ratio (target <= 1.3) | peak / model size (target <= 1.2) |",
              "|---|---|---|---|---|"]
@@ -232,10 +244,12 @@ def to_markdown(r: dict) -> str:
                      f"{x['fit_over_forward']:.2f} | {x['peak_over_model']:.2f} |")
     s = r["speed"]
     lines += ["", f"Throughput, pruned + ghost vs dense (ideal speed-up L/(L-k) = {s['ideal_speedup']:.3f}, target >= 0.98 of it):", "",
-              "| | dense tok/s | pruned+ghost tok/s | speed-up | / ideal | ghost overhead |", "|---|---|---|---|---|---|"]
+              "| | dense tok/s | pruned+ghost tok/s | pruned, no ghost tok/s | speed-up | / ideal | ghost overhead |",
+              "|---|---|---|---|---|---|---|"]
     for key, label in (("prefill_tok_s", f"prefill ({s['prompt']} tokens, batch 1)"), ("decode_tok_s", f"decode ({s['new_tokens']} tokens, batch 1)")):
-        lines.append(f"| {label} | {s['dense'][key]:.0f} | {s['pruned_ghost'][key]:.0f} | {s[f'{key}_speedup']:.3f} | "
-                     f"{s[f'{key}_over_ideal']:.3f} | {100 * s[f'{key}_ghost_overhead']:.1f}% |")
+        lines.append(f"| {label} | {s['dense'][key]:.0f} | {s['pruned_ghost'][key]:.0f} | {s['pruned_plain'][key]:.0f} | "
+                     f"{s[f'{key}_speedup']:.3f} | {s[f'{key}_over_ideal']:.3f} | {100 * s[f'{key}_ghost_overhead']:.1f}% |")
+    lines += ["", f"Median of {s.get('repeats', '?')} rounds in which the three variants take turns (after a warm-up round)."]
     return "\n".join(lines) + "\n"
 
 

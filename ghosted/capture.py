@@ -112,6 +112,8 @@ class CaptureResult:
         left = _add([lo[pair] for _, lo in groups])
         if left.n == 0:
             return kept
+        if kept.gram is not None and left.gram is None:
+            raise GhostedError(f"a '{fit}' fit needs the left-out tokens' full sums: capture with token policy auto")
         out = kept + (left if fit == "all" else left.as_identity_targets())
         out.trace_ref = None if kept.gram is None else float(torch.trace(kept.gram))
         return out
@@ -165,6 +167,8 @@ class _Sums:
         self.fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         self.held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         self.keep_left_out = policy.name != "all"
+        # "auto" and "anchor" fit with the left-out tokens too (full sums); "sink" only needs their mean move
+        self.full_left_out = policy.name in ("auto", "anchor")
         self.fit_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.held_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
@@ -193,10 +197,11 @@ class _Sums:
             if self.keep_left_out:
                 lo = am.bool() & ~m
                 groups += [(self.fit_lo, lo & ~is_held), (self.held_lo, lo & is_held)]
-            for group, gm in groups:
+            for j, (group, gm) in enumerate(groups):
                 if gm.any():
-                    group[(s, b)].add(X[gm], Y[gm], full=plan.full, hadamard=self.H,
-                                      mlp=None if Mlp is None else Mlp[gm])
+                    whole = j < 2 or self.full_left_out
+                    group[(s, b)].add(X[gm], Y[gm], full=plan.full and whole, hadamard=self.H if whole else None,
+                                      mlp=None if Mlp is None or not whole else Mlp[gm])
         if plan.scores:
             self.score_tokens += _accumulate_scores(states, base, self.L, self.cos_sum, self.ang_sum)
 
@@ -420,13 +425,13 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
 
 
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,
-                       ang_sum: torch.Tensor, chunk: int = 2048) -> int:
+                       ang_sum: torch.Tensor, chunk: int = 512) -> int:
     """Add per-token cosines over the HIDDEN axis for every boundary pair (i, j)."""
-    U = torch.stack([states[i][mask].float() for i in range(L + 1)])  # [L+1, n, d]
-    U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    n = U.shape[1]
-    for c in range(0, n, chunk):
-        u = U[:, c:c + chunk]  # [L+1, n_c, d]
+    flat = [states[i][mask] for i in range(L + 1)]  # views of the kept tokens, [n, d] each
+    n = flat[0].shape[0]
+    for c in range(0, n, chunk):  # unit vectors of one chunk of tokens at a time: O(L * chunk * d) memory
+        u = torch.stack([f[c:c + chunk].float() for f in flat])  # [L+1, n_c, d]
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = torch.einsum("and,bnd->nab", u, u).clamp(-1.0, 1.0).to(F64)  # [n_c, L+1, L+1]
         cos_sum += cos.sum(0)
         ang_sum += (torch.arccos(cos) / torch.pi).sum(0)

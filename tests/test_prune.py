@@ -359,3 +359,13 @@ def test_sink_shift_is_the_mean_move_of_position_zero():
     expected = (hs[3][:, 0] - hs[1][:, 0]).to(F64).mean(0)
     assert torch.allclose(op.sink_shift, expected, atol=1e-6)
     assert solve_cut(res, (1, 3), "total", "anchor", PruneConfig(layers="1-2"), 1e-6).sink_shift is None
+
+
+def test_sink_capture_keeps_only_the_mean_move_of_left_out_tokens():
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size, 4, 12)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("sink"), progress=False)
+    left = res.left_out((1, 3))
+    assert left.n == 4 and left.gram is None and left.sum_x is not None
+    with pytest.raises(ghosted.GhostedError, match="token policy auto"):
+        res.sums((1, 3), "fit", "all")

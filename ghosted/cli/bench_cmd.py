@@ -41,6 +41,6 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--prompt", type=int, default=256, help="prefill length for the speed test")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (dense, pruned+ghost, pruned without ghost in turn); median kept")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. reports/bench_cpu)")
     p.set_defaults(func=cmd_bench)
