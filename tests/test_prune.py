@@ -358,7 +358,10 @@ def test_sink_shift_is_the_mean_move_of_position_zero():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     expected = (hs[3][:, 0] - hs[1][:, 0]).to(F64).mean(0)
     assert torch.allclose(op.sink_shift, expected, atol=1e-6)
-    assert solve_cut(res, (1, 3), "total", "anchor", PruneConfig(layers="1-2"), 1e-6).sink_shift is None
+    auto = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("auto"), progress=False)
+    assert torch.allclose(solve_cut(auto, (1, 3), "total", "sink", PruneConfig(layers="1-2"), 1e-6).sink_shift, expected,
+                          atol=1e-6)
+    assert solve_cut(auto, (1, 3), "total", "anchor", PruneConfig(layers="1-2"), 1e-6).sink_shift is None
 
 
 def test_sink_capture_keeps_only_the_mean_move_of_left_out_tokens():
