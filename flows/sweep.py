@@ -184,13 +184,8 @@ def dask_runner(address: str | None, workers: int, threads_per_worker: int):
 
     if address:
         return DaskTaskRunner(address=address)
-    # Dask's worker defaults (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=64 KiB) suit numpy-sized tasks; a
-    # torch forward pass allocates and frees large buffers all the time, and trimming at 64 KiB returns
-    # them to the OS after every op. Workers get their thread count and glibc's own trimming instead.
-    env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker),
-           "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": threads_per_worker,
-                                          "processes": True, "dashboard_address": None, "env": env})
+                                          "processes": True, "dashboard_address": None})
 
 
 def run(params: str, workdir: str, address: str | None = None, workers: int | None = None,
