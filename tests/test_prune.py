@@ -372,3 +372,33 @@ def test_sink_capture_keeps_only_the_mean_move_of_left_out_tokens():
     assert left.n == 4 and left.gram is None and left.sum_x is not None
     with pytest.raises(ghosted.GhostedError, match="token policy auto"):
         res.sums((1, 3), "fit", "all")
+
+
+def test_ghost_aware_selection_picks_the_planted_repairable_block():
+    """Synthetic residual stream, 4 layers, k = 1: block 1 rotates the state (far apart, but a linear map
+    repairs it exactly), block 2 barely moves it but adds token-wise noise no map can predict, blocks 0
+    and 3 add more noise. Angular distance picks block 2; ghost-aware selection picks block 1."""
+    from ghosted.capture import CaptureResult
+    from ghosted.linalg import PairSums
+    from ghosted.selection import SELECTION, SelectContext, ghost_block_errors
+
+    d, n, L = 16, 4000, 4
+    g = torch.Generator().manual_seed(0)
+    A = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]  # an orthogonal map: a big angle
+    noise = {0: 1.0, 1: 0.0, 2: 0.15, 3: 1.0}
+    fit, held = {}, {}
+    ang = torch.zeros(L + 1, L + 1, dtype=F64)
+    for s in range(L):
+        X = torch.randn(n, d, generator=g, dtype=F64)
+        Y = X @ A if s == 1 else X + noise[s] * torch.randn(n, d, generator=g, dtype=F64)
+        fit[(s, s + 1)], held[(s, s + 1)] = PairSums(d), PairSums(d)
+        fit[(s, s + 1)].add(X[: n // 2], Y[: n // 2])
+        held[(s, s + 1)].add(X[n // 2:], Y[n // 2:])
+        cos = torch.nn.functional.cosine_similarity(X, Y, dim=-1).clamp(-1, 1)  # over the hidden axis
+        ang[s, s + 1] = ang[s + 1, s] = (torch.arccos(cos) / torch.pi).sum()
+    res = CaptureResult(L, fit, held, torch.zeros(L + 1, L + 1, dtype=F64), ang, n)
+    ctx = SelectContext(L, res, shortlist=1)
+    errs = ghost_block_errors(res, 1, 1e-6)
+    assert errs[1] < 1e-6 and min(errs[0], errs[2], errs[3]) > 0.5
+    assert SELECTION.get("angular")(ctx, 1) == [2]
+    assert SELECTION.get("ghost")(ctx, 1) == [1]
