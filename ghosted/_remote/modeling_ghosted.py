@@ -4,8 +4,8 @@
 #
 # A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
 # h <- h + (h U) V^T for a low-rank ghost. A ghost with a sink shift maps the first token of a
-# sequence (position id 0, the attention sink) by h <- h + sink_shift instead. It runs as a forward pre-hook on the first kept
-# layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
+# sequence (position id 0, the attention sink) by h <- h + sink_shift instead. It runs as a forward
+# pre-hook on the first kept layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
 # in the state dict as `ghosts.<site>.*`, <site> being that kept layer's index in the pruned
 # model (or the pruned layer count for the final norm).
 from __future__ import annotations
