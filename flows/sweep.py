@@ -82,10 +82,7 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
 
     from ghosted.data import build_calibration, save_calibration
     from ghosted.models import fingerprint, load_model, resolve
-    from ghosted import arch
-    from ghosted.capture import TokenPolicy, capture
-    from ghosted.data import adds_bos
-    from ghosted.prune import PruneConfig, heldout_windows, shared_plan
+    from ghosted.prune import PruneConfig, shared_capture
 
     _set_threads(threads)
     key = hashlib.sha256(json.dumps([model, fingerprint(resolve(model)), calibration, prune, sorted(ks), sorted(methods)],
@@ -98,12 +95,7 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     calib = build_calibration(loaded.tokenizer, calibration["source"], int(calibration["n"]),
                               int(calibration["seq_len"]), int(calibration["seed"]))
     tmpl = PruneConfig.from_dict({**prune, "remove": ks[0], "recovery": methods[0]})
-    L = arch.num_layers(loaded.model)
-    plan = shared_plan(L, int(loaded.model.config.hidden_size), sorted(ks), methods,
-                       heldout_windows(calib.n, tmpl.holdout), tmpl.variant)
-    bos = loaded.tokenizer.bos_token_id if adds_bos(loaded.tokenizer) else None
-    res = capture(loaded.model, calib.input_ids, plan, TokenPolicy(tmpl.token_policy), batch_size=tmpl.batch_size,
-                  bos_id=bos, progress=False)
+    res = shared_capture(loaded, calib, tmpl, ks, methods, progress=False)
     folder.mkdir(parents=True, exist_ok=True)
     save_calibration(calib, folder / "calibration")
     tmp = stats.with_suffix(".tmp")

@@ -331,9 +331,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     interrupted grid resumes where it stopped."""
     import torch
 
-    from .capture import TokenPolicy, capture
-    from .data import adds_bos
-    from .prune import heldout_windows, shared_plan, solve
+    from .prune import heldout_windows, shared_capture, solve
     from .selection import block_scores, check_k, layer_scores
     from .surgery import temporarily_pruned
 
@@ -344,12 +342,9 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     for k in cfg.ks:
         check_k(k, L)
     tmpl = cfg.prune
-    plan = shared_plan(L, d, sorted(cfg.ks), list(cfg.methods), heldout_windows(calib.n, tmpl.holdout), tmpl.variant)
-    bos = tok.bos_token_id if adds_bos(tok) else None
-    log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
-    res = capture(model, calib.input_ids, plan, TokenPolicy(tmpl.token_policy), batch_size=tmpl.batch_size,
-                  bos_id=bos, progress=progress, desc="shared calibration pass",
-                  layerwise=getattr(loaded, "layerwise", False), device=getattr(loaded, "capture_device", None))
+    log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, "
+        f"{sum(L - k + 1 for k in set(cfg.ks))} candidate blocks")
+    res = shared_capture(loaded, calib, tmpl, list(cfg.ks), list(cfg.methods), progress)
     capture_seconds = time.perf_counter() - t0
 
     key = _resume_key(loaded, calib, cfg)
@@ -412,14 +407,14 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
         "device": str(next(model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "seed": calib.seed,
-                        "sha256": calib.sha256, "heldout_windows": len(plan.heldout)},
+                        "sha256": calib.sha256, "heldout_windows": len(heldout_windows(calib.n, tmpl.holdout))},
         "settings": {"remove": sorted(cfg.ks), "recovery": list(cfg.methods),
                      "prune": {k: v for k, v in _config_dict(tmpl).items()
                                if k not in ("remove", "layers", "recovery")},
                      "eval": cfg.evaluation.as_dict()},
         "scores": {"tokens": res.score_tokens, "layers": layer_scores(res),
                    "blocks": {str(k): block_scores(res, k) for k in sorted(cfg.ks)}},
-        "capture": {"pairs": len(plan.pairs), "seconds": capture_seconds},
+        "capture": {"pairs": len(res.fit), "seconds": capture_seconds},
         "dense": {**dense, "average": dense_avg},
         "cells": cells,
         "versions": versions(),

@@ -165,6 +165,17 @@ def shared_plan(num_layers: int, hidden: int, ks: list[int], methods: list[str],
                        mlp=any(m.mlp for m in ms), scores=True, heldout=heldout)
 
 
+def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: list[int], methods: list[str],
+                   progress: bool = True) -> CaptureResult:
+    """The one calibration pass that serves a whole grid (ghosted compare, flows/sweep.py)."""
+    model = loaded.model
+    plan = shared_plan(arch.num_layers(model), int(model.config.hidden_size), sorted(ks), list(methods),
+                       heldout_windows(calib.n, template.holdout), template.variant)
+    return capture(model, calib.input_ids, plan, TokenPolicy(template.token_policy), batch_size=template.batch_size,
+                   bos_id=_bos(loaded.tokenizer), progress=progress, desc="shared calibration pass",
+                   layerwise=loaded.layerwise, device=loaded.capture_device)
+
+
 def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print,
           shared: CaptureResult | None = None) -> Solution:
     """Decide which layers to remove and fit the operators (no change to the model).
