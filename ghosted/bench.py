@@ -51,6 +51,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def random_spec(name: str) -> str:
+    """The preset name or config.json path of `random:SPEC`; a clear error when it is neither."""
+    spec = name.removeprefix("random:")
+    if spec not in PRESETS and not Path(spec).is_file():
+        raise GhostedError(f"unknown random model '{spec}': use a preset ({', '.join(PRESETS)}) or a config.json path")
+    return spec
+
+
 def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
     """A real model (any name `ghosted prune` takes) or `random:PRESET|config.json` with random weights."""
     if not name.startswith("random:"):
@@ -59,14 +67,12 @@ def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
 
     from .models import parse_dtype
 
-    spec = name.removeprefix("random:")
+    spec = random_spec(name)
     if spec in PRESETS:
         cfg = dict(PRESETS[spec])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    elif Path(spec).is_file():
-        config = AutoConfig.from_pretrained(spec)
     else:
-        raise GhostedError(f"unknown random model '{spec}': use a preset ({', '.join(PRESETS)}) or a config.json path")
+        config = AutoConfig.from_pretrained(spec)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
@@ -213,9 +219,8 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
 def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: str = "cpu", dtype: str = "float32",
           batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3) -> dict:
     """Every calibration size in a fresh process, then the speed test; returns the whole report."""
-    spec = model_name.removeprefix("random:")
-    if model_name.startswith("random:") and spec not in PRESETS and not Path(spec).is_file():
-        raise GhostedError(f"unknown random model '{spec}': use a preset ({', '.join(PRESETS)}) or a config.json path")
+    if model_name.startswith("random:"):
+        random_spec(model_name)  # fail before the first subprocess
     runs = []
     for n in sizes:
         cmd = [sys.executable, "-m", "ghosted.bench", model_name, str(n), str(seq_len), str(remove), device, dtype,
