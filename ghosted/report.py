@@ -57,8 +57,22 @@ def _note(cell: dict) -> str:
     if guard.get("fallback"):
         return "guard fell back to no recovery"
     if cell["method"] == "ghost" and guard.get("mode") not in (None, "off"):
-        return f"ridge {cell['ridge']:g} (guard: {guard['mode']})"
+        policy = str(guard.get("chosen", "")).split("/")[0]
+        policy = f"token policy {policy}, " if policy else ""
+        return f"{policy}ridge {cell['ridge']:g} (guard: {guard['mode']})"
     return ""
+
+
+def _items_line(result: dict) -> str:
+    """How many items each task scored (tasks smaller than the limit use every item) and the stderr range."""
+    tasks = (result["dense"].get("zeroshot") or {}).get("tasks") or {}
+    if not tasks:
+        return ""
+    parts = [f"{t} {v['n']}" + (" (all)" if v.get("n") == v.get("n_available") else "") for t, v in tasks.items()]
+    errs = [v.get("acc_norm_stderr") if v.get("acc_norm") is not None else v.get("acc_stderr") for v in tasks.values()]
+    errs = [e for e in errs if e is not None]
+    spread = f"; one task's standard error (dense): {min(errs):.3f}-{max(errs):.3f}" if errs else ""
+    return f"Items per task: {', '.join(parts)}{spread}."
 
 
 # --------------------------------------------------------------------------- markdown
@@ -107,6 +121,7 @@ def markdown(result: dict, plots: list[str]) -> str:
 
     cal, prune = result["calibration"], result["settings"]["prune"]
     limit = f"the first {ev['limit']} items" if ev["limit"] else "all validation items"
+    items = _items_line(result) if tasks else ""
     lines += ["",
               f"k = layers removed of {result['num_layers']}; layer indices are the dense model's "
               f"(selection: {prune['select']}).",
@@ -115,6 +130,7 @@ def markdown(result: dict, plots: list[str]) -> str:
               (f"Zero-shot (lm-eval, 0-shot, {limit} per task): acc_norm, acc where the task has no acc_norm; "
                "average over tasks; retained = pruned average / dense average.") if tasks else
               "Zero-shot: not evaluated.",
+              *([items] if items else []),
               "",
               "## Run", "",
               f"- Wall time: {duration(result.get('wall_seconds', result['seconds']))} "
