@@ -55,6 +55,7 @@ def test_compare_writes_report(report_dir):
     assert table[0].split(" | ")[:6] == ["| k", "method", "removed layers", "wiki PPL", "piqa", "average"]
     assert "retained" in table[0] and len(table) == 1 + 1 + 4  # header, dense, 4 cells
     assert "Wall time:" in md and "ghosted compare " in md and "--remove 1,2" in md
+    assert "Items per task: piqa 2; one task's standard error (dense): " in md  # 2 of 1838: not "(all)"
     for png in PLOTS:
         assert f"]({png})" in md
     # regenerating from the JSON gives the same markdown
