@@ -25,21 +25,11 @@ METRICS = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")
 
 
 def stock_yaml(task: str, data_file: Path, yaml_dir: Path) -> str:
-    """lm-eval's own YAML for `task`, renamed `<task>_local`, reading `data_file` as its validation split."""
-    from ghosted.evaluate.zeroshot import TASK_SOURCES, lm_eval_tasks_dir
+    """Write lm-eval's own YAML for `task`, renamed `<task>_local`, reading `data_file`; returns the name."""
+    from ghosted.evaluate.zeroshot import stock_yaml_override
 
     name = f"{task}_local"
-    override = {
-        "include": str(lm_eval_tasks_dir() / TASK_SOURCES[task].yaml),
-        "task": name,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"validation": str(data_file)}},
-        "training_split": None,
-        "validation_split": "validation",
-        "test_split": None,
-    }
-    (yaml_dir / f"{name}.yaml").write_text(json.dumps(override))  # JSON is YAML
+    (yaml_dir / f"{name}.yaml").write_text(json.dumps(stock_yaml_override(task, data_file, name)))  # JSON is YAML
     return name
 
 

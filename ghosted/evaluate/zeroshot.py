@@ -141,6 +141,25 @@ def export_task_data(task: str, cache_dir: Path) -> Path:
     return path
 
 
+def stock_yaml_override(task: str, data_file: Path, name: str | None = None) -> dict[str, Any]:
+    """A task config for stock lm-eval: its own YAML for `task` through `include:`, only the data moved to `data_file`.
+
+    Written to a folder passed as `include_path`, it is how lm-eval itself would score the same
+    items; the parity checks compare `ghosted eval` against it. `name` renames the task (e.g. to
+    avoid clashing with the built-in one when the defaults are loaded too).
+    """
+    return {
+        "include": str(lm_eval_tasks_dir() / TASK_SOURCES[task].yaml),
+        "task": name or task,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"validation": str(data_file)}},
+        "training_split": None,
+        "validation_split": "validation",
+        "test_split": None,
+    }
+
+
 def stock_task_config(task: str) -> dict[str, Any]:
     """lm-eval's built-in YAML for `task`, includes merged and `!function`s resolved by lm-eval."""
     from lm_eval.tasks._yaml_loader import load_yaml
