@@ -342,9 +342,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     for k in cfg.ks:
         check_k(k, L)
     tmpl = cfg.prune
-    log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, "
-        f"{sum(L - k + 1 for k in set(cfg.ks))} candidate blocks")
-    res = shared_capture(loaded, calib, tmpl, list(cfg.ks), list(cfg.methods), progress)
+    res = shared_capture(loaded, calib, tmpl, list(cfg.ks), list(cfg.methods), progress, log)
     capture_seconds = time.perf_counter() - t0
 
     key = _resume_key(loaded, calib, cfg)

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -166,11 +167,13 @@ def shared_plan(num_layers: int, hidden: int, ks: list[int], methods: list[str],
 
 
 def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: list[int], methods: list[str],
-                   progress: bool = True) -> CaptureResult:
+                   progress: bool = True, log: Callable[[str], None] | None = None) -> CaptureResult:
     """The one calibration pass that serves a whole grid (ghosted compare, flows/sweep.py)."""
     model = loaded.model
     plan = shared_plan(arch.num_layers(model), int(model.config.hidden_size), sorted(ks), list(methods),
                        heldout_windows(calib.n, template.holdout), template.variant)
+    if log is not None:
+        log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
     return capture(model, calib.input_ids, plan, TokenPolicy(template.token_policy), batch_size=template.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, desc="shared calibration pass",
                    layerwise=loaded.layerwise, device=loaded.capture_device)

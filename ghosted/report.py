@@ -121,7 +121,7 @@ def markdown(result: dict, plots: list[str]) -> str:
 
     cal, prune = result["calibration"], result["settings"]["prune"]
     limit = f"the first {ev['limit']} items" if ev["limit"] else "all validation items"
-    items = _items_line(result) if tasks else ""
+    items = _items_line(result)
     lines += ["",
               f"k = layers removed of {result['num_layers']}; layer indices are the dense model's "
               f"(selection: {prune['select']}).",

@@ -92,10 +92,13 @@ def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path)
     cfg = CompareConfig(ks=(2, 1), methods=("none", "linearpatch", "replaceme", "scalar", "ghost"),
                         prune=PruneConfig(remove=1, guard="off"),
                         evaluation=EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32))
-    res = run_compare(loaded, calib, cfg, progress=False)
+    logged: list[str] = []
+    res = run_compare(loaded, calib, cfg, progress=False, log=logged.append)
     with torch.no_grad():
         after = loaded.model(ids).logits
     assert torch.equal(before, after)  # folds undone, ghosts unhooked, layers back
+    assert res["capture"]["pairs"] == 5 + 6  # 6 layers: five blocks of 2, six of 1
+    assert logged[0] == "shared calibration pass: 6 x 32 tokens, 11 candidate blocks"
     assert [(c["k"], c["method"]) for c in res["cells"]][:5] == [(1, m) for m in cfg.methods]
     by = {(c["k"], c["method"]): c["ppl"][str(text)]["ppl"] for c in res["cells"]}
     assert len(set(by.values())) > 2  # the methods really differ
