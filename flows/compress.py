@@ -39,34 +39,17 @@ RETRY_DELAYS = [10, 60]
 
 
 def load_params(path: Path) -> dict[str, Any]:
-    """params.yaml, every section checked up front by the config object that will read it."""
-    import yaml
+    """params.yaml checked up front by ghosted.config (the one reader), as plain per-section dicts for the tasks."""
+    from ghosted.config import as_mapping
+    from ghosted.config import load_params as typed_params
 
-    from ghosted.cli.core import CALIB_DEFAULTS
-    from ghosted.compare import EvalSettings
-    from ghosted.prune import PruneConfig
-    from ghosted.tracking import GateConfig, RegistryConfig
-
-    path = Path(path)
-    if not path.is_file():
-        raise GhostedError(f"params file not found: {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
-    unknown = set(doc) - set(SECTIONS)
-    if unknown:
-        raise GhostedError(f"{path}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
-    if not doc.get("model"):
+    params = typed_params(path)
+    if not params.model:
         raise GhostedError(f"{path}: `model:` is missing (a shipped name, a local folder or a hub id)")
-    p = {"model": str(doc["model"]), **{s: dict(doc.get(s) or {}) for s in SECTIONS[1:]}}
-    bad = set(p["calibration"]) - set(CALIB_DEFAULTS)
-    if bad:
-        raise GhostedError(f"{path}: unknown calibration key(s) {sorted(bad)}; known: {sorted(CALIB_DEFAULTS)}")
-    if p["prune"].get("remove") is None:
+    if params.prune is None or params.prune.remove is None:
         raise GhostedError(f"{path}: the pipeline needs prune.remove (the score stage scores blocks of that size)")
-    PruneConfig.from_dict(p["prune"])
-    EvalSettings.from_dict(p["eval"])
-    GateConfig.from_dict(p["gate"])
-    RegistryConfig.from_dict(p["registry"])
-    return p
+    return {"model": params.model, "calibration": as_mapping(params.calibration),
+            **{s: dict(params.raw[s]) for s in SECTIONS[2:]}}
 
 
 # --------------------------------------------------------------------------- content keys

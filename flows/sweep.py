@@ -33,29 +33,16 @@ from ghosted.errors import GhostedError
 
 from .compress import _transient, load_params
 
-DEFAULTS = {"remove": [6, 9], "recovery": ["none", "ghost"], "workers": 2, "threads_per_worker": 1,
-            "address": None, "eval": {"ppl": "wiki,ptb", "ppl_windows": 8, "tasks": ""}}
-
-
 def sweep_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The `sweep:` section of params.yaml with defaults, checked."""
-    from ghosted.compare import EvalSettings
-    from ghosted.prune import PruneConfig
+    """The `sweep:` section of params.yaml (ghosted.config.SweepConfig) as a dict; every cell's config checked."""
+    from ghosted.config import PruneConfig, SweepConfig, as_mapping, build
 
-    s = {**DEFAULTS, **(params.get("sweep") or {})}
-    unknown = set(s) - set(DEFAULTS)
-    if unknown:
-        raise GhostedError(f"unknown sweep option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    s["remove"] = [int(k) for k in (s["remove"] if isinstance(s["remove"], list) else str(s["remove"]).split(","))]
-    s["recovery"] = [str(m).strip() for m in (s["recovery"] if isinstance(s["recovery"], list)
-                                               else str(s["recovery"]).split(","))]
-    for k in s["remove"]:
-        for m in s["recovery"]:
-            PruneConfig.from_dict(_cell_prune(params, k, m))
-    EvalSettings.from_dict(dict(s["eval"]))
-    for key in ("workers", "threads_per_worker"):
-        if not isinstance(s[key], int) or s[key] < 1:
-            raise GhostedError(f"sweep.{key} must be a whole number >= 1, got {s[key]!r}")
+    cfg = build(SweepConfig, params.get("sweep") or {}, "sweep")
+    for k in cfg.remove:
+        for m in cfg.recovery:
+            build(PruneConfig, _cell_prune(params, k, m), "prune")
+    s = as_mapping(cfg)
+    s["eval"] = {k: v for k, v in s["eval"].items()}
     return s
 
 
@@ -152,9 +139,7 @@ def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_t
     t0 = time.perf_counter()
     p = load_params(Path(params))
     s = sweep_settings(p)
-    from ghosted.cli.core import CALIB_DEFAULTS
-
-    calibration = {**CALIB_DEFAULTS, **p["calibration"]}
+    calibration = p["calibration"]
     prune = {key: v for key, v in p["prune"].items() if key not in ("remove", "layers", "recovery")}
     all_threads = max(1, os.cpu_count() or 1)
     shared = shared_statistics.submit(p["model"], calibration, prune, s["remove"], s["recovery"], workdir,

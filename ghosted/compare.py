@@ -30,102 +30,12 @@ from .evaluate.zeroshot import DEFAULT_TASKS, SUPPORTED_TASKS
 
 Log = Callable[[str], None]
 
-PPL_SOURCES_HELP = "wiki, ptb, passages, ptb-train, a .txt/.jsonl file or hf:NAME:SPLIT:FIELD"
+from .config import (PPL_SOURCES_HELP, EfficiencySettings, EvalSettings,  # noqa: F401  (re-exported)
+                     parse_names)
 
 
 def _nolog(_msg: str) -> None:
     pass
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def parse_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """'a,b' or ['a', 'b'] -> ('a', 'b'); 'none' -> (); None stays None (use the default)."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    items = [s.strip() for s in items if s.strip()]
-    if items == ["none"]:
-        return ()
-    return tuple(items)
-
-
-def _check_tasks(tasks: tuple[str, ...]) -> None:
-    for name in tasks:
-        if name not in SUPPORTED_TASKS:
-            close = difflib.get_close_matches(name, SUPPORTED_TASKS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise GhostedError(f"unknown task '{name}'; {hint}supported: {', '.join(SUPPORTED_TASKS)} (or 'none')")
-    if len(set(tasks)) != len(tasks):
-        raise GhostedError(f"--tasks {','.join(tasks)} names a task twice; list each task once")
-
-
-def _check_sources(sources: tuple[str, ...]) -> None:
-    from .data import SHIPPED_SOURCES
-
-    for s in sources:
-        if s not in SHIPPED_SOURCES and not s.startswith("hf:") and not Path(s).expanduser().is_file():
-            raise GhostedError(f"unknown perplexity source '{s}': use {PPL_SOURCES_HELP} (or 'none')")
-    if len(set(sources)) != len(sources):
-        raise GhostedError(f"--ppl {','.join(sources)} names a source twice; list each source once")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What quality evaluation runs: perplexity sources and zero-shot tasks, and their sizes."""
-
-    tasks: tuple[str, ...] = DEFAULT_TASKS  # () for no zero-shot
-    ppl: tuple[str, ...] = ("wiki", "ptb")  # () for no perplexity
-    limit: int | None = None  # first N items of each task (None: all)
-    ppl_windows: int = 32  # windows of seq_len tokens per perplexity source
-    seq_len: int = 512
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tasks", parse_names(self.tasks) or ())
-        object.__setattr__(self, "ppl", parse_names(self.ppl) or ())
-        _check_tasks(self.tasks)
-        _check_sources(self.ppl)
-        for name, low in (("limit", 1), ("ppl_windows", 1), ("seq_len", 2), ("batch_size", 1)):
-            value = getattr(self, name)
-            if value is None and name == "limit":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise GhostedError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise GhostedError(f"unknown eval option(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = {k: v for k, v in d.items() if v is not None or k == "limit"}
-        for key in ("tasks", "ppl"):
-            if key in d:
-                d[key] = parse_names(d[key])
-        return cls(**d)
-
-    def as_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class EfficiencySettings:
-    """Inputs of evaluate.efficiency.measure_efficiency (random prompts, greedy decoding)."""
-
-    batch_sizes: tuple[int, ...] = (1, 8)
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
-
-    def __post_init__(self) -> None:
-        for name, value, low in (("prompt_len", self.prompt_len, 1), ("new_tokens", self.new_tokens, 2),
-                                 ("repeats", self.repeats, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise GhostedError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise GhostedError(f"efficiency batch sizes must be >= 1, got {self.batch_sizes}")
 
 
 # --------------------------------------------------------------------------- one model

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__, arch
 from .capture import CapturePlan, CaptureResult, TokenPolicy, capture
+from .config import PruneConfig  # noqa: F401  (re-exported: ghosted.prune.PruneConfig)
 from .data import Calibration
 from .errors import GhostedError
 from .evaluate.perplexity import mean_nll
@@ -32,56 +33,6 @@ OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift")
 
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Everything that decides the pruned model. Rejects unknown keys and bad combinations."""
-
-    remove: int | None = None  # how many layers (with a selection metric)
-    layers: str | None = None  # or an explicit list: "13-18" / "13,15,20"
-    select: str = "angular"
-    recovery: str = "ghost"
-    ridge: float | None = None  # None: chosen on held-out data from ridge_grid (ghost), 1e-6 otherwise
-    ridge_grid: tuple[float, ...] = (1e-6, 1e-2)
-    affine: bool = False
-    rank: int | None = None
-    variant: str = "rotate"
-    token_policy: str = "auto"  # auto: the guard picks sink or all on held-out data
-    holdout: float = 0.25  # fraction of calibration windows held out for the guard and ghost selection
-    guard: str = "loss"  # loss | boundary | off
-    shortlist: int = 4
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if (self.remove is None) == (self.layers is None):
-            raise GhostedError("give exactly one of --remove K or --layers LIST")
-        SELECTION.get(self.select)
-        RECOVERY.get(self.recovery)
-        TokenPolicy(self.token_policy)
-        if self.guard not in ("loss", "boundary", "off"):
-            raise GhostedError(f"unknown guard '{self.guard}': use loss, boundary or off")
-        if not 0.0 <= self.holdout < 1.0:
-            raise GhostedError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.ridge is not None and self.ridge < 0:
-            raise GhostedError(f"--ridge must be >= 0, got {self.ridge}")
-        if self.rank is not None and self.rank < 1:
-            raise GhostedError(f"--rank must be >= 1, got {self.rank}")
-        if self.variant not in ("rotate", "diag"):
-            raise GhostedError(f"--variant must be rotate or diag, got {self.variant}")
-        if self.batch_size < 1:
-            raise GhostedError(f"--batch-size must be >= 1, got {self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PruneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise GhostedError(f"unknown prune option(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        if "ridge_grid" in d:
-            d["ridge_grid"] = tuple(float(x) for x in d["ridge_grid"])
-        return cls(**d)
 
 
 @dataclass

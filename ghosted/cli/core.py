@@ -14,7 +14,6 @@ from ..errors import GhostedError
 PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant",
                "token_policy", "holdout", "guard", "shortlist", "batch_size")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
-CALIB_DEFAULTS = {"source": "passages", "n": 32, "seq_len": 512, "seed": 0}
 
 
 def _model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
@@ -31,78 +30,81 @@ def _model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
+    from ..config import CalibrationConfig as C, default
+
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, help="use this calibration folder (from `ghosted calibrate`)")
-    g.add_argument("--calib-source", help="passages (default), wiki, ptb, ptb-train, a .txt/.jsonl file, or hf:NAME:SPLIT:FIELD")
-    g.add_argument("--n-seqs", type=int, help="number of calibration sequences (default 32)")
-    g.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
-    g.add_argument("--seed", type=int, help="seed for the document shuffle (default 0)")
+    g.add_argument("--calib-source", help=f"passages, wiki, ptb, ptb-train, a .txt/.jsonl file, or hf:NAME:SPLIT:FIELD "
+                                          f"(default {default(C, 'source')})")
+    g.add_argument("--n-seqs", type=int, help=f"number of calibration sequences (default {default(C, 'n')})")
+    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {default(C, 'seq_len')})")
+    g.add_argument("--seed", type=int, help=f"seed for the document shuffle (default {default(C, 'seed')})")
+
+
+def _ridge_grid(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e-6,1e-2, got '{text}'") from None
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from ..capture import POLICIES
+    from ..config import GUARDS, VARIANTS, PruneConfig as P, default
+    from ..recovery import RECOVERY
+    from ..selection import SELECTION
+
     g = p.add_argument_group("what to remove")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--remove", type=int, help="number of layers to remove (chosen by --select)")
     x.add_argument("--layers", help="explicit dense layer indices, e.g. 13-18 or 13,15,20")
-    g.add_argument("--select", help="angular (default, contiguous), bi, cosine, ppl, ghost")
+    g.add_argument("--select", help=f"{', '.join(SELECTION.names())} (default {default(P, 'select')})")
     r = p.add_argument_group("recovery")
-    r.add_argument("--recovery", help="ghost (default), linearpatch, replaceme, scalar, none")
-    r.add_argument("--ridge", type=float, help="relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on held-out data")
-    r.add_argument("--ridge-grid", type=lambda s: tuple(float(x) for x in s.split(",")),
-                   help="ridge values the guard tries (default 1e-6,1e-3,1e-2,1e-1)")
+    r.add_argument("--recovery", help=f"{', '.join(RECOVERY.names())} (default {default(P, 'recovery')})")
+    r.add_argument("--ridge", type=float, help="relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on "
+                                               "held-out data from --ridge-grid")
+    r.add_argument("--ridge-grid", type=_ridge_grid,
+                   help=f"ridge values the guard tries (default {default(P, 'ridge_grid')})")
     r.add_argument("--affine", action="store_true", default=None, help="ghost with a bias term")
     r.add_argument("--rank", type=int, help="low-rank ghost I + U V^T of this rank")
-    r.add_argument("--variant", help="LinearPatch variant: rotate (default) or diag")
-    r.add_argument("--token-policy", help="tokens in the fit: auto (default: the guard picks sink, anchor or all on held-out "
-                        "data), sink (drop position 0 and BOS), anchor (sinks pinned to identity), all, sink+outliers")
-    r.add_argument("--holdout", type=float, help="fraction of calibration windows held out (default 0.25)")
-    r.add_argument("--guard", help="held-out check: loss (default), boundary, off")
-    r.add_argument("--shortlist", type=int, help="blocks the ghost selection compares by held-out loss (default 4)")
-    r.add_argument("--batch-size", type=int, help="sequences per forward pass (default 4)")
+    r.add_argument("--variant", help=f"LinearPatch variant: {', '.join(VARIANTS)} (default {default(P, 'variant')})")
+    r.add_argument("--token-policy", help=f"tokens in the fit: {', '.join(POLICIES)} (default "
+                        f"{default(P, 'token_policy')}: the guard picks among the fixed policies on held-out data)")
+    r.add_argument("--holdout", type=float, help=f"fraction of calibration windows held out "
+                                                 f"(default {default(P, 'holdout')})")
+    r.add_argument("--guard", help=f"held-out check: {', '.join(GUARDS)} (default {default(P, 'guard')})")
+    r.add_argument("--shortlist", type=int, help=f"blocks the ghost selection compares by held-out loss "
+                                                 f"(default {default(P, 'shortlist')})")
+    r.add_argument("--batch-size", type=int, help=f"sequences per forward pass (default {default(P, 'batch_size')})")
 
 
-def _yaml_sections(path: Path | None) -> tuple[dict, dict]:
-    if path is None:
-        return {}, {}
-    import yaml
+def params_file(args: argparse.Namespace):
+    """The --config file as typed sections (all defaults without one): the one place the CLI reads YAML."""
+    from ..config import load_params
 
-    if not path.is_file():
-        raise GhostedError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise GhostedError(f"{path}: not valid YAML ({exc})") from exc
-    calib, prune = doc.get("calibration", {}) or {}, doc.get("prune", {}) or {}
-    bad = set(calib) - set(CALIB_DEFAULTS)
-    if bad:
-        raise GhostedError(f"{path}: unknown calibration key(s) {sorted(bad)}; known: {sorted(CALIB_DEFAULTS)}")
-    return calib, prune
+    return load_params(getattr(args, "config", None))
 
 
 def prune_config(args: argparse.Namespace):
-    from ..prune import PruneConfig
+    """PruneConfig from defaults < the `prune:` section of --config < command-line flags."""
+    from ..config import PruneConfig, build
 
-    _, yaml_prune = _yaml_sections(getattr(args, "config", None))
-    merged = dict(yaml_prune)
-    for flag in PRUNE_FLAGS:
-        v = getattr(args, flag, None)
-        if v is not None:
-            merged[flag] = v
-    if args.layers is not None:
+    given = {flag: getattr(args, flag, None) for flag in PRUNE_FLAGS}
+    merged = dict(params_file(args).raw.get("prune", {}))
+    merged.update({k: v for k, v in given.items() if v is not None})
+    if given.get("layers") is not None:
         merged.pop("remove", None)
-    elif args.remove is not None:
+    elif given.get("remove") is not None:
         merged.pop("layers", None)
-    return PruneConfig.from_dict(merged)
+    return build(PruneConfig, merged, "prune")
 
 
-def calib_settings(args: argparse.Namespace) -> dict:
-    yaml_calib, _ = _yaml_sections(getattr(args, "config", None))
-    out = {**CALIB_DEFAULTS, **yaml_calib}
-    for flag, key in CALIB_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[key] = v
-    return out
+def calib_settings(args: argparse.Namespace):
+    """CalibrationConfig from defaults < the `calibration:` section of --config < command-line flags."""
+    from ..config import merged
+
+    cfg = params_file(args).calibration
+    return merged(cfg, {key: getattr(args, flag, None) for flag, key in CALIB_FLAGS.items()}, "calibration")
 
 
 def _load(args: argparse.Namespace):
@@ -131,7 +133,7 @@ def _calibration(args: argparse.Namespace, loaded):
     if getattr(args, "calib", None):
         return load_calibration(args.calib)
     c = calib_settings(args)
-    return build_calibration(loaded.tokenizer, c["source"], int(c["n"]), int(c["seq_len"]), int(c["seed"]))
+    return build_calibration(loaded.tokenizer, c.source, c.n, c.seq_len, c.seed)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -181,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     ref = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
-    calib = build_calibration(tok, c["source"], int(c["n"]), int(c["seq_len"]), int(c["seed"]))
+    calib = build_calibration(tok, c.source, c.n, c.seq_len, c.seed)
     save_calibration(calib, args.out)
     print(json.dumps({"out": str(args.out), "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256}))
     return 0

@@ -12,51 +12,40 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import GhostedError
-from .core import (_calib_args, _calibration, _load, _log, _model_args, _write_json, _yaml_sections,
-                   calib_settings)
+from .core import _calib_args, _calibration, _load, _log, _model_args, _write_json, calib_settings, params_file
 
 # CLI flag -> EvalSettings field (None-defaulted so the YAML `eval:` section can fill in; CLI wins).
 EVAL_FLAGS = ("tasks", "ppl", "limit", "ppl_windows", "batch_size")
 
 
 def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
+    from ..config import PPL_SOURCES_HELP, EvalSettings as E, default
+
     g = p.add_argument_group("evaluation")
-    g.add_argument("--tasks", help="zero-shot tasks, comma-separated (default: the 9-task suite "
-                                   "piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,copa,rte; "
+    g.add_argument("--tasks", help=f"zero-shot tasks, comma-separated (default: {default(E, 'tasks')}; "
                                    "'none' for no zero-shot)")
     g.add_argument("--limit", type=int, help="first N items of each task (default: all)")
-    g.add_argument("--ppl", help="perplexity sources, comma-separated: wiki, ptb, passages, ptb-train, a .txt/.jsonl "
-                                 "file or hf:NAME:SPLIT:FIELD (default wiki,ptb; 'none' to skip)")
-    g.add_argument("--ppl-windows", type=int, help="windows per perplexity source (default 32)")
+    g.add_argument("--ppl", help=f"perplexity sources, comma-separated: {PPL_SOURCES_HELP} "
+                                 f"(default {default(E, 'ppl')}; 'none' to skip)")
+    g.add_argument("--ppl-windows", type=int, help=f"windows per perplexity source (default {default(E, 'ppl_windows')})")
     if seq_len:
-        g.add_argument("--seq-len", type=int, help="tokens per perplexity window (default 512)")
-    g.add_argument("--batch-size", type=int, help="sequences per forward pass in evaluation (default 8)")
+        g.add_argument("--seq-len", type=int, help=f"tokens per perplexity window (default {default(E, 'seq_len')})")
+    g.add_argument("--batch-size", type=int,
+                   help=f"sequences per forward pass in evaluation (default {default(E, 'batch_size')})")
 
 
 def eval_settings(args: argparse.Namespace, seq_len: int | None = None):
-    """EvalSettings from defaults < the YAML `eval:` section < CLI flags."""
-    from ..compare import EvalSettings
+    """EvalSettings from defaults < the `eval:` section of --config < CLI flags."""
+    from ..config import EvalSettings, build
 
-    merged = dict(_yaml_eval(getattr(args, "config", None)))
+    merged = dict(params_file(args).raw.get("eval", {}))
     if seq_len is not None and "seq_len" not in merged:
         merged["seq_len"] = seq_len
     for flag in (*EVAL_FLAGS, "seq_len"):
         v = getattr(args, flag, None)
         if v is not None:
             merged[flag] = v
-    return EvalSettings.from_dict(merged)
-
-
-def _yaml_eval(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    _yaml_sections(path)  # existence and YAML errors, one line each
-    section = (yaml.safe_load(path.read_text()) or {}).get("eval") or {}
-    if not isinstance(section, dict):
-        raise GhostedError(f"{path}: the `eval:` section must be a mapping")
-    return section
+    return build(EvalSettings, merged, "eval")
 
 
 def _command_line(args: argparse.Namespace, name: str, positional: str = "model") -> str:
@@ -102,7 +91,7 @@ def _quiet_libraries(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _efficiency_settings(args: argparse.Namespace):
-    from ..compare import EfficiencySettings
+    from ..config import EfficiencySettings
 
     given = {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "repeats") if getattr(args, k) is not None}
     if args.efficiency_batch_sizes is not None:
@@ -159,18 +148,18 @@ def _efficiency_worker(args: argparse.Namespace) -> int:
 
 def compare_config(args: argparse.Namespace):
     """CompareConfig from CLI > YAML (`prune:`, `eval:`, `calibration:`) > defaults."""
-    from ..compare import CompareConfig, parse_ks, parse_names
-    from ..prune import PruneConfig
+    from ..compare import CompareConfig, parse_ks
+    from ..config import PruneConfig, build, parse_names
 
-    _, yaml_prune = _yaml_sections(getattr(args, "config", None))
+    yaml_prune = params_file(args).raw.get("prune", {})
     template = {k: v for k, v in yaml_prune.items() if k not in ("remove", "layers", "recovery")}
     if args.select is not None:
         template["select"] = args.select
     ks = parse_ks(args.remove)
     methods = parse_names(args.recovery) or ()
     # The perplexity windows are as long as the calibration windows unless the YAML `eval:` says otherwise.
-    settings = eval_settings(args, seq_len=int(calib_settings(args)["seq_len"]))
-    return CompareConfig(ks=ks, methods=methods, prune=PruneConfig.from_dict({**template, "remove": 1}),
+    settings = eval_settings(args, seq_len=calib_settings(args).seq_len)
+    return CompareConfig(ks=ks, methods=methods, prune=build(PruneConfig, {**template, "remove": 1}, "prune"),
                          evaluation=settings)
 
 
@@ -234,9 +223,11 @@ def add_parser(sub) -> None:
                         "and 8, and peak memory (in a fresh process per model)")
     e.add_argument("--baseline", help="dense model to measure in the same run for pruned/dense ratios "
                                       "(implies --efficiency)")
-    e.add_argument("--prompt-len", type=int, help="prompt tokens for the timings (default 128)")
-    e.add_argument("--new-tokens", type=int, help="generated tokens for decode speed (default 32)")
-    e.add_argument("--repeats", type=int, help="timed runs per measurement, median kept (default 3)")
+    from ..config import EfficiencySettings as F, default
+
+    e.add_argument("--prompt-len", type=int, help=f"prompt tokens for the timings (default {default(F, 'prompt_len')})")
+    e.add_argument("--new-tokens", type=int, help=f"generated tokens for decode speed (default {default(F, 'new_tokens')})")
+    e.add_argument("--repeats", type=int, help=f"timed runs per measurement, median kept (default {default(F, 'repeats')})")
     e.add_argument("--efficiency-batch-sizes", help=argparse.SUPPRESS)  # default 1,8; smaller in tests
     e.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="write the results JSON here (atomically); without it, print it")
