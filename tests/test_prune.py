@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import ghosted
 from ghosted import arch
-from ghosted.capture import CapturePlan, TokenPolicy, capture
+from ghosted.capture import CapturePlan, capture
+from ghosted.policies import get_policy
 from ghosted.data import Calibration, tokens_sha256
 from ghosted.linalg import F64, Operator, solve_ghost
 from ghosted.models import Loaded, ModelRef
@@ -57,7 +58,7 @@ def test_capture_matches_output_hidden_states():
     """Sums from the hooks equal sums over transformers' own hidden_states (inputs of layers)."""
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size)
-    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("all"), batch_size=4, progress=False)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), "all", batch_size=4, progress=False)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     X = hs[1].reshape(-1, hs[1].shape[-1]).to(F64)
@@ -72,12 +73,12 @@ def test_capture_matches_output_hidden_states():
 def test_token_policy_masks_position_zero_and_bos():
     ids = torch.tensor([[1, 5, 6, 1, 7], [9, 9, 9, 9, 9]])
     am = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # second row left-padded
-    sink = TokenPolicy("sink").base_mask(ids, am, bos_id=1)
+    sink = get_policy("sink").base_mask(ids, am, bos_id=1)
     assert sink.tolist() == [[False, True, True, False, True], [False, False, False, True, True]]
-    assert TokenPolicy("all").base_mask(ids, am, bos_id=1).tolist() == am.bool().tolist()
+    assert get_policy("all").base_mask(ids, am, bos_id=1).tolist() == am.bool().tolist()
     X = torch.ones(1, 4, 3)
     X[0, 2] *= 100
-    keep = TokenPolicy("sink+outliers").cut_mask(torch.ones(1, 4, dtype=torch.bool), X)
+    keep = get_policy("sink+outliers").cut_mask(torch.ones(1, 4, dtype=torch.bool), X)
     assert keep.tolist() == [[True, True, False, True]]
 
 
@@ -86,7 +87,7 @@ def test_sums_never_see_padding():
     ids = _ids(model.config.vocab_size, 2, 10)
     am = torch.ones_like(ids)
     am[1, :4] = 0
-    res = capture(model, ids, CapturePlan(pairs=[(0, 2)]), TokenPolicy("all"), attention_mask=am, progress=False)
+    res = capture(model, ids, CapturePlan(pairs=[(0, 2)]), "all", attention_mask=am, progress=False)
     assert res.fit[(0, 2)].n == 16
 
 
@@ -254,9 +255,9 @@ def test_auto_policy_keeps_left_out_tokens_apart():
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size, 6, 16)
     plan = CapturePlan(pairs=[(1, 3)], heldout=frozenset({4, 5}))
-    auto = capture(model, ids, plan, TokenPolicy("auto"), progress=False)
-    every = capture(model, ids, plan, TokenPolicy("all"), progress=False)
-    sink = capture(model, ids, plan, TokenPolicy("sink"), progress=False)
+    auto = capture(model, ids, plan, "auto", progress=False)
+    every = capture(model, ids, plan, "all", progress=False)
+    sink = capture(model, ids, plan, "sink", progress=False)
     both = auto.sums((1, 3), "fit", "all")
     assert both.n == every.fit[(1, 3)].n == sink.fit[(1, 3)].n + 4  # one position 0 per fit window
     assert torch.allclose(both.gram, every.fit[(1, 3)].gram) and torch.allclose(both.cross, every.fit[(1, 3)].cross)
@@ -315,9 +316,9 @@ def test_layerwise_capture_gives_identical_statistics(family):
     plan = CapturePlan(pairs=[(1, 3), (3, 5), (0, 2)], hadamard=True, mlp=arch.get_arch(model).fold_exact,
                        scores=True, heldout=frozenset({4, 5}))
     kw = dict(attention_mask=am, batch_size=4, progress=False)
-    whole = capture(model, ids, plan, TokenPolicy("auto"), **kw)
+    whole = capture(model, ids, plan, "auto", **kw)
     before = _logits(model, ids)
-    layered = capture(model, ids, plan, TokenPolicy("auto"), layerwise=True, **kw)
+    layered = capture(model, ids, plan, "auto", layerwise=True, **kw)
     _assert_same_capture(whole, layered)
     assert torch.equal(before, _logits(model, ids))  # the model is intact afterwards
     assert all(type(m).__name__ != "_Recorder" for m in arch.get_layers(model))
@@ -352,13 +353,13 @@ def test_sink_shift_is_the_mean_move_of_position_zero():
 
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size, 6, 16)
-    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("sink"), progress=False)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), "sink", progress=False)
     op = solve_cut(res, (1, 3), "total", "sink", PruneConfig(layers="1-2"), 1e-6)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     expected = (hs[3][:, 0] - hs[1][:, 0]).to(F64).mean(0)
     assert torch.allclose(op.sink_shift, expected, atol=1e-6)
-    auto = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("auto"), progress=False)
+    auto = capture(model, ids, CapturePlan(pairs=[(1, 3)]), "auto", progress=False)
     assert torch.allclose(solve_cut(auto, (1, 3), "total", "sink", PruneConfig(layers="1-2"), 1e-6).sink_shift, expected,
                           atol=1e-6)
     assert solve_cut(auto, (1, 3), "total", "anchor", PruneConfig(layers="1-2"), 1e-6).sink_shift is None
@@ -367,7 +368,7 @@ def test_sink_shift_is_the_mean_move_of_position_zero():
 def test_sink_capture_keeps_only_the_mean_move_of_left_out_tokens():
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size, 4, 12)
-    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), TokenPolicy("sink"), progress=False)
+    res = capture(model, ids, CapturePlan(pairs=[(1, 3)]), "sink", progress=False)
     left = res.left_out((1, 3))
     assert left.n == 4 and left.gram is None and left.sum_x is not None
     with pytest.raises(ghosted.GhostedError, match="token policy auto"):

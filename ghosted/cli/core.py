@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import GhostedError
+from ..policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
 PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant",
@@ -53,8 +54,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--affine", action="store_true", default=None, help="ghost with a bias term")
     r.add_argument("--rank", type=int, help="low-rank ghost I + U V^T of this rank")
     r.add_argument("--variant", help="LinearPatch variant: rotate (default) or diag")
-    r.add_argument("--token-policy", help="tokens in the fit: auto (default: the guard picks sink, anchor or all on held-out "
-                        "data), sink (drop position 0 and BOS), anchor (sinks pinned to identity), all, sink+outliers")
+    r.add_argument("--token-policy", help=policy_help())
     r.add_argument("--holdout", type=float, help="fraction of calibration windows held out (default 0.25)")
     r.add_argument("--guard", help="held-out check: loss (default), boundary, off")
     r.add_argument("--shortlist", type=int, help="blocks the ghost selection compares by held-out loss (default 4)")
