@@ -329,9 +329,50 @@ def _renumber_device_map(model: nn.Module, layers_path: str, keep: list[int]) ->
     model.hf_device_map = renumbered  # type: ignore[assignment]
 
 
-def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
+_ABSENT = object()  # an attribute the model did not have
+
+
+@dataclass
+class RemovalUndo:
+    """Everything remove_layers changed, kept so that restore() puts the model back exactly: the same layer
+    modules in the same ModuleList, the same config values (layer count, per-layer lists, per-layer config),
+    the layers' own indices and `hf_device_map`."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    removed: list[tuple[int, nn.Module]]  # (dense index, layer)
+    config: PretrainedConfig
+    config_values: dict[str, Any]  # key -> the value before removal (the objects themselves, never mutated)
+    heterogeneity: Any  # config._heterogeneity_spec before removal, or None (then removal left it alone)
+    layer_idx: list[tuple[nn.Module, str, Any]]  # (owner, attribute, value before removal)
+    device_map: Any = _ABSENT
+    restored: bool = False
+
+    def restore(self) -> None:
+        """Put back what remove_layers changed. Once only."""
+        if self.restored:
+            raise RuntimeError("this layer removal was already undone")
+        for i, layer in self.removed:  # ascending: each insert lands at its dense index
+            self.layers.insert(i, layer)
+        for key, value in self.config_values.items():
+            setattr(self.config, key, value)
+        if self.heterogeneity is not None:
+            # The spec object from before removal (remove_layers set a new one and left this one untouched).
+            self.config._heterogeneity_spec = self.heterogeneity
+        for owner, attr, value in self.layer_idx:
+            setattr(owner, attr, value)
+        if self.device_map is _ABSENT:
+            if hasattr(self.model, "hf_device_map"):
+                del self.model.hf_device_map
+        else:
+            self.model.hf_device_map = self.device_map  # type: ignore[assignment]
+        self.restored = True
+
+
+def remove_layers(model: nn.Module, remove: Sequence[int]) -> RemovalUndo:
     """Delete the decoder layers at `remove` in place and fix the config and layer indices so that
-    generation with a KV cache and save_pretrained -> from_pretrained work on the smaller model."""
+    generation with a KV cache and save_pretrained -> from_pretrained work on the smaller model.
+    Returns the undo snapshot (RemovalUndo.restore puts the dense model back exactly)."""
     spec = get_arch(model)
     layers = get_layers(model)
     n = len(layers)
@@ -350,6 +391,11 @@ def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
         for path in spec.layer_idx_attrs:
             _index_owner(layer, path, spec)
     heterogeneity = getattr(config, "_heterogeneity_spec", None)  # transformers' sparse per_layer_config
+    undo = RemovalUndo(
+        model, layers, [(i, layers[i]) for i in removed], config,
+        {key: getattr(config, key) for key in (spec.num_layers_key, *lists)}, heterogeneity,
+        _index_values(layers, spec), getattr(model, "hf_device_map", _ABSENT),
+    )  # fmt: skip
 
     for i in reversed(removed):
         del layers[i]  # ModuleList renames the remaining children 0..len-1
@@ -372,3 +418,17 @@ def remove_layers(model: nn.Module, remove: Sequence[int]) -> None:
         }
         config.per_layer_config = rekeyed or None
     _renumber_device_map(model, spec.layers, keep)
+    return undo
+
+
+def _index_values(layers: nn.ModuleList, spec: ArchSpec) -> list[tuple[nn.Module, str, Any]]:
+    """Every layer-index attribute remove_layers may renumber, with its current value."""
+    out: list[tuple[nn.Module, str, Any]] = []
+    for layer in layers:
+        for path in spec.layer_idx_attrs:
+            owner, attr = _index_owner(layer, path, spec)
+            out.append((owner, attr, getattr(owner, attr)))
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                out.append((module, "layer_idx", module.layer_idx))
+    return out

@@ -21,56 +21,9 @@ from tqdm.auto import tqdm
 from . import arch
 from .errors import GhostedError
 from .linalg import F64, PairSums, orthonormal_mixer
+from .policies import TokenPolicy, get_policy
 
 Pair = tuple[int, int]
-
-
-# Every policy but "all" keeps the left-out tokens' sums apart: "sink" needs them for the sink shift,
-# and under "auto" the guard compares fits with and without them on held-out data (prune.py).
-POLICIES = ("auto", "all", "sink", "anchor", "sink+outliers")
-
-
-@dataclass(frozen=True)
-class TokenPolicy:
-    """Which calibration tokens enter the least-squares sums (recorded in the checkpoint).
-
-    - "all": every non-padding token, and one map for every token at inference (the paper).
-    - "sink": leave out position 0 of every window and every BOS token: the attention-sink position
-      maps across a cut unlike any other token and bends the fit. At inference the operator maps every
-      token except position 0, which gets the sink shift h + mean(Y - X) over the left-out tokens.
-    - "sink+outliers": also leave out tokens whose state norm at the cut's input exceeds
-      `outlier_factor` times the batch median (other sink-like tokens); no sink shift.
-    - "anchor": the sink tokens stay in the fit with their own state as target, which pins the
-      operator to identity along the (massive-activation) sink directions.
-    - "auto" (default of `ghosted prune`): the sums of "sink" plus, apart, those of the tokens it
-      leaves out; the held-out guard then picks "sink", "anchor" or "all" per model and cut size.
-    """
-
-    name: str = "sink"
-    outlier_factor: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise GhostedError(f"unknown token policy '{self.name}': use {', '.join(POLICIES)}")
-
-    def base_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-        """[B, T] bool: tokens that may enter the sums before any per-cut outlier test."""
-        mask = attention_mask.bool().clone()
-        if self.name != "all":  # sink, sink+outliers, auto
-            # first real token of each row (left padding aware)
-            first = attention_mask.long().argmax(dim=1)
-            mask[torch.arange(mask.shape[0]), first] = False
-            if bos_id is not None:
-                mask &= input_ids != bos_id
-        return mask
-
-    def cut_mask(self, base: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """Per-cut mask: base, minus norm outliers of X ([B, T, d]) under sink+outliers."""
-        if self.name != "sink+outliers":
-            return base
-        norms = X.float().norm(dim=-1)
-        med = norms[base].median() if base.any() else norms.median()
-        return base & (norms <= self.outlier_factor * med)
 
 
 @dataclass
@@ -95,17 +48,17 @@ class CaptureResult:
     fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out
     heldout_left_out: dict[Pair, PairSums] = field(default_factory=dict)
 
-    def sums(self, pair: Pair, group: str = "total", fit: str = "kept") -> PairSums:
-        """Sums of one cut over windows `group` (fit | heldout | total) for a fit policy:
+    def sums(self, pair: Pair, group: str = "total", combine: str = "kept") -> PairSums:
+        """Sums of one cut over windows `group` (fit | heldout | total), combined as a token policy declares:
         kept (the tokens the capture policy kept), all (kept + left out), anchor (kept, plus the
         left-out tokens with target = their own state, pinning the operator to identity on them).
         For all/anchor the relative ridge still refers to the kept tokens' trace."""
         groups = {"fit": [(self.fit, self.fit_left_out)], "heldout": [(self.heldout, self.heldout_left_out)],
                   "total": [(self.fit, self.fit_left_out), (self.heldout, self.heldout_left_out)]}[group]
-        if fit not in ("kept", "all", "anchor"):
-            raise ValueError(f"fit policy must be kept, all or anchor, got {fit}")
+        if combine not in ("kept", "all", "anchor"):
+            raise ValueError(f"combine must be kept, all or anchor, got {combine}")
         kept = _add([g[pair] for g, _ in groups])
-        if fit == "kept":
+        if combine == "kept":
             return kept
         if pair not in self.fit_left_out:
             raise GhostedError("these sums were captured without the left-out tokens (use token policy auto)")
@@ -113,8 +66,8 @@ class CaptureResult:
         if left.n == 0:
             return kept
         if kept.gram is not None and left.gram is None:
-            raise GhostedError(f"a '{fit}' fit needs the left-out tokens' full sums: capture with token policy auto")
-        out = kept + (left if fit == "all" else left.as_identity_targets())
+            raise GhostedError(f"a '{combine}' fit needs the left-out tokens' full sums: capture with token policy auto")
+        out = kept + (left if combine == "all" else left.as_identity_targets())
         out.trace_ref = None if kept.gram is None else float(torch.trace(kept.gram))
         return out
 
@@ -166,9 +119,9 @@ class _Sums:
         self.H = orthonormal_mixer(d).to(device) if plan.hadamard else None
         self.fit: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
         self.held: dict[Pair, PairSums] = {p: PairSums(d) for p in plan.pairs}
-        self.keep_left_out = policy.name != "all"
+        self.keep_left_out = policy.left_out != "none"
         # "auto" and "anchor" fit with the left-out tokens too (full sums); "sink" only needs their mean move
-        self.full_left_out = policy.name in ("auto", "anchor")
+        self.full_left_out = policy.left_out == "full"
         self.fit_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.held_lo = {p: PairSums(d) for p in plan.pairs} if self.keep_left_out else {}
         self.cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
@@ -222,7 +175,7 @@ def _needed(plan: CapturePlan, L: int) -> set[int]:
 
 
 @torch.no_grad()
-def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy = TokenPolicy(),
+def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy | str = "sink",
             attention_mask: torch.Tensor | None = None, batch_size: int = 4, bos_id: int | None = None,
             progress: bool = True, desc: str = "calibration pass", layerwise: bool = False,
             device: str | torch.device | None = None) -> CaptureResult:
@@ -242,7 +195,8 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
     needed = _needed(plan, L)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    d = model.config.hidden_size  # GPT-2's n_embd too: transformers maps hidden_size onto it
+    policy = get_policy(policy)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     sums = _Sums(plan, policy, L, d, device, bos_id)

@@ -201,7 +201,7 @@ class PruneConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        from .capture import TokenPolicy
+        from .policies import get_policy
         from .recovery import RECOVERY
         from .selection import SELECTION
 
@@ -213,7 +213,7 @@ class PruneConfig:
             _whole(self.remove, 1, "--remove (prune.remove)")
         SELECTION.get(self.select)
         RECOVERY.get(self.recovery)
-        TokenPolicy(self.token_policy)
+        get_policy(self.token_policy)
         if self.guard not in GUARDS:
             raise GhostedError(f"unknown guard '{self.guard}': use {', '.join(GUARDS)}")
         if not 0.0 <= self.holdout < 1.0:

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from . import __version__, arch
-from .capture import CapturePlan, CaptureResult, TokenPolicy, capture
+from .capture import CapturePlan, CaptureResult, capture
 from .config import PruneConfig  # noqa: F401  (re-exported: ghosted.prune.PruneConfig)
 from .data import Calibration
 from .errors import GhostedError
 from .evaluate.perplexity import mean_nll
 from .linalg import F64, Operator, PairSums, relative_residual
 from .models import Loaded, fingerprint
+from .policies import get_policy
 from .recovery import RECOVERY, SolveOptions
 from .selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from .surgery import Pair, apply, runs, temporarily_pruned
@@ -64,7 +65,7 @@ def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: lis
     needs_full = method.full or cfg.select == "ghost"
     plan = CapturePlan(pairs=pairs, full=needs_full, hadamard=method.hadamard and cfg.variant == "rotate",
                        mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout))
-    return capture(loaded.model, calib.input_ids, plan, TokenPolicy(cfg.token_policy), batch_size=cfg.batch_size,
+    return capture(loaded.model, calib.input_ids, plan, cfg.token_policy, batch_size=cfg.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, layerwise=loaded.layerwise,
                    device=loaded.capture_device)
 
@@ -75,7 +76,7 @@ def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: 
     L = arch.num_layers(loaded.model)
     if k is not None:
         check_k(k, L)
-    res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), TokenPolicy("all"),
+    res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), "all",
                   batch_size=batch_size, progress=progress, desc="scoring pass", layerwise=loaded.layerwise,
                   device=loaded.capture_device)
     table = score_table(res, k)
@@ -92,8 +93,8 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
         with temporarily_pruned(loaded.model, removed) as m:
             return mean_nll(m, ids, cfg.batch_size)
 
-    # the ghost as the guard would build it under "sink" (fit without the sinks, sink shift for position 0)
-    policy = "sink" if cfg.token_policy == "auto" else cfg.token_policy
+    # the ghost as the guard would build it (auto: under "sink", the sinks out of the fit, a sink shift for them)
+    policy = get_policy(cfg.token_policy).for_selection
     ghost_cfg = replace(cfg, recovery="ghost")
 
     def ghost(removed: list[int]) -> float:
@@ -125,7 +126,7 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
                        heldout_windows(calib.n, template.holdout), template.variant)
     if log is not None:
         log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
-    return capture(model, calib.input_ids, plan, TokenPolicy(template.token_policy), batch_size=template.batch_size,
+    return capture(model, calib.input_ids, plan, template.token_policy, batch_size=template.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, desc="shared calibration pass",
                    layerwise=loaded.layerwise, device=loaded.capture_device)
 
@@ -177,12 +178,11 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     cuts = runs(removed)
     log(f"removing layers {_fmt(removed)} of {L} (cuts {cuts})")
 
-    auto = cfg.token_policy == "auto"
     guard_info: dict = {"mode": "off"}
     if cfg.recovery == "ghost" and cfg.guard != "off" and any(res.heldout[c].n for c in cuts):
         choice, guard_info = _guard(loaded, calib, cfg, res, removed, cuts, log)
     else:  # no held-out check: the papers' setting, every token in the fit unless a policy says otherwise
-        choice = ("all" if auto else cfg.token_policy, cfg.ridge if cfg.ridge is not None else 1e-6)
+        choice = (get_policy(cfg.token_policy).without_guard, cfg.ridge if cfg.ridge is not None else 1e-6)
     if choice is None:
         policy, ridge = "none", 0.0
         operators = {c: Operator("identity") for c in cuts}
@@ -209,8 +209,7 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
            cuts: list[Pair], log) -> tuple[tuple[str, float] | None, dict]:
     """Choose token policy and ridge on held-out windows; None (no recovery) when nothing beats plain removal."""
     grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
-    auto = cfg.token_policy == "auto"
-    policies = ["sink", "anchor", "all"] if auto else [cfg.token_policy]
+    policies = get_policy(cfg.token_policy).guard_choices  # auto: its candidates, in its order
     method = RECOVERY.get("ghost")
     held = sorted(heldout_windows(calib.n, cfg.holdout))
     ids = calib.input_ids[held]
@@ -249,26 +248,20 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
 def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: PruneConfig, ridge: float) -> Operator:
     """The operator of one cut from the sums of `group` windows under an (effective) token policy.
 
-    Under "sink" the positions left out of the fit (position 0, BOS) get their own map at inference,
-    the sink shift h <- h + mean(Y - X) over the left-out calibration tokens: the first token's state is
-    nearly the same vector in every window (SmolLM2-135M: cosine 0.99999 between windows after layer 12),
+    A policy with a sink shift ("sink") gives the positions left out of the fit (position 0, BOS) their
+    own map at inference, h <- h + mean(Y - X) over the left-out calibration tokens: the first token's state
+    is nearly the same vector in every window (SmolLM2-135M: cosine 0.99999 between windows after layer 12),
     and a cut that removes the layers that build that attention sink must rebuild it, which no map fitted
-    on ordinary tokens does (see README, "Attention sinks")."""
+    on ordinary tokens does (see README, "Attention sinks"). A capture that kept the left-out tokens apart
+    (every policy but "all") serves every policy."""
     method = RECOVERY.get(cfg.recovery)
-    op = method.solve(res.sums(cut, group, _fit_mode(res, policy)), _opts(cfg, ridge))
-    if policy == "sink" and method.residual and op.kind in ("full", "lowrank"):
-        left = res.left_out(cut, group)
-        if left is not None and left.n:
-            op.sink_shift = (left.sum_y - left.sum_x) / left.n
+    pol = get_policy(policy)
+    op = method.solve(pol.fit_sums(res, cut, group), _opts(cfg, ridge))
+    if method.residual and op.kind in ("full", "lowrank"):
+        shift = pol.shift(res, cut, group)
+        if shift is not None:
+            op.sink_shift = shift
     return op
-
-
-def _fit_mode(res: CaptureResult, policy: str) -> str:
-    """How the captured sums combine for an (effective) token policy; see CaptureResult.sums.
-    A capture that kept the left-out tokens apart (every policy but "all") serves every policy."""
-    if policy == "anchor":
-        return "anchor"
-    return "all" if policy == "all" and res.fit_left_out else "kept"
 
 
 def _fmt(removed: list[int]) -> str:

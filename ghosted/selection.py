@@ -167,7 +167,3 @@ def score_table(result: CaptureResult, k: int | None = None) -> dict:
         table["k"] = k
         table["blocks"] = block_scores(result, k)
     return table
-
-
-def pairwise_tables(result: CaptureResult) -> dict[str, list[list[float]]]:
-    return {"mean_cos": result.mean_cos().tolist(), "mean_angular": result.mean_angular().tolist()}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from . import arch
 from ._remote.modeling_ghosted import Ghost, attach_ghosts
@@ -59,6 +60,62 @@ class Applied:
     folded: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SurgeryPlan:
+    """What a set of per-cut operators does to a model, decided once for apply() and temporarily_pruned().
+    Folds use dense layer indices and happen before removal; ghosts sit in the pruned model."""
+
+    removed: list[int]
+    down_folds: list[tuple[Pair, Operator]] = field(default_factory=list)  # T into layer s-1's down projection
+    scale_after: list[tuple[int, float]] = field(default_factory=list)  # (first kept dense layer after a cut, c)
+    ghosts: list[tuple[GhostSpec, Operator]] = field(default_factory=list)  # hooked: full or lowrank
+
+
+def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Operator],
+                 fold_scalars: bool) -> SurgeryPlan:
+    """Sort each cut's operator into a weight fold or a hooked ghost.
+
+    fold_scalars: fold a scalar into the residual writers of every later layer where that is exact (a
+    saved checkpoint); otherwise hook it as c I (a temporary plan: no later weights to save and restore)."""
+    spec = arch.get_arch(model)
+    removed = sorted(set(removed))
+    cuts = runs(removed)
+    if set(operators) - set(cuts):
+        raise GhostedError(f"operators for cuts {sorted(set(operators) - set(cuts))} that are not removed runs {cuts}")
+    plan = SurgeryPlan(removed)
+    for cut, op in sorted(operators.items()):
+        if op.kind == "identity":
+            continue
+        if op.kind == "fold_down":
+            plan.down_folds.append((cut, op))
+            continue
+        if op.kind == "scalar" and fold_scalars and spec.scalar_fold_exact:
+            plan.scale_after.append((cut[1], float(op.scale)))
+            continue
+        if op.kind == "scalar":
+            op = Operator("full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
+        if op.kind not in ("full", "lowrank"):
+            raise GhostedError(f"cannot apply a {op.kind!r} operator (cut {cut}): not a fold and not a ghost")
+        rank = op.U.shape[1] if op.kind == "lowrank" else None
+        plan.ghosts.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
+                                      sink_shift=op.sink_shift is not None), op))
+    return plan
+
+
+class HookOwner:
+    """Owns the forward hooks it was handed and removes exactly those, through their handles."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def own(self, handles: list[RemovableHandle]) -> None:
+        self._handles.extend(handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
 def _scale_writers(layer: torch.nn.Module, spec: arch.ArchSpec, factor: float) -> None:
     for path in spec.residual_writers:
         mod = arch.layer_submodule(layer, path)
@@ -72,49 +129,28 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
     """Prune `removed` (dense indices) and install one operator per cut; returns what was installed."""
     spec = arch.get_arch(model)
     L = arch.num_layers(model)
-    removed = sorted(set(removed))
-    cuts = runs(removed)
-    if set(operators) - set(cuts):
-        raise GhostedError(f"operators for cuts {sorted(set(operators) - set(cuts))} that are not removed runs {cuts}")
+    plan = plan_surgery(model, removed, operators, fold_scalars=True)
     layers = arch.get_layers(model)
     applied = Applied()
-    residual_ops: dict[Pair, Operator] = {}
-    scale_after: list[tuple[int, float]] = []  # (first kept dense layer after the cut, scalar)
-    for cut, op in sorted(operators.items()):
-        s, b = cut
-        if op.kind == "identity":
-            continue
-        if op.kind == "fold_down":
-            _fold_replaceme(model, spec, list(layers), cut, op)
-            applied.folded.append(f"T into layer {s - 1} {spec.mlp_down}")
-        elif op.kind == "scalar" and spec.scalar_fold_exact:
-            scale_after.append((b, float(op.scale)))
-        else:
-            residual_ops[cut] = op if op.kind != "scalar" else Operator(
-                "full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
-    if scale_after:
+    for cut, op in plan.down_folds:
+        _fold_replaceme(model, spec, list(layers), cut, op)
+        applied.folded.append(f"T into layer {cut[0] - 1} {spec.mlp_down}")
+    if plan.scale_after:
         # h_b ~ c h_s. Dividing every later residual write by c keeps each later state exactly 1/c times the
         # compensated one; every read goes through a scale-invariant norm, so the logits are unchanged.
         for i in range(L):
             factor = 1.0
-            for b, c in scale_after:
+            for b, c in plan.scale_after:
                 if i >= b:
                     factor /= c
-            if factor != 1.0 and i not in removed:
+            if factor != 1.0 and i not in plan.removed:
                 _scale_writers(layers[i], spec, factor)
         applied.folded.append("scalar compensation into the residual writers of later layers")
 
-    arch.remove_layers(model, removed)
-
-    ghost_entries = []
-    for cut, op in sorted(residual_ops.items()):
-        rank = op.U.shape[1] if op.kind == "lowrank" else None
-        g = GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
-                      sink_shift=op.sink_shift is not None)
-        applied.ghosts.append(g)
-        ghost_entries.append((g, op))
-    if ghost_entries:
-        install_ghosts(model, ghost_entries)
+    arch.remove_layers(model, plan.removed)
+    if plan.ghosts:
+        install_ghosts(model, plan.ghosts)  # permanent: the hooks stay, as when the checkpoint is loaded
+    applied.ghosts = [g for g, _ in plan.ghosts]
     return applied
 
 
@@ -134,12 +170,13 @@ def _fold_replaceme(model: torch.nn.Module, spec: arch.ArchSpec, layers: list, c
         down.bias.data.copy_(bias)
 
 
-def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operator]]) -> None:
-    """Hook ghosts (fresh model.ghosts) and copy in the operators' weights, in the model's dtype."""
+def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operator]]) -> list[RemovableHandle]:
+    """Hook ghosts (fresh model.ghosts) and copy in the operators' weights, in the model's dtype; returns the
+    hooks' handles."""
     spec = arch.get_arch(model)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    attach_ghosts(model, [g.as_config() for g, _ in entries], spec.layers, spec.final_norm)
+    handles = attach_ghosts(model, [g.as_config() for g, _ in entries], spec.layers, spec.final_norm)
     for g, op in entries:
         mod: Ghost = model.ghosts[str(g.site)]
         mod.to(device=device, dtype=dtype)
@@ -152,6 +189,7 @@ def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operat
             mod.bias.data.copy_(op.bias)
         if op.sink_shift is not None:
             mod.sink_shift.data.copy_(op.sink_shift)
+    return handles
 
 
 @contextmanager
@@ -163,73 +201,31 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     Folded operators (ReplaceMe) change weights for the duration and are undone afterwards.
     """
     spec = arch.get_arch(model)
-    layers = arch.get_layers(model)
-    parent_path, _, attr = spec.layers.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    saved_layers = list(layers)
-    cfg = model.config
-    saved_cfg = {k: getattr(cfg, k) for k in (spec.num_layers_key, *spec.per_layer_keys, *arch._GENERIC_PER_LAYER_KEYS)
-                 if hasattr(cfg, k)}
-    saved_cfg = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in saved_cfg.items()}
-    saved_idx = []
-    for layer in saved_layers:
-        for path in spec.layer_idx_attrs:
-            owner_path, _, name = path.rpartition(".")
-            owner = layer.get_submodule(owner_path) if owner_path else layer
-            if hasattr(owner, name):
-                saved_idx.append((owner, name, getattr(owner, name)))
-    had_ghosts = hasattr(model, "ghosts")
-    saved_ghosts = model.ghosts if had_ghosts else None
-    handles_before = _hook_snapshot(model)
-    saved_weights: list = []
+    plan = plan_surgery(model, removed, operators or {}, fold_scalars=False)
+    layers = list(arch.get_layers(model))
+    saved_ghosts = getattr(model, "ghosts", None)
+    hooks = HookOwner()
+    saved_weights: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
+    undo: arch.RemovalUndo | None = None
     try:
-        for cut, op in sorted((operators or {}).items()):
-            if op.kind == "fold_down":  # fold now (dense indices), restore the weights afterwards
-                down = arch.layer_submodule(saved_layers[cut[0] - 1], spec.mlp_down)
-                saved_weights.append((down, down.weight.data.clone(),
-                                      None if down.bias is None else down.bias.data.clone()))
-                _fold_replaceme(model, spec, saved_layers, cut, op)
-        arch.remove_layers(model, removed)
-        entries = []
-        for cut, op in sorted((operators or {}).items()):
-            if op.kind in ("identity", "fold_down"):
-                continue
-            if op.kind == "scalar":
-                op = Operator("full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
-            if op.kind not in ("full", "lowrank"):
-                raise ValueError(f"temporarily_pruned cannot apply a {op.kind} operator")
-            rank = op.U.shape[1] if op.kind == "lowrank" else None
-            entries.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
-                                      sink_shift=op.sink_shift is not None), op))
-        if entries:
-            install_ghosts(model, entries)
+        for cut, op in plan.down_folds:  # fold now (dense indices), restore the weights afterwards
+            down = arch.layer_submodule(layers[cut[0] - 1], spec.mlp_down)
+            saved_weights.append((down, down.weight.data.clone(),
+                                  None if down.bias is None else down.bias.data.clone()))
+            _fold_replaceme(model, spec, layers, cut, op)
+        undo = arch.remove_layers(model, plan.removed)
+        if plan.ghosts:
+            hooks.own(install_ghosts(model, plan.ghosts))
         yield model
     finally:
-        _restore_hooks(model, handles_before)
+        hooks.remove()
+        if undo is not None:
+            undo.restore()
         for mod, w, b in saved_weights:
             mod.weight.data.copy_(w)
             if b is not None:
                 mod.bias.data.copy_(b)
-        setattr(parent, attr, torch.nn.ModuleList(saved_layers))
-        for k, v in saved_cfg.items():
-            setattr(cfg, k, v)
-        for owner, name, value in saved_idx:
-            setattr(owner, name, value)
-        if had_ghosts:
+        if saved_ghosts is not None:
             model.ghosts = saved_ghosts
         elif hasattr(model, "ghosts"):
             del model.ghosts
-
-
-def _hook_snapshot(model: torch.nn.Module) -> dict[int, set]:
-    return {id(m): set(m._forward_pre_hooks) for m in model.modules()}
-
-
-def _restore_hooks(model: torch.nn.Module, snapshot: dict[int, set]) -> None:
-    """Drop pre-hooks added since the snapshot (ghost hooks of a temporary plan)."""
-    for m in model.modules():
-        keep = snapshot.get(id(m), set())
-        for key in list(m._forward_pre_hooks):
-            if key not in keep:
-                del m._forward_pre_hooks[key]
-                m._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ghosted import arch
-from ghosted.capture import TokenPolicy, capture
+from ghosted.capture import capture
 from ghosted.data import build_calibration
 from ghosted.evaluate.perplexity import perplexity
 from ghosted.evaluate.zeroshot import evaluate_zeroshot
@@ -63,7 +63,7 @@ def main() -> None:
     L = arch.num_layers(model)
     held = heldout_windows(calib.n, 0.25)
     plan = shared_plan(L, model.config.hidden_size, ks, ["ghost"], held)
-    res = capture(model, calib.input_ids, plan, TokenPolicy("auto"), bos_id=_bos(tok), desc="shared capture")
+    res = capture(model, calib.input_ids, plan, "auto", bos_id=_bos(tok), desc="shared capture")
     rows = [{"k": 0, "variant": "dense", "removed": [], **evaluate(model, tok, args)}]
     print(rows[-1], flush=True)
     for k in ks:

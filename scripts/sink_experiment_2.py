@@ -3,7 +3,7 @@
 import torch, time, math, sys
 from ghosted.models import load_model
 from ghosted.data import build_calibration, make_windows, load_documents
-from ghosted.capture import capture, CapturePlan, TokenPolicy
+from ghosted.capture import capture, CapturePlan
 from ghosted.linalg import solve_ghost, relative_residual, PairSums, F64, Operator, ridge_lambda, _solve_spd
 from ghosted.surgery import temporarily_pruned
 from ghosted.evaluate.perplexity import mean_nll
@@ -13,8 +13,8 @@ c = build_calibration(L.tokenizer, n=32, seq_len=512)
 wiki = make_windows(L.tokenizer, load_documents('wiki'), 512)[:8]
 ptb = make_windows(L.tokenizer, load_documents('ptb'), 512)[:8]
 cuts=[(13,19),(10,19)]
-ra = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), TokenPolicy('all'), progress=False)
-rs = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), TokenPolicy('sink'), progress=False)
+ra = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), 'all', progress=False)
+rs = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), 'sink', progress=False)
 def ev(removed, ops, gate0=False):
     with temporarily_pruned(L.model, removed, ops) as m:
         hs=[]

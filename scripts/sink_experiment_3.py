@@ -5,7 +5,7 @@ Output: reports/sink_experiment_3.txt as (wiki PPL, PTB PPL)."""
 import torch, math, sys
 from ghosted.models import load_model
 from ghosted.data import build_calibration, make_windows, load_documents
-from ghosted.capture import capture, CapturePlan, TokenPolicy
+from ghosted.capture import capture, CapturePlan
 from ghosted.linalg import solve_ghost
 from ghosted.surgery import temporarily_pruned
 from ghosted.evaluate.perplexity import mean_nll
@@ -24,7 +24,7 @@ for i in (10, 13, 19):
     print(f'h{i}: pos0 norms {n[:,0].tolist()}, others max {n[:,1:].max():.1f} median {n[:,1:].median():.1f}; top-5 others {n[:,1:].flatten().topk(5).values.tolist()}', flush=True)
 print('Y pos0 cos across windows', torch.nn.functional.cosine_similarity(hs[19][0,0], hs[19][1,0], dim=0).item())
 cuts = [(13, 19), (10, 19)]
-r = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), TokenPolicy('auto'), progress=False)
+r = capture(L.model, c.input_ids, CapturePlan(pairs=cuts), 'auto', progress=False)
 
 class Routed(torch.nn.Module):
     def __init__(self, W, b, Ws, bs, tau):

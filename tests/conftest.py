@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 _TMP = tempfile.mkdtemp(prefix="ghosted-tests-")
 os.environ.update({
@@ -20,3 +22,27 @@ import torch  # noqa: E402
 
 # Tiny models on a shared 2-core machine: one thread avoids oversubscription (0.5 s -> 2 ms per forward).
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+from .tiny_models import save_tiny_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Hugging Face folder (weights + tokenizer) of a tiny random 6-layer Llama, shared by every test file."""
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """run(*argv) -> (exit code, stdout, stderr) of the `ghosted` CLI called in this process."""
+    from ghosted.cli import main
+
+    def _run(*argv: object) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

@@ -335,6 +335,54 @@ def test_device_map_renumbered() -> None:
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("remove", [[1], [0, 2]])
+def test_removal_undo_restores_the_model_exactly(family: str, remove: list[int]) -> None:
+    """restore() gives back the same layer modules in the same ModuleList, the same config values (the very
+    objects), the layers' indices and the dense logits and generation, bit for bit."""
+    model, _ = make_tiny(family)
+    spec = get_arch(model)
+    layers = get_layers(model)
+    modules = list(layers)
+    keys = [spec.num_layers_key, *spec.per_layer_keys, *(k for k in ("layer_types", "mlp_layer_types")
+                                                          if getattr(model.config, k, None) is not None)]
+    values = {k: getattr(model.config, k) for k in keys}
+    indices = _all_layer_idx(model)
+    ids = _ids()
+    logits, generated = model(ids).logits, _generate(model, use_cache=True)
+
+    undo = remove_layers(model, remove)
+    assert num_layers(model) == 4 - len(remove)
+    undo.restore()
+
+    assert get_layers(model) is layers and list(layers) == modules
+    assert [name for name, _ in layers.named_children()] == ["0", "1", "2", "3"]
+    assert all(getattr(model.config, k) is v for k, v in values.items())
+    assert _all_layer_idx(model) == indices
+    assert torch.equal(model(ids).logits, logits)
+    assert torch.equal(_generate(model, use_cache=True), generated)
+    with pytest.raises(RuntimeError, match="already undone"):
+        undo.restore()
+
+
+def test_removal_undo_restores_device_map_and_per_layer_config() -> None:
+    model, _ = make_tiny("llama")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": 0, "model.layers.2": 1,
+                  "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    model.hf_device_map = device_map
+    model.config.per_layer_config = {1: {"rms_norm_eps": 1e-5}, 3: {"rms_norm_eps": 1e-4}}
+    overrides = copy.deepcopy(model.config._heterogeneity_spec.per_layer_overrides)
+    undo = remove_layers(model, [1])
+    assert model.hf_device_map != device_map
+    undo.restore()
+    assert model.hf_device_map is device_map
+    assert model.config._heterogeneity_spec.per_layer_overrides == overrides
+
+    plain, _ = make_tiny("llama")  # a model without a device map gets none back
+    remove_layers(plain, [1]).restore()
+    assert not hasattr(plain, "hf_device_map")
+
+
 # --- the fold flags, numerically -------------------------------------------------------------------------
 
 

@@ -12,24 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ghosted.cli import main
-
-from .tiny_models import make_tiny
-
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and layer pruning removes blocks. " * 3
     for i in range(60)
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A real Hugging Face folder (weights + tokenizer) of a tiny random Llama."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model, tok = make_tiny("llama", num_layers=6)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +25,9 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_prune_local_folder_with_text_file(tiny_folder, text_file, tmp_path, capsys):
+def test_prune_local_folder_with_text_file(tiny_folder, text_file, tmp_path, run):
     out = tmp_path / "pruned"
-    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--remove", 2, "--calib-source", text_file, "--n-seqs", 6,
+    code, stdout, _ = run("prune", tiny_folder, "--remove", 2, "--calib-source", text_file, "--n-seqs", 6,
                            "--seq-len", 16, "--out", out, "--quiet")
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -56,10 +36,10 @@ def test_prune_local_folder_with_text_file(tiny_folder, text_file, tmp_path, cap
     assert model.config.num_hidden_layers == 4
 
 
-def test_calibrate_is_deterministic_and_hashed(tiny_folder, text_file, tmp_path, capsys):
+def test_calibrate_is_deterministic_and_hashed(tiny_folder, text_file, tmp_path, run):
     hashes = []
     for name in ("a", "b"):
-        code, stdout, _ = _run(capsys, "calibrate", tiny_folder, "--calib-source", text_file, "--n-seqs", 4,
+        code, stdout, _ = run("calibrate", tiny_folder, "--calib-source", text_file, "--n-seqs", 4,
                                "--seq-len", 16, "--seed", 3, "--out", tmp_path / name)
         assert code == 0
         hashes.append(json.loads(stdout)["sha256"])
@@ -67,18 +47,18 @@ def test_calibrate_is_deterministic_and_hashed(tiny_folder, text_file, tmp_path,
     assert hashes[0] == hashes[1]
 
 
-def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, capsys):
+def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, run):
     args = ["--calib-source", text_file, "--n-seqs", 6, "--seq-len", 16, "--quiet"]
-    assert _run(capsys, "calibrate", tiny_folder, *args[:-1], "--out", tmp_path / "cal")[0] == 0
-    code, stdout, _ = _run(capsys, "score", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2,
+    assert run("calibrate", tiny_folder, *args[:-1], "--out", tmp_path / "cal")[0] == 0
+    code, stdout, _ = run("score", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2,
                            "--out", tmp_path / "scores.json", "--quiet")
     assert code == 0 and "angular pick" in stdout
     table = json.loads((tmp_path / "scores.json").read_text())
     assert len(table["layers"]["bi"]) == 6 and len(table["blocks"]["angular"]) == 5
-    assert _run(capsys, "solve", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "ops",
+    assert run("solve", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "ops",
                 "--quiet")[0] == 0
-    assert _run(capsys, "fuse", tiny_folder, "--ops", tmp_path / "ops", "--out", tmp_path / "staged", "--quiet")[0] == 0
-    assert _run(capsys, "prune", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "direct",
+    assert run("fuse", tiny_folder, "--ops", tmp_path / "ops", "--out", tmp_path / "staged", "--quiet")[0] == 0
+    assert run("prune", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "direct",
                 "--quiet")[0] == 0
     ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(0))
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "staged", trust_remote_code=True).eval()
@@ -87,11 +67,11 @@ def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, capsys):
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
 
 
-def test_layerwise_prune_equals_whole_model_prune(tiny_folder, text_file, tmp_path, capsys):
+def test_layerwise_prune_equals_whole_model_prune(tiny_folder, text_file, tmp_path, run):
     """--layerwise changes where the calibration pass runs, not what comes out."""
     args = ["--remove", 2, "--calib-source", text_file, "--n-seqs", 6, "--seq-len", 16, "--quiet"]
-    assert _run(capsys, "prune", tiny_folder, *args, "--out", tmp_path / "whole")[0] == 0
-    assert _run(capsys, "prune", tiny_folder, *args, "--layerwise", "--out", tmp_path / "layered")[0] == 0
+    assert run("prune", tiny_folder, *args, "--out", tmp_path / "whole")[0] == 0
+    assert run("prune", tiny_folder, *args, "--layerwise", "--out", tmp_path / "layered")[0] == 0
     a = json.loads((tmp_path / "whole" / "config.json").read_text())["ghosted"]
     b = json.loads((tmp_path / "layered" / "config.json").read_text())["ghosted"]
     assert a["removed_layers"] == b["removed_layers"]
@@ -109,13 +89,14 @@ def test_layerwise_prune_equals_whole_model_prune(tiny_folder, text_file, tmp_pa
     (["prune", "TINY", "--layers", "1-3,2"], "more than once"),
     (["prune", "TINY", "--layers", "7"], "out of range"),
     (["prune", "TINY", "--remove", "2", "--recovery", "ghots"], "did you mean 'ghost'"),
+    (["prune", "TINY", "--remove", "2", "--token-policy", "sinc"], "unknown token policy 'sinc'; did you mean 'sink'"),
     (["prune", "TINY", "--remove", "2", "--calib-source", "EMPTY"], "is empty"),
     (["prune", "TINY", "--remove", "2", "--n-seqs", "50000"], "windows"),
     (["prune", "/no/such/dir", "--remove", "2"], "not found"),
     (["prune", "org/not-cached-model", "--remove", "2"], "HF_HUB_OFFLINE"),
     (["prune", "TINY", "--remove", "2", "--layerwise", "--device-map", "auto"], "pick one"),
 ])
-def test_bad_input_gives_one_line_error(argv, message, tiny_folder, text_file, tmp_path, capsys):
+def test_bad_input_gives_one_line_error(argv, message, tiny_folder, text_file, tmp_path, run):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     argv = [str(tiny_folder) if a == "TINY" else str(empty) if a == "EMPTY" else a for a in argv]
@@ -123,7 +104,7 @@ def test_bad_input_gives_one_line_error(argv, message, tiny_folder, text_file, t
         argv += ["--calib-source", str(text_file), "--seq-len", "16", "--n-seqs", argv[argv.index("--n-seqs") + 1]
                  if "--n-seqs" in argv else "4"]
     out = tmp_path / "out"
-    code, _, err = _run(capsys, *argv, "--out", out, "--quiet")
+    code, _, err = run(*argv, "--out", out, "--quiet")
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
     assert len(lines) == 1 and message in lines[0], err
@@ -155,9 +136,9 @@ def test_shipped_smollm2_end_to_end(tmp_path):
     assert torch.isfinite(logits).all()
 
 
-def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, capsys):
+def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, run):
     out = tmp_path / "bench"
-    code, stdout, _ = _run(capsys, "bench", tiny_folder, "--n-seqs", "4,8", "--seq-len", 16, "--remove", 2,
+    code, stdout, _ = run("bench", tiny_folder, "--n-seqs", "4,8", "--seq-len", 16, "--remove", 2,
                            "--prompt", 8, "--new-tokens", 4, "--repeats", 1, "--out", out)
     assert code == 0
     report = json.loads(out.with_suffix(".json").read_text())
@@ -168,19 +149,19 @@ def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, capsys):
     assert "prune+fit" in stdout and out.with_suffix(".md").exists()
 
 
-def test_bench_on_a_random_weight_model_of_a_config(tmp_path, capsys):
+def test_bench_on_a_random_weight_model_of_a_config(tmp_path, run):
     """random:config.json builds that architecture with random weights (how the 8B figures are taken)."""
     from .tiny_models import tiny_config
 
     cfg = tmp_path / "config.json"
     tiny_config("qwen3", num_layers=6).to_json_file(cfg)
     out = tmp_path / "bench"
-    code, stdout, err = _run(capsys, "bench", f"random:{cfg}", "--n-seqs", "4", "--seq-len", 16, "--remove", 2,
+    code, stdout, err = run("bench", f"random:{cfg}", "--n-seqs", "4", "--seq-len", 16, "--remove", 2,
                              "--prompt", 8, "--new-tokens", 4, "--repeats", 1, "--out", out)
     assert code == 0, err
     report = json.loads(out.with_suffix(".json").read_text())
     run = report["runs"][0]
     assert run["layers"] == 6 and run["removed"] and run["peak_bytes"] > 0 and run["runtime_bytes"] > 0
     assert report["speed"]["ideal_speedup"] == pytest.approx(6 / 4)
-    code, _, err = _run(capsys, "bench", "random:llama-80b", "--n-seqs", "4", "--out", tmp_path / "x")
+    code, _, err = run("bench", "random:llama-80b", "--n-seqs", "4", "--out", tmp_path / "x")
     assert code == 2 and "unknown random model 'llama-80b'" in err and not (tmp_path / "x.json").exists()

@@ -16,15 +16,9 @@ from ghosted.models import load_model
 from ghosted.prune import PruneConfig
 from ghosted.report import PLOTS, write_report
 
-from .test_eval_cli import run, save_tiny_folder
 
 GRID = ["--remove", "1,2", "--recovery", "none,ghost", "--tasks", "piqa", "--limit", "2", "--ppl", "wiki",
         "--ppl-windows", "2", "--seq-len", "32", "--n-seqs", "6"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("tiny-compare") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +57,18 @@ def test_compare_writes_report(report_dir):
     assert (report_dir / "compare.md").read_text() == md
 
 
-def test_in_memory_cells_match_saved_checkpoints(report_dir, tiny_folder, tmp_path, capsys):
+def test_in_memory_cells_match_saved_checkpoints(report_dir, tiny_folder, tmp_path, run):
     """The ghost cells' perplexity equals `ghosted prune` + `ghosted eval` of the saved model, same settings."""
     res = json.loads((report_dir / "compare.json").read_text())
     ghost_cells = [c for c in res["cells"] if c["method"] == "ghost"]
     assert any(not c["guard"].get("fallback") for c in ghost_cells), "no ghost cell carries a ghost"
     for cell in ghost_cells:
         ckpt = tmp_path / f"pruned-{cell['k']}"
-        code, stdout, err = run(capsys, "prune", tiny_folder, "--remove", cell["k"], "--recovery", "ghost",
+        code, stdout, err = run("prune", tiny_folder, "--remove", cell["k"], "--recovery", "ghost",
                                 "--n-seqs", 6, "--seq-len", 32, "--out", ckpt, "--quiet")
         assert code == 0, err
         assert json.loads(stdout.strip().splitlines()[-1])["removed_layers"] == cell["removed"]
-        code, stdout, err = run(capsys, "eval", ckpt, "--tasks", "none", "--ppl", "wiki", "--ppl-windows", 2,
+        code, stdout, err = run("eval", ckpt, "--tasks", "none", "--ppl", "wiki", "--ppl-windows", 2,
                                 "--seq-len", 32, "--quiet")
         assert code == 0, err
         saved = json.loads(stdout)["ppl"]["wiki"]["ppl"]
@@ -121,9 +115,9 @@ def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path)
     (["--remove", "1", "--tasks", "none", "--ppl", "none"], "nothing to evaluate"),
     (["--remove", "1", "--select", "angualr"], "did you mean 'angular'"),
 ])
-def test_compare_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, capsys):
+def test_compare_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, run):
     out = tmp_path / "rep"
-    code, _, err = run(capsys, "compare", tiny_folder, *argv, "--n-seqs", 6, "--seq-len", 32, "--ppl-windows", 1,
+    code, _, err = run("compare", tiny_folder, *argv, "--n-seqs", 6, "--seq-len", 32, "--ppl-windows", 1,
                        "--out-dir", out, "--quiet")
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]

@@ -3,42 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
-from ghosted.cli import main
-
-from .tiny_models import make_tiny_tokenizer, tiny_config
 
 
-def save_tiny_folder(path: Path, num_layers: int = 6) -> Path:
-    """A tiny random Llama folder (weights + tokenizer) whose context fits lm-eval's longest PIQA items."""
-    config = tiny_config("llama", num_layers)
-    config.max_position_embeddings = 1024  # the tiny BPE spells words out: PIQA solutions run past 64 tokens
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("tiny-eval") / "tiny-llama")
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_eval_writes_results_json(tiny_folder, tmp_path, capsys):
+def test_eval_writes_results_json(tiny_folder, tmp_path, run):
     out = tmp_path / "results.json"
-    code, stdout, _ = run(capsys, "eval", tiny_folder, "--tasks", "piqa", "--limit", 3, "--ppl", "wiki",
+    code, stdout, _ = run("eval", tiny_folder, "--tasks", "piqa", "--limit", 3, "--ppl", "wiki",
                           "--ppl-windows", 2, "--seq-len", 32, "--out", out, "--quiet")
     assert code == 0
     res = json.loads(out.read_text())
@@ -55,22 +26,22 @@ def test_eval_writes_results_json(tiny_folder, tmp_path, capsys):
     assert summary["ppl"]["wiki"] == pytest.approx(wiki["ppl"])
 
 
-def test_eval_yaml_section_and_cli_precedence(tiny_folder, tmp_path, capsys):
+def test_eval_yaml_section_and_cli_precedence(tiny_folder, tmp_path, run):
     cfg = tmp_path / "params.yaml"
     cfg.write_text("eval:\n  tasks: none\n  ppl: [wiki]\n  ppl_windows: 1\n  seq_len: 16\n")
-    code, stdout, _ = run(capsys, "eval", tiny_folder, "--config", cfg, "--seq-len", 24, "--quiet")
+    code, stdout, _ = run("eval", tiny_folder, "--config", cfg, "--seq-len", 24, "--quiet")
     assert code == 0
     res = json.loads(stdout)  # no --out: the whole result on stdout
     assert res["zeroshot"] is None
     assert res["ppl"]["wiki"]["windows"] == 1 and res["ppl"]["wiki"]["seq_len"] == 24  # CLI beats YAML
 
 
-def test_eval_efficiency_against_baseline(tiny_folder, tmp_path, capsys):
+def test_eval_efficiency_against_baseline(tiny_folder, tmp_path, run):
     pruned = tmp_path / "pruned"
-    assert run(capsys, "prune", tiny_folder, "--remove", 2, "--n-seqs", 6, "--seq-len", 32, "--out", pruned,
+    assert run("prune", tiny_folder, "--remove", 2, "--n-seqs", 6, "--seq-len", 32, "--out", pruned,
                "--quiet")[0] == 0
     out = tmp_path / "eff.json"
-    code, _, err = run(capsys, "eval", pruned, "--tasks", "none", "--ppl", "none", "--baseline", tiny_folder,
+    code, _, err = run("eval", pruned, "--tasks", "none", "--ppl", "none", "--baseline", tiny_folder,
                        "--prompt-len", 16, "--new-tokens", 4, "--repeats", 1, "--efficiency-batch-sizes", "1,2",
                        "--out", out, "--quiet")
     assert code == 0, err
@@ -98,14 +69,14 @@ def test_eval_efficiency_against_baseline(tiny_folder, tmp_path, capsys):
     (["--model", "/no/such/dir"], "not found"),
     (["--efficiency", "--baseline", "no-such-dense"], "unknown model 'no-such-dense'"),
 ])
-def test_eval_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, capsys):
+def test_eval_bad_input_gives_one_line_error(argv, message, tiny_folder, tmp_path, run):
     model = str(tiny_folder)
     if "--model" in argv:
         i = argv.index("--model")
         model = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     out = tmp_path / "r.json"
-    code, _, err = run(capsys, "eval", model, *argv, "--out", out, "--quiet")
+    code, _, err = run("eval", model, *argv, "--out", out, "--quiet")
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("ghosted: error:")]
     assert len(lines) == 1 and message in lines[0], err

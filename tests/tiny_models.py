@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -226,3 +227,14 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         model_max_length=MAX_POSITIONS,
     )
+
+
+def save_tiny_folder(path: Path, num_layers: int = 6) -> Path:
+    """A tiny random Llama folder (weights + tokenizer) whose context fits lm-eval's longest PIQA items."""
+    config = tiny_config("llama", num_layers)
+    config.max_position_embeddings = 1024  # the tiny BPE spells words out: PIQA solutions run past 64 tokens
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

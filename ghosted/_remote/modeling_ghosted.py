@@ -60,19 +60,21 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
-def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_norm_path: str) -> None:
-    """Create `model.ghosts` from the config's ghost list and hook each one in place."""
+def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_norm_path: str) -> list:
+    """Create `model.ghosts` from the config's ghost list and hook each one in place; returns the hook handles."""
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
         else model.config.hidden_size
     model.ghosts = nn.ModuleDict()
     layers = _resolve(model, layers_path)
+    handles = []
     for g in ghosts:
         site = int(g["site"])
         module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
                        sink_shift=bool(g.get("sink_shift", False)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
-        target.register_forward_pre_hook(_make_hook(module), with_kwargs=True)
+        handles.append(target.register_forward_pre_hook(_make_hook(module), with_kwargs=True))
+    return handles
 
 
 def _make_hook(ghost: Ghost):

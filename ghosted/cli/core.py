@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import GhostedError
+from ..policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
 PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant",
@@ -49,7 +50,6 @@ def _ridge_grid(text: str) -> tuple[float, ...]:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from ..capture import POLICIES
     from ..config import GUARDS, VARIANTS, PruneConfig as P, default
     from ..recovery import RECOVERY
     from ..selection import SELECTION
@@ -68,8 +68,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--affine", action="store_true", default=None, help="ghost with a bias term")
     r.add_argument("--rank", type=int, help="low-rank ghost I + U V^T of this rank")
     r.add_argument("--variant", help=f"LinearPatch variant: {', '.join(VARIANTS)} (default {default(P, 'variant')})")
-    r.add_argument("--token-policy", help=f"tokens in the fit: {', '.join(POLICIES)} (default "
-                        f"{default(P, 'token_policy')}: the guard picks among the fixed policies on held-out data)")
+    r.add_argument("--token-policy", help=policy_help())
     r.add_argument("--holdout", type=float, help=f"fraction of calibration windows held out "
                                                  f"(default {default(P, 'holdout')})")
     r.add_argument("--guard", help=f"held-out check: {', '.join(GUARDS)} (default {default(P, 'guard')})")
