@@ -359,6 +359,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | Non
     return model
 
 
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, resolved with the base config (AutoTokenizer alone would ask to run the code)."""
+    from transformers import AutoTokenizer
+
+    doc = _read_config(Path(path))
+    return AutoTokenizer.from_pretrained(str(path), config=_base_config(doc, doc["ghosted"].get("base_architecture")))
+
+
 def _load_legacy(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A format-1 checkpoint (base model type, weights in model.safetensors), with this package's ghost code."""
     meta = read_meta(folder)
@@ -375,8 +383,6 @@ def upgrade(path: str | Path) -> dict:
     """Rewrite a checkpoint of an older format (or without a manifest) in the current format, in place.
 
     Only this package's code reads the old folder, so upgrading never runs the folder's code."""
-    from transformers import AutoTokenizer
-
     folder = Path(path)
     doc = _read_config(folder)
     meta = dict(doc["ghosted"])
@@ -394,7 +400,7 @@ def upgrade(path: str | Path) -> dict:
     else:
         model = _base_classes(meta["base_architecture"])[0].from_pretrained(str(folder)).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_tokenizer(folder)
     except Exception:  # noqa: BLE001 - a checkpoint saved without a tokenizer stays without one
         tokenizer = None
     meta.pop("format", None)
