@@ -232,7 +232,8 @@ def _base_config(doc: dict, base: str):
     try:
         return config_cls.from_dict(body)
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a broken checkpoint
-        raise GhostedError(f"config.json does not make a valid {config_cls.__name__}: {exc}") from exc
+        why = " ".join(str(exc).split())
+        raise GhostedError(f"config.json does not make a valid {config_cls.__name__}: {why}") from exc
 
 
 def _check_code(folder: Path, doc: dict, base: str, has_ghosts: bool) -> None:
@@ -288,7 +289,7 @@ def _check_tensors(folder: Path, doc: dict, meta: dict, base: str, has_ghosts: b
         except GhostedError:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors' own errors: unreadable or truncated file
-            raise GhostedError(f"{folder}: cannot read {f.name} ({exc})") from exc
+            raise GhostedError(f"{folder}: cannot read {f.name} ({' '.join(str(exc).split())})") from exc
     if layers != set(range(n)):
         raise GhostedError(f"{folder}: config says {n} layers but the weights hold layers "
                            f"{sorted(layers)[:3]}..{sorted(layers)[-3:]} ({len(layers)} in all)")
