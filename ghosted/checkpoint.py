@@ -29,7 +29,7 @@ from ._remote import modeling_ghosted
 from .errors import GhostedError
 from .io import MARKER, atomic_dir
 
-FORMAT = 2  # 1: ghosted 0.1 (model_type of the base, weights in model.safetensors, no manifest)
+FORMAT = 2  # 1: older ghosted (model_type of the base, weights in model.safetensors, no manifest)
 MODEL_TYPE = "ghosted"
 MODEL_CLASS = "GhostedForCausalLM"
 CONFIG_CLASS = "GhostedConfig"
@@ -328,8 +328,9 @@ def verify(path: str | Path) -> dict:
     doc = _read_config(folder)
     meta = doc["ghosted"]
     if _is_legacy(doc):
-        raise GhostedError(f"{folder} was written by ghosted 0.1 (a ghost checkpoint that plain loaders read as its "
-                           f"base model, and no manifest): {_upgrade_hint(folder)}")
+        raise GhostedError(f"{folder} is in checkpoint format 1 of an older ghosted (no manifest; plain loaders read "
+                           f"a ghost checkpoint of that format as its base model and drop the ghosts): "
+                           f"{_upgrade_hint(folder)}")
     if meta.get("format") != FORMAT:
         raise GhostedError(f"{folder}: checkpoint format {meta.get('format')!r}; this ghosted reads format {FORMAT}")
     base = meta.get("base_architecture")

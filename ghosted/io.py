@@ -173,6 +173,8 @@ def atomic_dir(out: str | Path, force: bool = False, kind: str = "output") -> It
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise GhostedError(f"{path} is a folder: give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
