@@ -23,12 +23,14 @@ from typing import Iterator
 from .errors import GhostedError
 
 MARKER = ".ghosted-output"
-# Files that identify outputs of versions that wrote no marker (checkpoint, calibration, solution, model cache).
-_LEGACY_SIGNATURES = (("config.json", "ghosted"), ("calibration.json", None), ("plan.json", None),
-                      ("ghosted_source.json", None))
+# Outputs of versions that wrote no marker, by the files they always hold (checkpoint, calibration, solution, model
+# cache); the folder must also hold nothing but files of the kinds ghosted writes.
+_LEGACY_SIGNATURES = (("config.json",), ("calibration.json", "tokens.safetensors"),
+                      ("plan.json", "operators.safetensors"), ("ghosted_source.json", "config.json"))
+_WRITTEN_SUFFIXES = {".json", ".safetensors", ".py", ".md", ".png", ".txt", ".model", ".jinja"}
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-g-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 # Temp folders of versions that put no pid in the name: removed once surely abandoned.
-_LEGACY_TMP_RE = re.compile(r"^\.?.+\.tmp-[A-Za-z0-9_]{8}$")
+_LEGACY_TMP_RE = re.compile(r"^\.?.+\.tmp-[a-z0-9_]{8}$")
 LEGACY_TMP_AGE_S = 6 * 3600
 
 
@@ -46,21 +48,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _only_written_files(path: Path) -> bool:
+    return all(p.is_file() and not p.is_symlink() and p.suffix in _WRITTEN_SUFFIXES for p in path.iterdir())
+
+
 def is_ghosted_output(path: Path) -> bool:
     """True for a folder this package wrote (marker, or the layout of an older version's output)."""
     path = Path(path)
     if (path / MARKER).is_file():
         return True
-    for name, key in _LEGACY_SIGNATURES:
-        f = path / name
-        if f.is_file():
-            if key is None:
-                return True
-            try:
-                if key in json.loads(f.read_text(encoding="utf-8")):
-                    return True
-            except (OSError, ValueError):
-                pass
+    if not path.is_dir() or not _only_written_files(path):
+        return False
+    for names in _LEGACY_SIGNATURES:
+        if all((path / n).is_file() for n in names):
+            if names == ("config.json",):
+                try:
+                    if "ghosted" not in json.loads((path / "config.json").read_text(encoding="utf-8")):
+                        continue
+                except (OSError, ValueError, TypeError):
+                    continue
+            return True
     return False
 
 
@@ -79,7 +86,8 @@ def remove_stale(parent: Path) -> list[Path]:
             stale = m["host"] == host and not _alive(int(m["pid"]))
         else:
             try:
-                stale = bool(_LEGACY_TMP_RE.match(entry.name)) and now - entry.stat().st_mtime > LEGACY_TMP_AGE_S
+                stale = (bool(_LEGACY_TMP_RE.match(entry.name)) and now - entry.stat().st_mtime > LEGACY_TMP_AGE_S
+                         and _only_written_files(entry))
             except OSError:
                 stale = False
         if stale:

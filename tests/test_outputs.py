@@ -285,3 +285,24 @@ def test_kill_9_during_prune(point: str, existing: bool, tiny, tmp_path: Path, c
     assert _hidden(parent) == []
     assert _snapshot(parent, ("mine", ".cache")) == user
     assert json.loads((out / "config.json").read_text())["ghosted"]["num_layers"] == 2
+
+
+def test_what_counts_as_a_ghosted_output(tmp_path: Path) -> None:
+    """Only ghosted's own folders may be replaced: the marker, or an older version's exact layout."""
+    from ghosted.io import is_ghosted_output
+
+    def folder(name: str, files: dict[str, str]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        return d
+
+    assert is_ghosted_output(folder("legacy-ck", {"config.json": '{"ghosted": {}}', "model.safetensors": "x"}))
+    assert is_ghosted_output(folder("legacy-ops", {"plan.json": "{}", "operators.safetensors": "x"}))
+    assert not is_ghosted_output(folder("hf-model", {"config.json": '{"model_type": "llama"}'}))
+    assert not is_ghosted_output(folder("my-plan", {"plan.json": "{}", "operators.safetensors": "x", "notes.docx": ""}))
+    assert not is_ghosted_output(folder("my-plan2", {"plan.json": "{}"}))
+    old = folder("backup.tmp-20240101", {"thesis.docx": "mine"})  # looks like an old temp name: not ours
+    os.utime(old, (time.time() - 30 * 24 * 3600,) * 2)
+    assert remove_stale(tmp_path) == [] and (old / "thesis.docx").exists()
