@@ -384,15 +384,16 @@ def _load_legacy(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.M
 def upgrade(path: str | Path) -> dict:
     """Rewrite a checkpoint of an older format (or without a manifest) in the current format, in place.
 
-    Only this package's code reads the old folder, so upgrading never runs the folder's code."""
+    Only this package's code reads the old folder, so upgrading never runs the folder's code. A folder with a
+    manifest is only verified: a failing one is refused, never rewritten."""
     folder = Path(path)
     doc = _read_config(folder)
     meta = dict(doc["ghosted"])
     if not _is_legacy(doc):
-        try:
+        if (folder / MANIFEST).exists():
+            # Never re-bless a folder whose own manifest disagrees with it: that is what tampering looks like.
             return {**verify(folder), "upgraded": False}
-        except GhostedError:
-            pass  # current format but failing: rewrite only if it loads with our code below
+        # Current format without a manifest (e.g. re-saved with save_pretrained): nothing contradicts it.
     has_ghosts = bool(meta.get("ghosts"))
     if _is_legacy(doc):
         model = _load_legacy(folder)

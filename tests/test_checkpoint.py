@@ -298,3 +298,13 @@ def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
     with pytest.raises(GhostedError, match="non-finite"):
         build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_upgrade_never_reblesses_a_tampered_checkpoint(llama_ck, tmp_path: Path, capsys) -> None:
+    ck, *_ = llama_ck
+    bad = _copy(ck, tmp_path / "bad")
+    _flip_weight_byte(bad)
+    assert main(["upgrade", str(bad)]) == 2
+    assert "modified after it was written" in capsys.readouterr().err
+    with pytest.raises(GhostedError):
+        checkpoint.verify(bad)
