@@ -228,7 +228,8 @@ def _check_manifest(folder: Path) -> None:
 
 def _base_config(doc: dict, base: str):
     _, config_cls = _base_classes(base)
-    body = {k: v for k, v in doc.items() if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+    skip = ("model_type", "auto_map", "architectures", "transformers_version")
+    body = {k: v for k, v in doc.items() if k not in skip}
     try:
         return config_cls.from_dict(body)
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a broken checkpoint

@@ -73,8 +73,8 @@ def _loaders(base: str) -> dict[str, Callable[[Path], torch.nn.Module]]:
         "AutoModel": lambda d: AutoModel.from_pretrained(d),
         "AutoConfig": lambda d: AutoConfig.from_pretrained(d),
         f"{base}.from_pretrained": lambda d: base_cls.from_pretrained(d),
-        f"AutoModelForCausalLM(config={base_cls.config_class.__name__})": lambda d: AutoModelForCausalLM.from_pretrained(
-            d, config=base_cls.config_class.from_pretrained(d)),
+        f"AutoModelForCausalLM(config={base_cls.config_class.__name__})":
+            lambda d: AutoModelForCausalLM.from_pretrained(d, config=base_cls.config_class.from_pretrained(d)),
         "pipeline(text-generation)": gen_pipeline(None),
         "pipeline(text-generation, trust_remote_code=True)": gen_pipeline(True),
     }
