@@ -158,7 +158,8 @@ def base_fingerprint(model: str) -> str:
 
 @task(name="calibrate", **CACHED)
 def calibrate(model: str, fingerprint: str, calibration: dict, out: Path) -> Path:
-    ghosted_cli("calibrate", model, "--config", _section_file(out, {"calibration": calibration}), "--out", out)
+    ghosted_cli("calibrate", model, "--config", _section_file(out, {"calibration": calibration}), "--out", out,
+                "--force")  # outputs are named by their inputs: an existing one is this task's own
     return out
 
 
@@ -171,13 +172,13 @@ def score(model: str, fingerprint: str, calib: Path, remove: int, out: Path) -> 
 @task(name="solve", **CACHED)
 def solve(model: str, fingerprint: str, calib: Path, prune: dict, out: Path) -> Path:
     ghosted_cli("solve", model, "--calib", calib, "--config", _section_file(out, {"prune": prune}), "--out", out,
-                "--quiet")
+                "--quiet", "--force")
     return out
 
 
 @task(name="fuse", **CACHED)
 def fuse(model: str, fingerprint: str, ops: Path, out: Path) -> Path:
-    ghosted_cli("fuse", model, "--ops", ops, "--out", out, "--quiet")
+    ghosted_cli("fuse", model, "--ops", ops, "--out", out, "--quiet", "--force")
     return out
 
 

@@ -84,7 +84,7 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     tmpl = PruneConfig.from_dict({**prune, "remove": ks[0], "recovery": methods[0]})
     res = shared_capture(loaded, calib, tmpl, ks, methods, progress=False)
     folder.mkdir(parents=True, exist_ok=True)
-    save_calibration(calib, folder / "calibration")
+    save_calibration(calib, folder / "calibration", force=True)  # a killed run's own leftover
     tmp = stats.with_suffix(".tmp")
     torch.save(res, tmp)
     tmp.replace(stats)  # atomic: a half-written file is never picked up as a cache hit

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "GhostedError"]
+__all__ = ["__version__", "load", "verify", "GhostedError"]
 
 from .errors import GhostedError
 
 
 def load(path: str, dtype=None, device: str | None = None):
-    """Load a ghosted checkpoint folder (ghosts included) without trust_remote_code."""
+    """Verify, then load a ghosted checkpoint folder (ghosts included) without running the folder's code."""
     import torch
 
     from .checkpoint import load as _load
 
     return _load(path, dtype=dtype or torch.float32, device=device)
+
+
+def verify(path: str) -> dict:
+    """Check a checkpoint folder (manifest hashes, code, layer count, ghost sites and shapes, finite values);
+    GhostedError with the reason if it must not be loaded."""
+    from .checkpoint import verify as _verify
+
+    return _verify(path)

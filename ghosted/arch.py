@@ -139,6 +139,7 @@ def get_arch(model_or_config: nn.Module | PretrainedConfig) -> ArchSpec:
     # The object's own class first: a fresh model has no config.architectures, and a base model
     # (e.g. LlamaModel) lays its modules out differently from the CausalLM its config may name.
     keys = ([type(model).__name__] if model is not None else []) + [declared]
+    keys.append((getattr(config, "ghosted", None) or {}).get("base_architecture"))  # a ghost checkpoint's base
     candidates = [by_arch[k] for k in keys if k in by_arch]
     if config.model_type in by_type:
         candidates.append(by_type[config.model_type])

@@ -23,9 +23,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -219,28 +217,17 @@ def build_calibration(tokenizer, source: str = "passages", n: int = 32, seq_len:
     return Calibration(ids, source, seed, tokens_sha256(ids))
 
 
-def save_calibration(calib: Calibration, out_dir: Path) -> None:
-    """Write tokens.safetensors + calibration.json atomically into out_dir."""
+def save_calibration(calib: Calibration, out_dir: Path, force: bool = False) -> None:
+    """Write tokens.safetensors + calibration.json atomically into out_dir (io.atomic_dir)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    from .io import atomic_dir
+
+    with atomic_dir(out_dir, force=force, kind="calibration") as tmp:
         save_file({"input_ids": calib.input_ids.contiguous()}, str(tmp / "tokens.safetensors"))
         meta = {"source": calib.source, "seed": calib.seed, "n": calib.n, "seq_len": calib.seq_len,
                 "sha256": calib.sha256}
         (tmp / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_calibration(path: Path) -> Calibration:

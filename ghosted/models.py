@@ -11,8 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +96,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF to an fp32 HF folder, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    from .io import atomic_dir
+
+    with atomic_dir(out, force=True, kind="model-cache") as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
@@ -112,12 +110,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         (tmp / "ghosted_source.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2)
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve(name_or_path: str) -> ModelRef:
@@ -205,13 +197,15 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
         cfg_path = Path(ref.path) / "config.json"
         if ref.kind != "hub" and cfg_path.exists() and "ghosted" in json.loads(cfg_path.read_text()):
             from .checkpoint import load as load_ghosted
+            from .checkpoint import load_tokenizer
 
-            model = load_ghosted(ref.path, dtype=dtype)
+            model = load_ghosted(ref.path, dtype=dtype)  # verifies the folder first
+            tok = load_tokenizer(ref.path)
         else:
+            tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
             model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except GhostedError:
         raise

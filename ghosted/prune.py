@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -271,14 +268,13 @@ def _fmt(removed: list[int]) -> str:
 # --------------------------------------------------------------------------- persistence of a solution
 
 
-def save_solution(sol: Solution, out_dir: Path) -> None:
-    """operators.safetensors + plan.json, atomically."""
+def save_solution(sol: Solution, out_dir: Path, force: bool = False) -> None:
+    """operators.safetensors + plan.json, atomically (io.atomic_dir)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from .io import atomic_dir
+
+    with atomic_dir(out_dir, force=force, kind="solution") as tmp:
         tensors, ops = {}, {}
         for (s, b), op in sol.operators.items():
             key = f"{s}-{b}"
@@ -291,12 +287,6 @@ def save_solution(sol: Solution, out_dir: Path) -> None:
         save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "operators.safetensors"))
         (tmp / "plan.json").write_text(json.dumps({"removed": sol.removed, "operators": ops, "meta": sol.meta},
                                                   indent=2, default=float) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_solution(path: Path) -> Solution:
@@ -315,7 +305,7 @@ def load_solution(path: Path) -> Solution:
     return Solution(plan["removed"], ops, plan["meta"])
 
 
-def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: Path) -> dict:
+def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: Path, force: bool = False) -> dict:
     """Apply the solution to the loaded model IN PLACE and save the checkpoint; returns its ghosted block."""
     from . import checkpoint
 
@@ -336,5 +326,5 @@ def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: 
                                     "token_policy", "guard") if k in sol.meta},
         "num_layers": arch.num_layers(model),
     }
-    checkpoint.save(model, loaded.tokenizer, out_dir, meta)
+    checkpoint.save(model, loaded.tokenizer, out_dir, meta, force=force)
     return meta

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .compare import format_layers, task_score
+from .io import temp_dir
 
 PPL_PLOT = "ppl_vs_removed.png"
 SCORES_PLOT = "layer_scores.png"
@@ -270,9 +269,7 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
     A plot that has nothing to show (no perplexity or no tasks) is not written, and a stale copy is removed.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".compare.tmp-", dir=out_dir))
-    try:
+    with temp_dir(out_dir, "compare") as tmp:
         plots = [name for name, fn in ((PPL_PLOT, plot_ppl), (SCORES_PLOT, plot_scores),
                                        (ACCURACY_PLOT, plot_accuracy)) if fn(result, tmp / name)]
         (tmp / "compare.md").write_text(markdown(result, plots), encoding="utf-8")
@@ -284,5 +281,3 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
         for name in written:
             os.replace(tmp / name, out_dir / name)
         return [out_dir / name for name in written]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,12 @@
 # Ghost operators for a layer-pruned causal LM (ghosted). This file is copied next to every
-# ghost checkpoint so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-# loads it with plain transformers; the ghosted package imports the same code.
+# ghost checkpoint (with configuration_ghosted.py, and a few lines at the end naming the base
+# architecture) so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it
+# with plain transformers; the ghosted package imports the same code. `ghosted verify DIR` checks that
+# a folder's copy is exactly the code the installed ghosted writes.
+#
+# A ghost checkpoint is its own model type ("ghosted", GhostedForCausalLM) and keeps its weights in
+# model.ghosted.safetensors (a transformers weights "variant"), so a loader that does not run this code
+# refuses the folder instead of loading the base model without its ghosts.
 #
 # A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
 # h <- h + (h U) V^T for a low-rank ghost. A ghost with a sink shift maps the first token of a
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+WEIGHTS_VARIANT = "ghosted"
 
 
 class Ghost(nn.Module):
@@ -90,10 +98,20 @@ def _make_hook(ghost: Ghost):
 
 
 class GhostedMixin:
-    """Mixed in front of a transformers *ForCausalLM class: builds and hooks the ghosts on init."""
+    """Mixed in front of a transformers *ForCausalLM class: builds and hooks the ghosts on init, and reads and
+    writes the weights under the "ghosted" variant name."""
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         meta = getattr(config, "ghosted", None) or {}
         if meta.get("ghosts"):
             attach_ghosts(self, meta["ghosts"], meta["layers_path"], meta["final_norm_path"])
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        return super().save_pretrained(*args, **kwargs)

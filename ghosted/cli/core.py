@@ -147,14 +147,18 @@ def _write_json(path: Path, obj: dict) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..prune import build_checkpoint, solve
 
+    from ..io import check_out_file
+
     t0 = time.perf_counter()
     cfg = prune_config(args)
-    _check_out(args.out)
+    _check_out(args.out, args.force)
+    check_out_file(args.summary, "--summary")
+    _refuse_ghost_model(args.model)
     loaded = _load(args)
     calib = _calibration(args, loaded)
     _log(args, f"calibration: {calib.n} x {calib.seq_len} tokens from {calib.source} (sha256 {calib.sha256[:12]})")
     sol = solve(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
-    meta = build_checkpoint(loaded, sol, calib.sha256, args.out)
+    meta = build_checkpoint(loaded, sol, calib.sha256, args.out, force=args.force)
     summary = {"out": str(args.out), "removed_layers": sol.removed, "num_layers": meta["num_layers"],
                "recovery": cfg.recovery, "ridge": sol.meta["ridge"], "guard": sol.meta["guard"],
                "calibration_relative_residual": sol.meta["calibration_relative_residual"],
@@ -167,15 +171,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise GhostedError(f"--out {out} exists and is not a folder")
+def _check_out(out: Path, force: bool = False) -> None:
+    """Before any work: --out must be writable, and an existing one a ghosted output replaced only with --force."""
+    from ..io import check_out_dir
+
+    check_out_dir(out, force)
+
+
+def _refuse_ghost_model(model: str) -> None:
+    """Pruning a ghost checkpoint would drop its ghosts: refuse before loading anything."""
+    cfg = Path(model) / "config.json"
+    try:
+        ghosts = json.loads(cfg.read_text()).get("ghosted", {}).get("ghosts") if cfg.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # not a readable ghosted checkpoint: the loader reports what is wrong with it
+    if ghosts:
+        raise GhostedError(f"{model} is a ghost checkpoint: prune its dense base model instead")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..data import build_calibration, save_calibration
 
     c = calib_settings(args)
+    _check_out(args.out, args.force)
     from transformers import AutoTokenizer
 
     from ..models import resolve
@@ -183,7 +201,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ref = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
     calib = build_calibration(tok, c.source, c.n, c.seq_len, c.seed)
-    save_calibration(calib, args.out)
+    save_calibration(calib, args.out, force=args.force)
     print(json.dumps({"out": str(args.out), "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256}))
     return 0
 
@@ -191,6 +209,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from ..prune import score
 
+    from ..io import check_out_file
+
+    check_out_file(args.out, "--out")
     loaded = _load(args)
     calib = _calibration(args, loaded)
     table = score(loaded, calib, args.remove, progress=not args.quiet)
@@ -218,11 +239,13 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from ..prune import save_solution, solve
 
     cfg = prune_config(args)
+    _check_out(args.out, args.force)
+    _refuse_ghost_model(args.model)
     loaded = _load(args)
     calib = _calibration(args, loaded)
     sol = solve(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
     sol.meta["calibration_sha256"] = calib.sha256
-    save_solution(sol, args.out)
+    save_solution(sol, args.out, force=args.force)
     print(json.dumps({"out": str(args.out), "removed_layers": sol.removed, "ridge": sol.meta["ridge"],
                       "guard": sol.meta["guard"]}, default=float))
     return 0
@@ -232,9 +255,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from ..prune import build_checkpoint, load_solution
 
     sol = load_solution(args.ops)
-    _check_out(args.out)
+    _check_out(args.out, args.force)
+    _refuse_ghost_model(args.model)
     loaded = _load(args)
-    meta = build_checkpoint(loaded, sol, sol.meta.get("calibration_sha256", ""), args.out)
+    meta = build_checkpoint(loaded, sol, sol.meta.get("calibration_sha256", ""), args.out, force=args.force)
     print(json.dumps({"out": str(args.out), "num_layers": meta["num_layers"], "ghosts": len(meta["ghosts"])}))
     return 0
 
@@ -248,6 +272,8 @@ def add_parser(sub) -> None:
     _prune_args(p)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--summary", type=Path, help="also write the run summary JSON here")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier ghosted output "
+                   "(a folder ghosted did not write is never replaced)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("calibrate", help="build and save the calibration windows")
@@ -255,6 +281,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", type=Path, help="YAML file with a `calibration:` section")
     _calib_args(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (tokens.safetensors + calibration.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier ghosted output "
+                   "(a folder ghosted did not write is never replaced)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("score", help="per-layer and per-block selection scores")
@@ -269,10 +297,14 @@ def add_parser(sub) -> None:
     _calib_args(p)
     _prune_args(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (operators.safetensors + plan.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier ghosted output "
+                   "(a folder ghosted did not write is never replaced)")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("fuse", help="apply a solved plan to the model and save the checkpoint")
     _model_args(p)
     p.add_argument("--ops", type=Path, required=True, help="folder written by `ghosted solve`")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier ghosted output "
+                   "(a folder ghosted did not write is never replaced)")
     p.set_defaults(func=cmd_fuse)
