@@ -40,7 +40,9 @@ class TokenPolicy:
     drop_sinks: bool = True  # position 0 of every window and every BOS token leave the fit
     drop_outliers: bool = False  # also tokens whose state norm at the cut's input exceeds outlier_factor x median
     left_out: LeftOut = "none"  # what the capture keeps of the left-out tokens: nothing, mean move, full sums
-    combine: Combine = "kept"  # sums the fit uses: kept tokens, kept + left out, or left out pinned to identity
+    # Sums the fit uses: the kept tokens; kept + left out (every token, also from a capture that kept the
+    # left-out tokens apart, e.g. under auto); or kept + left out pinned to identity.
+    combine: Combine = "kept"
     sink_shift: bool = False  # position 0 gets h + mean(Y - X) over the left-out tokens at inference
     candidates: tuple[str, ...] = ()  # meta policy: what the held-out guard chooses among, in this order
     unguarded: str | None = None  # meta policy: the policy used when no held-out check runs
@@ -51,8 +53,8 @@ class TokenPolicy:
         leaves_out = self.drop_sinks or self.drop_outliers
         if leaves_out == (self.left_out == "none"):
             raise ValueError(f"token policy {self.name}: left_out must be 'none' exactly when no token is left out")
-        if self.combine != "kept" and self.left_out != "full":
-            raise ValueError(f"token policy {self.name}: a '{self.combine}' fit needs the left-out tokens' full sums")
+        if self.combine == "anchor" and self.left_out != "full":
+            raise ValueError(f"token policy {self.name}: an anchor fit needs the left-out tokens' full sums")
         if self.sink_shift and self.left_out == "none":
             raise ValueError(f"token policy {self.name}: a sink shift needs the left-out tokens' mean move")
 
@@ -159,7 +161,7 @@ def help_text() -> str:
 
 register(TokenPolicy(
     "all", "every token; one map for every token at inference, as in the paper",
-    drop_sinks=False))
+    drop_sinks=False, combine="all"))
 register(TokenPolicy(
     # The attention-sink position maps across a cut unlike any other token and bends the fit (METHOD.md).
     "sink", "drop position 0 and BOS from the fit; position 0 gets the mean move of those tokens",

@@ -371,6 +371,26 @@ def test_auto_policy_keeps_left_out_tokens_apart():
     assert torch.allclose(anchored.gram, both.gram) and lo.n == 4
 
 
+def test_auto_capture_fits_each_candidate_as_its_own_capture_does():
+    """The guard fits every candidate policy from one auto capture: each fit equals the fit from a capture
+    made under that policy alone (ridge 0: the relative ridge's trace reference does not enter)."""
+    from ghosted.prune import solve_cut
+
+    model, _ = make_tiny("llama")
+    ids = _ids(model.config.vocab_size, 6, 16)
+    plan = CapturePlan(pairs=[(1, 3)], heldout=frozenset({5}))
+    auto = capture(model, ids, plan, "auto", progress=False)
+    cfg = PruneConfig(layers="1-2")
+    for name in get_policy("auto").guard_choices:
+        own = capture(model, ids, plan, name, progress=False)
+        for group in ("fit", "total"):
+            a, b = solve_cut(auto, (1, 3), group, name, cfg, 0.0), solve_cut(own, (1, 3), group, name, cfg, 0.0)
+            assert torch.allclose(a.W, b.W, atol=1e-6), (name, group)
+            assert (a.sink_shift is None) == (b.sink_shift is None) == (name != "sink")
+            if a.sink_shift is not None:
+                assert torch.allclose(a.sink_shift, b.sink_shift, atol=1e-6)
+
+
 def test_fp16_overflow_is_reported_not_summed():
     model, _ = make_tiny("llama")
     model.half()
