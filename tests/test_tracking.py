@@ -11,7 +11,9 @@ pytest.importorskip("mlflow")
 
 from ghosted.cli import main  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
-from ghosted.tracking import GateConfig, RegistryConfig, apply_gate, beats, registered_name  # noqa: E402
+from ghosted.gate import apply_gate, beats  # noqa: E402
+from ghosted.registry import registered_name  # noqa: E402
+from ghosted.tracking import GateConfig, RegistryConfig  # noqa: E402
 
 from .tiny_models import make_tiny  # noqa: E402
 
