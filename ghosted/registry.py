@@ -64,6 +64,14 @@ def _nolog(_msg: str) -> None:
     pass
 
 
+def _crash_point(point: str) -> None:
+    """Fault injection for the crash tests: kill -9 this process at `point` if GHOSTED_KILL_AT names it."""
+    if point in os.environ.get("GHOSTED_KILL_AT", "").split(","):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- names, lineage, hashing
 
 
@@ -460,6 +468,8 @@ def _complete(client: _Client, name: str, v, log: Log) -> None:
             _set_champion(client, name, version, "gate, completed by a later register")
     client.set_model_version_tag(name, version, DECISION_TAG, decision[:4000])
     client.update_model_version(name, version, description=_description(tags, decision))
+    if tags.get(FINGERPRINT_TAG) and int(version) == max(int(x.version) for x in _versions(client, name)):
+        client.set_registered_model_tag(name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])  # it died before this
     client.set_model_version_tag(name, version, STATE_TAG, "done")
     log(f"completed version {version} of {name}, left pending by a register that died: {decision}")
 
@@ -501,6 +511,18 @@ def _result(name: str, version: str, run_id: str, verdict: Verdict, **extra: Any
             **extra}
 
 
+def _read_meta(checkpoint: Path) -> dict:
+    """The `ghosted` block of a checkpoint's config.json (read here: importing checkpoint.py costs torch)."""
+    cfg = checkpoint / "config.json"
+    if not cfg.is_file():
+        raise GhostedError(f"{checkpoint} has no config.json")
+    try:
+        meta = json.loads(cfg.read_text()).get("ghosted") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise GhostedError(f"{cfg}: not a valid config.json ({exc})") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
 def _find_checkpoint(client: _Client, name: str, sha: str):
     """The version of `name` whose checkpoint has this sha256, or None."""
     if _find_model(client, name) is None:
@@ -513,13 +535,12 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
              db_timeout: float = DB_TIMEOUT_S) -> dict:
     """Log the run and the pyfunc model, register a new version unless this checkpoint already is one, apply the
     gate, maybe move the champion. The result's `registered` says whether a version was created."""
-    from .checkpoint import read_meta
     from .pipeline_report import write_reports
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise GhostedError(f"checkpoint folder not found: {checkpoint}")
-    meta = read_meta(checkpoint)
+    meta = _read_meta(checkpoint)
     if not meta.get("base_fingerprint"):
         raise GhostedError(f"{checkpoint}/config.json has no `ghosted` block: register a folder written by "
                            "`ghosted prune` or `ghosted fuse`")
@@ -564,8 +585,10 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
             if existing is not None:
                 return already(existing, _champion(client, name))
         run = client.create_run(exp_id, run_name=f"{name}-r{len(meta.get('removed_layers') or [])}-"
-                                                  f"{meta.get('recovery')}", tags={**tags, SHA_TAG: sha, OWNER_TAG: _owner()})
+                                                  f"{meta.get('recovery')}",
+                                tags={**tags, SHA_TAG: sha, OWNER_TAG: _owner()})
         run_id = run.info.run_id
+        _crash_point("run-created")
         try:
             now = int(time.time() * 1000)
             params_list = [Param(k, v) for k, v in params.items()]
@@ -597,8 +620,10 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
                     tags={**version_tags, DECISION_TAG: decision[:4000], STATE_TAG: "pending"},
                     description=_description(version_tags, decision))
                 version = str(mv.version)
+                _crash_point("version-created")
                 if moved:
                     _set_champion(client, name, version, "gate")
+                    _crash_point("alias-moved")
                 client.set_registered_model_tag(name, FINGERPRINT_TAG, meta["base_fingerprint"])
                 client.set_registered_model_tag(name, "base_model", str(meta["base_model"]))
                 client.set_model_version_tag(name, version, STATE_TAG, "done")
