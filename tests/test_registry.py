@@ -232,7 +232,9 @@ def test_mlflow_models_serve_answers_invocations(ckpt, tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri})
+                            env={**ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+                                 # MLflow execs `uvicorn` from PATH: this interpreter's environment first.
+                                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -252,12 +254,13 @@ def test_mlflow_models_serve_answers_invocations(ckpt, tmp_path, capsys):
                                          "params": {"max_new_tokens": 5}})
         assert b["predictions"] == a["predictions"][:1]  # greedy: same prompt, same text
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
 
 
