@@ -408,9 +408,11 @@ def test_locked_database_is_retried_then_one_line(ckpt, tmp_path, capsys):
     assert code == 0 and name in out, err
 
 
-def test_read_only_commands_create_nothing(tmp_path, capsys):
+def test_read_only_commands_create_nothing(tmp_path, capsys, monkeypatch):
     from ghosted.registry import recorded_fingerprint
     from ghosted.tracking import RegistryConfig
+
+    monkeypatch.chdir(tmp_path)  # so that anything created relative to the cwd shows up below
 
     missing = tmp_path / "no" / "such" / "dir" / "mlflow.db"
     code, _, err = _cli(capsys, "registry", "list", "--tracking-uri", f"sqlite:///{missing}")
@@ -422,7 +424,7 @@ def test_read_only_commands_create_nothing(tmp_path, capsys):
         assert code == 2 and "no MLflow registry" in err
     assert recorded_fingerprint(RegistryConfig(f"sqlite:///{missing}"), "ghosted-x") is None
     assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "no").exists()
-    assert not (tmp_path / "mlruns").exists() and not Path("mlruns").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 @pytest.mark.parametrize("argv", [["registry", "list"], ["registry", "rollback", "m"]])
