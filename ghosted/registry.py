@@ -262,7 +262,14 @@ def _connect(reg: "RegistryConfig", *, create: bool, db_timeout: float = DB_TIME
     elif store is not None and not create and not store.exists():
         raise NoRegistry(f"no MLflow registry at {uri} ({store} does not exist; `ghosted register` creates it)")
     with _mlflow_errors(reg):
-        return _Client(uri, db_timeout)
+        if db is None or not create:
+            return _Client(uri, db_timeout)
+        # Creating or upgrading the schema is not safe from two processes at once: do it under the lock, for
+        # both stores MLflow opens on the file (tracking on construction, the registry on its first call).
+        with registry_lock(reg):
+            client = _Client(uri, db_timeout)
+            client.search_registered_models(max_results=1)
+        return client
 
 
 @contextmanager
