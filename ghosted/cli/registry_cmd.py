@@ -12,8 +12,10 @@ def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="params file whose `gate:` and `registry:` sections apply")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of --config, "
                                           "else sqlite:///mlflow.db in the current folder)")
+    from ..registry import DB_TIMEOUT_S
+
     p.add_argument("--db-timeout", type=_seconds, default=None, metavar="S",
-                   help="retry a SQLite database locked by another process for S seconds (default 30)")
+                   help=f"retry a SQLite database locked by another process for S seconds (default {DB_TIMEOUT_S:g})")
 
 
 def _seconds(text: str) -> float:
