@@ -192,9 +192,9 @@ def evaluate(model: str | Path, fingerprint: str | None, settings: dict, out: Pa
 @task(name="register", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_transient)
 def register(checkpoint: Path, pruned: Path, dense: Path, scores: Path, params: Path, tracking_uri: str | None,
              reports: Path) -> dict:
-    """ghosted.tracking.register with the `gate:` and `registry:` sections of params (never cached)."""
+    """ghosted.registry.register with the `gate:` and `registry:` sections of params (never cached)."""
+    from ghosted.registry import register as register_version
     from ghosted.tracking import load_config
-    from ghosted.tracking import register as register_version
 
     gate, reg = load_config(params, tracking_uri)
     res = register_version(checkpoint, pruned, dense, gate, reg, scores=scores, reports=reports, log=print)

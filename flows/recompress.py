@@ -30,7 +30,8 @@ from .compress import RETRY_DELAYS, _transient, base_fingerprint, compress, load
 @task(name="recorded-fingerprint", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_transient)
 def recorded_fingerprint(params: Path, tracking_uri: str | None, model: str) -> tuple[str, str | None]:
     """(registered model name, base fingerprint of its last registered version or None)."""
-    from ghosted.tracking import load_config, recorded_fingerprint as lookup, registered_name
+    from ghosted.registry import recorded_fingerprint as lookup, registered_name
+    from ghosted.tracking import load_config
 
     _, reg = load_config(params, tracking_uri)
     name = reg.name or registered_name(model)

@@ -169,6 +169,26 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, metadata={"Software": None})
 
 
+def draw_layer_scores(ax, bi: list[float], angular: list[float],
+                      removed_sets: list[tuple[list[int], str, str, float]]) -> None:
+    """Per-layer BI and angular distance on ax; each (layers, label, color, alpha) shaded, one span per run."""
+    xs = list(range(len(bi)))
+    ax.plot(xs, bi, marker=".", label="Block Influence 1 - cos(h_i, h_i+1)")
+    ax.plot(xs, angular, marker=".", label="angular distance(h_i, h_i+1)")
+    for layers, label, color, alpha in removed_sets:
+        runs: list[list[int]] = []
+        for i in sorted(set(layers)):
+            if runs and i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        for j, (lo, hi) in enumerate(runs):
+            ax.axvspan(lo - 0.5, hi + 0.5, color=color, alpha=alpha, label=label if j == 0 else None)
+    ax.set_xlabel("layer i (dense index)")
+    ax.set_ylabel("score (low = removable)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_ppl(result: dict, path: Path) -> bool:
     """Perplexity vs layers removed, one line per method, log y, dense as a horizontal line; one panel per source."""
     sources = result["settings"]["eval"]["ppl"]
@@ -201,19 +221,15 @@ def plot_scores(result: dict, path: Path) -> bool:
     L = result["num_layers"]
     fig = _figure(11.0, 4.0)
     ax1, ax2 = fig.subplots(1, 2)
-    xs = list(range(L))
-    ax1.plot(xs, sc["layers"]["bi"], marker=".", label="Block Influence 1 - cos(h_i, h_i+1)")
-    ax1.plot(xs, sc["layers"]["angular"], marker=".", label="angular distance(h_i, h_i+1)")
     shades = ["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
+    removed_sets = []
     for i, k in enumerate(result["settings"]["remove"]):
         removed = next((c["removed"] for c in result["cells"] if c["k"] == k and not c.get("error")), None)
         if removed:
-            ax1.axvspan(min(removed) - 0.5, max(removed) + 0.5, color=shades[i % len(shades)], alpha=0.08 + 0.04 * i,
-                        label=f"removed at k={k}: {format_layers(removed)}")
-    ax1.set_xlabel("layer i (dense index)")
-    ax1.set_ylabel("score (low = removable)")
+            removed_sets.append((removed, f"removed at k={k}: {format_layers(removed)}", shades[i % len(shades)],
+                                 0.08 + 0.04 * i))
+    draw_layer_scores(ax1, sc["layers"]["bi"][:L], sc["layers"]["angular"][:L], removed_sets)
     ax1.set_title("per layer")
-    ax1.grid(True, alpha=0.3)
     ax1.legend(fontsize=7)
     for k, blocks in sc["blocks"].items():
         ang = blocks["angular"]

@@ -79,7 +79,7 @@ def test_compress_runs_caches_and_reruns_only_what_changed(tmp_path):
     for stage in ("calibrate", "score", "solve", "fuse"):
         assert states[stage] == ["Cached"], states
     assert states["evaluate"] == ["Cached", "Cached"] and states["register"] == ["Completed"]
-    assert second["checkpoint"] == first["checkpoint"] and second["version"] == "2"
+    assert second["checkpoint"] == first["checkpoint"] and second["version"] == "1" and not second["registered"]
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs  # nothing rewritten
 
     # A prune change reruns solve and what follows; calibration and scores stay cached.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ pytest.importorskip("mlflow")
 
 from ghosted.cli import main  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
-from ghosted.tracking import GateConfig, RegistryConfig, apply_gate, beats, registered_name  # noqa: E402
+from ghosted.gate import apply_gate, beats  # noqa: E402
+from ghosted.registry import registered_name  # noqa: E402
+from ghosted.config import GateConfig, RegistryConfig  # noqa: E402
 
 from .tiny_models import make_tiny  # noqa: E402
 
@@ -60,12 +63,21 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _variant(ckpt: Path, out: Path) -> Path:
+    """The checkpoint with one extra file: different content, so a new version (registering is idempotent)."""
+    if not out.exists():
+        shutil.copytree(ckpt, out)
+        (out / "NOTES.txt").write_text(out.name)
+    return out
+
+
 def _register(capsys, built, uri, params, tmp_path, name: str, wiki: float, acc: float = 0.5, **kw) -> dict:
     tag = f"{wiki}-{acc}"
     dense = results(tmp_path / f"dense-{tag}.json", 10.0, 20.0, 0.5)
     pruned = results(tmp_path / f"pruned-{tag}.json", 10.0 * wiki, 20.0 * wiki, acc)
     extra = [x for k, v in kw.items() for x in (f"--{k}", v)]
-    code, out, err = _cli(capsys, "register", built["ckpt"], "--metrics", pruned, "--dense-metrics", dense,
+    ckpt = _variant(built["ckpt"], tmp_path / f"ckpt-{name}-{tag}")
+    code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
                           "--config", params, "--tracking-uri", uri, "--name", name, "--quiet", *extra)
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
@@ -144,8 +156,10 @@ def test_gate_pass_registers_champion_with_lineage(built, uri, params, tmp_path,
     assert run.data.metrics["gate/ppl_ratio/wiki"] == pytest.approx(1.2)
     assert run.data.metrics["pruned/ppl/wiki/ppl"] == pytest.approx(12.0)
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
-    assert {"checkpoint", "metrics", "reports"} <= arts
-    assert "checkpoint/config.json" in {a.path for a in client.list_artifacts(res["run_id"], "checkpoint")}
+    assert {"model", "metrics", "reports"} <= arts
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(res["run_id"], "model")}
+    [ckpt_dir] = client.list_artifacts(res["run_id"], "model/artifacts")
+    assert f"{ckpt_dir.path}/config.json" in {a.path for a in client.list_artifacts(res["run_id"], ckpt_dir.path)}
     gate = json.loads((reports / "gate.json").read_text())
     assert gate["passed"] and gate["ppl_ratio"]["wiki"] == pytest.approx(1.2)
     rows = json.loads((reports / "layer_scores.json").read_text())

@@ -1,4 +1,4 @@
-"""register, registry list | promote | rollback: thin wrappers over ghosted.tracking (MLflow)."""
+"""register, registry list | promote | rollback: thin wrappers over ghosted.registry (MLflow)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,38 @@ def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="params file whose `gate:` and `registry:` sections apply")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of --config, "
                                           "else sqlite:///mlflow.db in the current folder)")
+    from ..registry import DB_TIMEOUT_S
+
+    p.add_argument("--db-timeout", type=_seconds, default=None, metavar="S",
+                   help=f"retry a SQLite database locked by another process for S seconds (default {DB_TIMEOUT_S:g})")
+
+
+def _seconds(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return v
+
+
+def _timeout(args: argparse.Namespace) -> dict:
+    return {} if args.db_timeout is None else {"db_timeout": args.db_timeout}
 
 
 def _quiet_mlflow() -> None:
-    # MLflow and alembic announce every database migration on INFO: keep the CLI's output to its results.
+    # MLflow and alembic announce every database migration on INFO, and MLflow draws a progress bar for every
+    # local artifact copy: keep the CLI's output to its results. MLflow sets its loggers up on import.
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        pass
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -27,20 +55,31 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.tracking_uri)
 
 
+def _gate_text(res: dict) -> str:
+    return f"gate {res['gate']}" + (f" ({'; '.join(res['reasons'])})" if res["reasons"] else "")
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     import sys
 
-    from ..tracking import RegistryConfig, register
+    from ..registry import register
+    from ..config import RegistryConfig
 
     gate, reg = _config(args)
     if args.name:
         reg = RegistryConfig(reg.tracking_uri, reg.experiment, args.name)
     res = register(args.checkpoint, args.metrics, args.dense_metrics, gate, reg, scores=args.scores,
-                   reports=args.reports, log=lambda m: None if args.quiet else print(m, file=sys.stderr, flush=True))
+                   reports=args.reports, log=lambda m: None if args.quiet else print(m, file=sys.stderr, flush=True),
+                   **_timeout(args))
     if not args.quiet:
-        print(f"{res['name']} version {res['version']}: gate {res['gate']}"
-              + (f" ({'; '.join(res['reasons'])})" if res["reasons"] else "") + f"; {res['decision']}",
-              file=sys.stderr)
+        if res["registered"]:
+            print(f"{res['name']} version {res['version']}: {_gate_text(res)}; {res['decision']}", file=sys.stderr)
+        else:
+            champ = f"version {res['champion']}" if res["champion"] else "none"
+            print(f"{res['name']}: this checkpoint (sha256 {res['checkpoint_sha256'][:12]}) is already version "
+                  f"{res['version']}; not registered again.\n"
+                  f"  {_gate_text(res)} on these metrics; version {res['version']} was registered with gate "
+                  f"{res['recorded_gate']}; champion: {champ} (unchanged)", file=sys.stderr)
     print(json.dumps(res, default=float))
     return 0
 
@@ -58,19 +97,19 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..tracking import list_versions
+    from ..registry import list_versions
 
     _, reg = _config(args)
-    rows = list_versions(reg, args.name)
+    rows = list_versions(reg, args.name, **_timeout(args))
     print(json.dumps(rows, default=float, indent=2) if args.json else (_table(rows) if rows else "no versions"))
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from ..tracking import promote
+    from ..registry import promote
 
     _, reg = _config(args)
-    res = promote(reg, args.name, args.version)
+    res = promote(reg, args.name, args.version, **_timeout(args))
     if res["changed"]:
         print(f"{args.name}: champion is now version {res['champion']} (was {res['previous'] or 'none'}; "
               f"gate {res['gate']})")
@@ -80,10 +119,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from ..tracking import rollback
+    from ..registry import rollback
 
     _, reg = _config(args)
-    res = rollback(reg, args.name)
+    res = rollback(reg, args.name, **_timeout(args))
     print(f"{args.name}: champion rolled back from version {res['previous']} to version {res['champion']}")
     return 0
 
@@ -91,8 +130,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("register", help="log a pruned checkpoint to MLflow, register it, apply the gate",
                        description="Log an MLflow run for CKPT_DIR (params from its `ghosted` block, metrics from the "
-                                   "two evaluation JSONs), register it as a new version of ghosted-<base model>, "
-                                   "and move the `champion` alias to it if it passes the gate and beats the champion.")
+                                   "two evaluation JSONs, the checkpoint as an MLflow pyfunc model that generates "
+                                   "text), register it as a new version of ghosted-<base model>, and move the "
+                                   "`champion` alias to it if it passes the gate and beats the champion. A checkpoint "
+                                   "whose content is already a version is not registered again (the command names "
+                                   "the version and still reports the gate).")
     p.add_argument("checkpoint", type=Path, metavar="CKPT_DIR", help="folder written by `ghosted prune` or `fuse`")
     p.add_argument("--metrics", type=Path, required=True, help="`ghosted eval` results of the pruned checkpoint")
     p.add_argument("--dense-metrics", type=Path, required=True, help="`ghosted eval` results of the dense base model")
