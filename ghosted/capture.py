@@ -180,7 +180,7 @@ class CaptureResult:
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None, device: str | torch.device = "cpu") -> "CaptureResult":
         """Read a file written by save(). With `sha256`, refuse a file whose hash differs from it."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -193,7 +193,7 @@ class CaptureResult:
                 if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
                     raise GhostedError(f"{path} is not a capture written by CaptureResult.save")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors for a damaged file
+        except (OSError, ValueError, SafetensorError) as exc:  # a damaged or foreign file
             raise GhostedError(f"{path}: unreadable capture file ({exc})") from exc
         groups: dict[str, dict[Pair, PairSums]] = {}
         for group in _GROUPS:

@@ -237,5 +237,6 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
         cells.append(cell.as_dict())
         if cell.error is None:
             save_partial()
+            log(f"k={k} {method} (layers {cell.removed_text}): {brief(cell)}")
 
     return {**header, "dense": dense, "cells": cells, "versions": versions(), "seconds": time.perf_counter() - t0}

@@ -94,7 +94,7 @@ def format_layers(removed: list[int]) -> str:
 
 
 def brief(cell: CellResult) -> str:
-    """One log line of a cell's quality."""
+    """A cell's quality in one line (callers log it once the cell is safely stored)."""
     parts = [f"{src} PPL {v['ppl']:.2f}" for src, v in cell.ppl.items()]
     if cell.average is not None:
         parts.append(f"zero-shot average {cell.average:.3f}")
@@ -142,7 +142,6 @@ def run_cell(loaded: "Loaded", calib: "Calibration", shared: "CaptureResult | No
         capture_passes=meta["capture_passes"], ppl=quality["ppl"], zeroshot=quality["zeroshot"], average=avg,
         retained=(avg / dense_average) if avg is not None and dense_average else None,
         solve_seconds=meta["solve_seconds"], eval_seconds=quality["seconds"], seconds=time.perf_counter() - t0)
-    log(f"k={cell.k} {cell.name} (layers {cell.removed_text}): {brief(cell)}")
     return cell
 
 

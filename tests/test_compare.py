@@ -229,7 +229,8 @@ def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
 
 
 def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
-    """replaceme on a cut at layer 0 cannot be fitted: the cell carries the error, the grid goes on."""
+    """A configuration the solver refuses (here a layer the model does not have): the cell carries the error
+    and the grid goes on."""
     from ghosted.grid import CellResult, run_cell
 
     text = tmp_path / "eval.txt"
@@ -237,8 +238,10 @@ def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder))
     calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
     ev = EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32)
-    cell = run_cell(loaded, calib, None, PruneConfig(layers="0", recovery="replaceme"), ev, label="rm at 0")
-    assert cell.error and cell.ppl == {} and cell.name == "rm at 0"
+    logged: list[str] = []
+    cell = run_cell(loaded, calib, None, PruneConfig(layers="8", recovery="ghost"), ev, label="beyond", log=logged.append)
+    assert cell.error and cell.ppl == {} and cell.name == "beyond"
+    assert logged == [f"WARNING: k=0 beyond failed: {cell.error}"]
     row = cell.as_dict()
     assert set(row) == {"k", "method", "label", "error", "seconds"}
     ok = run_cell(loaded, calib, None, PruneConfig(layers="2-3", recovery="ghost", guard="off"), ev)
