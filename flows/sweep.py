@@ -160,11 +160,12 @@ def sweep_cell(model: str, shared: dict[str, Any], k: int, method: str, prune: d
 @flow(name="ghosted-sweep", log_prints=True)
 def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_task: int = 1) -> dict[str, Any]:
     """Shared statistics once, then every configuration (and the dense model) as concurrent tasks."""
+    from ghosted.cli.core import CALIB_DEFAULTS
+    from ghosted.evaluate.run import versions
+
     t0 = time.perf_counter()
     p = load_params(Path(params))
     s = sweep_settings(p)
-    from ghosted.cli.core import CALIB_DEFAULTS
-
     calibration = {**CALIB_DEFAULTS, **p["calibration"]}
     prune = {key: v for key, v in p["prune"].items() if key not in ("remove", "layers", "recovery")}
     all_threads = max(1, os.cpu_count() or 1)
@@ -180,8 +181,6 @@ def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_t
     wall = time.perf_counter() - t0
     print(f"sweep: {len(cells)} configurations + dense in {wall:.1f}s "
           f"(summed task time {dense['seconds'] + sum(c['seconds'] for c in cells):.1f}s)")
-    from ghosted.evaluate.run import versions
-
     return {**shared["header"], "kind": "sweep", "dense": dense, "cells": cells, "versions": versions(),
             "seconds": wall, "wall_seconds": wall,
             "shared": {key: shared[key] for key in ("key", "reused", "stats", "sha256")}}
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--workdir", default="out/sweep")
-    ap.add_argument("--out", default="reports/sweep", help="folder for sweep.json and sweep.md")
+    ap.add_argument("--out", default="reports/sweep", help="folder for sweep.json, sweep.md and the plots")
     ap.add_argument("--address", help="a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local cluster)")
     ap.add_argument("--workers", type=int, help="local cluster worker processes (default: sweep.workers)")
     ap.add_argument("--threads-per-worker", type=int, help="torch threads per task (default: sweep.threads_per_worker)")

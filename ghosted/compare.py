@@ -239,4 +239,5 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
             save_partial()
             log(f"k={k} {method} (layers {cell.removed_text}): {brief(cell)}")
 
-    return {**header, "dense": dense, "cells": cells, "versions": versions(), "seconds": time.perf_counter() - t0}
+    return {**header, "kind": "compare", "dense": dense, "cells": cells, "versions": versions(),
+            "seconds": time.perf_counter() - t0}
