@@ -114,11 +114,11 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     hit = _shared_hit(folder)
     if hit is not None:
         return {**paths, "sha256": hit["stats_sha256"], "reused": "yes", "header": hit["header"]}
-    t0 = time.perf_counter()
     loaded = load_model(model)
     calib = build_calibration(loaded.tokenizer, calibration["source"], int(calibration["n"]),
                               int(calibration["seq_len"]), int(calibration["seed"]))
     tmpl = PruneConfig.from_dict({**prune, "remove": ks[0], "recovery": methods[0]})
+    t0 = time.perf_counter()
     res = shared_capture(loaded, calib, tmpl, ks, methods, progress=False)
     header = grid_header(loaded, calib, tmpl, ks, methods, EvalSettings.from_dict(dict(evaluation)), res,
                          time.perf_counter() - t0)
