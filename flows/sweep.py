@@ -4,7 +4,9 @@ One task builds the calibration set and captures the shared statistics once (eve
 float64 sums and the layer scores, one forward pass); every configuration is then its own Prefect task
 that solves from those statistics and evaluates the pruned model, on a Dask cluster (prefect-dask): a
 local cluster by default, or a running cluster at `address`. The dense model is evaluated as one more task.
-Results go to <out>/sweep.json and <out>/sweep.md, with the wall time and the summed task times.
+Every cell is a ghosted.grid.run_cell, as in `ghosted compare`; results go to <out>/sweep.json, sweep.md
+and the plots (ghosted/report.py), with the wall time and the summed task times. The shared statistics
+travel to the workers as safetensors with their sha256 (CaptureResult.save/load), never as pickle.
 
     python -m flows.sweep [--params params.yaml] [--workdir out/sweep] [--out reports/sweep]
                           [--address tcp://scheduler:8786] [--workers 2] [--threads-per-worker 1]
@@ -30,6 +32,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ghosted.errors import GhostedError
+from ghosted.report import write_report
 
 from .compress import _transient, load_params
 
@@ -61,13 +64,32 @@ def _set_threads(n: int) -> None:
 # --------------------------------------------------------------------------- tasks
 
 
+def _shared_hit(folder: Path) -> dict[str, Any] | None:
+    """The record of a complete shared-statistics folder whose capture file still has the recorded sha256."""
+    from ghosted.capture import file_sha256
+
+    record, stats = folder / "shared.json", folder / "stats.safetensors"
+    if not (record.is_file() and stats.is_file() and (folder / "calibration").is_dir()):
+        return None
+    try:
+        doc = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or file_sha256(stats) != doc.get("stats_sha256"):
+        print(f"shared statistics in {folder} do not match their recorded sha256: recomputing them")
+        return None
+    return doc
+
+
 @task(name="shared-statistics", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
 def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int], methods: list[str],
-                      workdir: str, threads: int) -> dict[str, str]:
-    """Calibration set + one capture serving every configuration; written under workdir/<key>/."""
-    import torch
-
+                      evaluation: dict, workdir: str, threads: int) -> dict[str, Any]:
+    """Calibration set + one capture serving every configuration, written under workdir/shared/<key>/ as
+    safetensors (never pickle) with the file's sha256 recorded beside it; a cache hit is checked against it."""
+    from ghosted.config import EvalSettings
     from ghosted.data import build_calibration, save_calibration
+    from ghosted.grid import grid_header
+    from ghosted.io import write_json_atomic
     from ghosted.models import fingerprint, load_model, resolve
     from ghosted.prune import PruneConfig, shared_capture
 
@@ -75,59 +97,48 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     key = hashlib.sha256(json.dumps([model, fingerprint(resolve(model)), calibration, prune, sorted(ks), sorted(methods)],
                                     sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(workdir) / "shared" / key
-    stats = folder / "stats.pt"
-    if stats.is_file():
-        return {"calib": str(folder / "calibration"), "stats": str(stats), "key": key, "reused": "yes"}
+    paths = {"calib": str(folder / "calibration"), "stats": str(folder / "stats.safetensors"), "key": key}
+    hit = _shared_hit(folder)
+    if hit is not None:
+        return {**paths, "sha256": hit["stats_sha256"], "reused": "yes", "header": hit["header"]}
     loaded = load_model(model)
     calib = build_calibration(loaded.tokenizer, calibration["source"], int(calibration["n"]),
                               int(calibration["seq_len"]), int(calibration["seed"]))
     tmpl = PruneConfig.from_dict({**prune, "remove": ks[0], "recovery": methods[0]})
+    t0 = time.perf_counter()
     res = shared_capture(loaded, calib, tmpl, ks, methods, progress=False)
+    header = grid_header(loaded, calib, tmpl, ks, methods, EvalSettings.from_dict(dict(evaluation)), res,
+                         time.perf_counter() - t0)
     folder.mkdir(parents=True, exist_ok=True)
     save_calibration(calib, folder / "calibration", force=True)  # a killed run's own leftover
-    tmp = stats.with_suffix(".tmp")
-    torch.save(res, tmp)
-    tmp.replace(stats)  # atomic: a half-written file is never picked up as a cache hit
-    return {"calib": str(folder / "calibration"), "stats": str(stats), "key": key, "reused": "no",
-            "capture_seconds": f"{res.seconds:.1f}"}
+    sha = res.save(folder / "stats.safetensors")  # atomic: a half-written file never carries the name
+    write_json_atomic(folder / "shared.json", {"stats_sha256": sha, "header": header})  # last: marks it complete
+    return {**paths, "sha256": sha, "reused": "no", "header": header}
 
 
 @task(name="sweep-cell", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
-def run_cell(model: str, shared: dict[str, str], k: int, method: str, prune: dict, evaluation: dict,
-             threads: int) -> dict[str, Any]:
+def sweep_cell(model: str, shared: dict[str, Any], k: int, method: str, prune: dict, evaluation: dict,
+               threads: int) -> dict[str, Any]:
     """Solve one configuration from the shared statistics and evaluate it in place (k = 0: the dense model)."""
-    import torch
-
-    from ghosted.compare import EvalSettings, evaluate_quality, format_layers
+    from ghosted.capture import CaptureResult
+    from ghosted.config import EvalSettings
     from ghosted.data import load_calibration
+    from ghosted.grid import run_cell, run_dense
     from ghosted.models import load_model
-    from ghosted.prune import PruneConfig, solve
-    from ghosted.surgery import temporarily_pruned
+    from ghosted.prune import PruneConfig
 
     _set_threads(threads)
-    t0 = time.perf_counter()
     settings = EvalSettings.from_dict(dict(evaluation))
     loaded = load_model(model)
-    cell: dict[str, Any] = {"k": k, "method": method, "worker_pid": os.getpid(), "threads": threads}
     if k == 0:
-        quality = evaluate_quality(loaded.model, loaded.tokenizer, settings, progress=False)
-        cell.update(removed=[], ppl={s: v["ppl"] for s, v in quality["ppl"].items()},
-                    zeroshot=quality["zeroshot"], seconds=time.perf_counter() - t0)
-        return cell
-    res = torch.load(shared["stats"], weights_only=False)
-    calib = load_calibration(shared["calib"])
-    try:
-        sol = solve(loaded, calib, PruneConfig.from_dict({**prune, "remove": k, "recovery": method}),
-                    progress=False, log=lambda _m: None, shared=res)
-    except GhostedError as exc:  # e.g. replaceme on a cut at layer 0: a result of the sweep, not a crash
-        cell.update(error=str(exc), seconds=time.perf_counter() - t0)
-        return cell
-    with temporarily_pruned(loaded.model, sol.removed, sol.operators) as pruned:
-        quality = evaluate_quality(pruned, loaded.tokenizer, settings, progress=False)
-    cell.update(removed=sol.removed, removed_text=format_layers(sol.removed), guard=sol.meta.get("guard"),
-                ridge=sol.meta.get("ridge"), ppl={s: v["ppl"] for s, v in quality["ppl"].items()},
-                zeroshot=quality["zeroshot"], seconds=time.perf_counter() - t0)
-    return cell
+        cell = run_dense(loaded.model, loaded.tokenizer, settings)
+    else:
+        res = CaptureResult.load(shared["stats"], sha256=shared["sha256"])  # refuses a file changed since written
+        calib = load_calibration(shared["calib"])
+        cell = run_cell(loaded, calib, res, PruneConfig.from_dict({**prune, "remove": k, "recovery": method}),
+                        settings)
+    cell.worker = {"pid": os.getpid(), "threads": threads}
+    return cell.as_dict()
 
 
 # --------------------------------------------------------------------------- flow
@@ -136,23 +147,29 @@ def run_cell(model: str, shared: dict[str, str], k: int, method: str, prune: dic
 @flow(name="ghosted-sweep", log_prints=True)
 def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_task: int = 1) -> dict[str, Any]:
     """Shared statistics once, then every configuration (and the dense model) as concurrent tasks."""
+    from ghosted.evaluate.run import versions
+
     t0 = time.perf_counter()
     p = load_params(Path(params))
     s = sweep_settings(p)
     calibration = p["calibration"]
     prune = {key: v for key, v in p["prune"].items() if key not in ("remove", "layers", "recovery")}
     all_threads = max(1, os.cpu_count() or 1)
-    shared = shared_statistics.submit(p["model"], calibration, prune, s["remove"], s["recovery"], workdir,
+    shared = shared_statistics.submit(p["model"], calibration, prune, s["remove"], s["recovery"], s["eval"], workdir,
                                       all_threads).result()
-    futures = [run_cell.submit(p["model"], shared, 0, "dense", prune, s["eval"], threads_per_task)]
-    futures += [run_cell.submit(p["model"], shared, k, m, prune, s["eval"], threads_per_task)
+    futures = [sweep_cell.submit(p["model"], shared, 0, "dense", prune, s["eval"], threads_per_task)]
+    futures += [sweep_cell.submit(p["model"], shared, k, m, prune, s["eval"], threads_per_task)
                 for k in s["remove"] for m in s["recovery"]]
-    cells = [f.result() for f in futures]
+    dense, *cells = [f.result() for f in futures]
+    for c in cells:  # the dense model ran beside the cells: retained is filled in here
+        if c.get("average") is not None and dense.get("average"):
+            c["retained"] = c["average"] / dense["average"]
     wall = time.perf_counter() - t0
-    print(f"sweep: {len(cells) - 1} configurations + dense in {wall:.1f}s "
-          f"(summed task time {sum(c['seconds'] for c in cells):.1f}s)")
-    return {"model": p["model"], "shared": shared, "cells": cells, "wall_seconds": wall,
-            "settings": {k: s[k] for k in ("remove", "recovery", "eval")}}
+    print(f"sweep: {len(cells)} configurations + dense in {wall:.1f}s "
+          f"(summed task time {dense['seconds'] + sum(c['seconds'] for c in cells):.1f}s)")
+    return {**shared["header"], "kind": "sweep", "dense": dense, "cells": cells, "versions": versions(),
+            "seconds": wall, "wall_seconds": wall,
+            "shared": {key: shared[key] for key in ("key", "reused", "stats", "sha256")}}
 
 
 def dask_runner(address: str | None, workers: int, threads_per_worker: int):
@@ -184,35 +201,11 @@ def run(params: str, workdir: str, address: str | None = None, workers: int | No
     return result
 
 
-def write_report(result: dict[str, Any], out: Path) -> None:
-    from ghosted.io import write_json_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", result)
-    cells = result["cells"]
-    sources = sorted({s for c in cells for s in (c.get("ppl") or {})})
-    lines = [f"# Sweep: {result['model']}", "", "Generated by `python -m flows.sweep`; do not edit by hand.", "",
-             "| k | method | removed | " + " | ".join(f"{s} PPL" for s in sources) + " | task seconds | note |",
-             "|---|---|---|" + "---|" * len(sources) + "---|---|"]
-    for c in cells:
-        ppl = [f"{c['ppl'][s]:.2f}" if c.get("ppl") and s in c["ppl"] else "-" for s in sources]
-        g = c.get("guard") or {}
-        note = c.get("error") or ("" if g.get("mode", "off") == "off" else
-                                  f"guard chose {g.get('chosen')}" + (" (fallback)" if g.get("fallback") else ""))
-        lines.append(f"| {c['k']} | {c['method']} | {c.get('removed_text', '-')} | " + " | ".join(ppl)
-                     + f" | {c['seconds']:.1f} | {note} |")
-    lines += ["", f"- Runner: {result['runner']}",
-              f"- Wall time: {result['wall_seconds']:.1f} s; summed task time "
-              f"{sum(c['seconds'] for c in cells):.1f} s; shared statistics {result['shared'].get('key')} "
-              f"(reused: {result['shared'].get('reused')})"]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--workdir", default="out/sweep")
-    ap.add_argument("--out", default="reports/sweep", help="folder for sweep.json and sweep.md")
+    ap.add_argument("--out", default="reports/sweep", help="folder for sweep.json, sweep.md and the plots")
     ap.add_argument("--address", help="a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local cluster)")
     ap.add_argument("--workers", type=int, help="local cluster worker processes (default: sweep.workers)")
     ap.add_argument("--threads-per-worker", type=int, help="torch threads per task (default: sweep.threads_per_worker)")
@@ -223,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except GhostedError as exc:
         print(f"ghosted: error: {exc}", file=sys.stderr)
         return 2
-    write_report(result, Path(args.out))
+    write_report(result, Path(args.out), name="sweep")
     print(json.dumps({"out": args.out, "wall_seconds": round(result["wall_seconds"], 1), "runner": result["runner"]}))
     return 0
 

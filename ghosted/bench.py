@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,14 +31,10 @@ import torch
 from . import arch
 from .data import Calibration, build_calibration, tokens_sha256
 from .errors import GhostedError
+from .evaluate.harness import peak_memory, proc_bytes, sync
 from .models import Loaded, ModelRef, load_model
 from .prune import PruneConfig, solve
 from .surgery import temporarily_pruned
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # Real configurations for random-weight runs (bench only).
@@ -87,40 +84,14 @@ def _calibration(loaded: Loaded, n: int, seq_len: int) -> Calibration:
     return Calibration(ids, "random tokens", 0, tokens_sha256(ids))
 
 
-def _rss_bytes(field: str) -> int | None:
-    """VmRSS / VmHWM of this process from /proc (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    hwm = _rss_bytes("VmHWM")
-    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 @torch.no_grad()
 def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for s in range(0, ids.shape[0], batch_size):
         model(input_ids=ids[s:s + batch_size].to(device), use_cache=False)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -128,28 +99,23 @@ def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int)
 def _one_run(model: torch.nn.Module, ids: torch.Tensor, new: int) -> tuple[float, float]:
     """Prefill and decode tokens/s of one greedy generation with a KV cache."""
     device = ids.device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for _ in range(new):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     return ids.shape[1] / (t1 - t0), new / (t2 - t1)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
-
 def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int) -> dict:
     """One calibration size, in this process: forward time, prune+fit time, peak memory."""
-    runtime = _rss_bytes("VmRSS") or 0  # the interpreter and libraries, before any weight is loaded
+    runtime = proc_bytes("VmRSS") or 0  # the interpreter and libraries, before any weight is loaded
     loaded = load_bench_model(model_name, dtype, device)
     model = loaded.model
     dev = next(model.parameters()).device
@@ -159,19 +125,21 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     if dev.type == "cuda":
         runtime = 0
     fwd = _forward_seconds(model, ids, batch_size)
-    # the peak belongs to prune+fit alone: the dense forward's logits ([batch, T, vocab]) are not part of it
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    elif not _reset_cpu_peak():
-        runtime = 0
-    base_peak = _peak_bytes(dev)
     cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
                       token_policy="sink", batch_size=batch_size)
-    t0 = time.perf_counter()
-    sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
-    _sync(dev)
-    fit = time.perf_counter() - t0
-    peak = _peak_bytes(dev) - runtime
+    # the peak belongs to prune+fit alone: the dense forward's logits ([batch, T, vocab]) are not part of it
+    with peak_memory(dev) as memory:
+        t0 = time.perf_counter()
+        sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
+        sync(dev)
+        fit = time.perf_counter() - t0
+    if memory["peak_memory_bytes"] is None:  # no /proc: the process's peak over its whole life
+        runtime = 0
+        peak = base_peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    else:
+        peak = memory["peak_memory_bytes"]
+        base_peak = peak - memory["peak_memory_delta_bytes"]
+    peak -= runtime
     return {"n_seqs": n, "seq_len": seq_len, "model_bytes": size, "dense_forward_s": fwd, "prune_fit_s": fit,
             "fit_over_forward": fit / fwd, "peak_bytes": peak, "peak_before_bytes": base_peak - runtime,
             "runtime_bytes": runtime, "peak_over_model": peak / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
@@ -204,7 +172,7 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
         if r:  # round 0 warms up
             for key, v in (("dense", dense), ("pruned_ghost", pruned), ("pruned_plain", plain)):
                 runs[key].append(v)
-    res = {key: {"prefill_tok_s": _median([v[0] for v in vals]), "decode_tok_s": _median([v[1] for v in vals])}
+    res = {key: {"prefill_tok_s": statistics.median([v[0] for v in vals]), "decode_tok_s": statistics.median([v[1] for v in vals])}
            for key, vals in runs.items()}
     ideal = L / (L - len(removed))
     out = {"ideal_speedup": ideal, "prompt": prompt, "new_tokens": new, "repeats": repeats, **res}

@@ -13,7 +13,13 @@ LM head. Sums are float64 on the model's device; activations are never kept acro
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -88,6 +94,87 @@ class CaptureResult:
 
     def mean_angular(self) -> torch.Tensor:
         return self.ang_sum / max(self.score_tokens, 1)
+
+    def save(self, path: str | Path) -> str:
+        """Write every sum to one safetensors file (small JSON metadata in its header), atomically; returns
+        the file's sha256. No pickle: loading it back cannot run code."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        groups: dict[str, dict[str, dict]] = {}
+        for group in _GROUPS:
+            groups[group] = {}
+            for (s, b), ps in getattr(self, group).items():
+                key = f"{s}-{b}"
+                groups[group][key] = {"d": ps.d, "n": ps.n, "trace_ref": ps.trace_ref}
+                for f in dataclasses.fields(ps):
+                    t = getattr(ps, f.name)
+                    if isinstance(t, torch.Tensor):
+                        tensors[f"{group}/{key}/{f.name}"] = t.detach().to("cpu").contiguous()
+        for name in ("cos_sum", "ang_sum"):
+            t = getattr(self, name)
+            if t is not None:
+                tensors[name] = t.detach().to("cpu").contiguous()
+        meta = {"format": _FORMAT, "num_layers": self.num_layers, "score_tokens": self.score_tokens,
+                "seconds": self.seconds, "groups": groups}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"ghosted_capture": json.dumps(meta)})
+            digest = file_sha256(tmp)
+            os.replace(tmp, path)  # a half-written file never carries the final name
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    @classmethod
+    def load(cls, path: str | Path, sha256: str | None = None, device: str | torch.device = "cpu") -> "CaptureResult":
+        """Read a file written by save(). With `sha256`, refuse a file whose hash differs from it."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise GhostedError(f"{path}: no such capture file")
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise GhostedError(f"{path}: sha256 does not match the one recorded when it was written")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = json.loads((f.metadata() or {}).get("ghosted_capture", "null"))
+                if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                    raise GhostedError(f"{path} is not a capture written by CaptureResult.save")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, SafetensorError) as exc:  # a damaged or foreign file
+            raise GhostedError(f"{path}: unreadable capture file ({exc})") from exc
+        groups: dict[str, dict[Pair, PairSums]] = {}
+        for group in _GROUPS:
+            groups[group] = {}
+            for key, info in meta["groups"][group].items():
+                s, b = (int(x) for x in key.split("-"))
+                ps = PairSums(int(info["d"]), int(info["n"]), trace_ref=info["trace_ref"])
+                for f in dataclasses.fields(ps):
+                    t = tensors.get(f"{group}/{key}/{f.name}")
+                    if t is not None:
+                        setattr(ps, f.name, t)
+                groups[group][(s, b)] = ps
+        return cls(int(meta["num_layers"]), groups["fit"], groups["heldout"], tensors.get("cos_sum"),
+                   tensors.get("ang_sum"), int(meta["score_tokens"]), float(meta["seconds"]), groups["fit_left_out"],
+                   groups["heldout_left_out"])
+
+
+_FORMAT = "ghosted-capture/1"
+_GROUPS = ("fit", "heldout", "fit_left_out", "heldout_left_out")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _add(parts: list[PairSums]) -> PairSums:

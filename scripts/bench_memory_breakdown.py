@@ -6,14 +6,15 @@ prune+fit high-water 1565, i.e. 420 MiB of its own (31 hidden states of a 4 x 51
 tables, 146 MiB, and the float64 sums of 24 candidate blocks, ~130 MiB); model 513 MiB."""
 import torch, time
 from ghosted import bench
+from ghosted.evaluate.harness import proc_bytes, reset_cpu_peak
 from ghosted.prune import PruneConfig, solve
-rss = lambda: bench._rss_bytes("VmRSS") / 2**20
-hwm = lambda: bench._rss_bytes("VmHWM") / 2**20
+rss = lambda: proc_bytes("VmRSS") / 2**20
+hwm = lambda: proc_bytes("VmHWM") / 2**20
 r0 = rss(); print("runtime", r0)
 L = bench.load_bench_model("smollm2-135m", "float32", "cpu"); print("after load rss", rss(), "hwm", hwm())
 c = bench._calibration(L, 8, 512); print("after calib", rss())
 bench._forward_seconds(L.model, c.input_ids, 4); print("after forward rss", rss(), "hwm", hwm())
-bench._reset_cpu_peak(); print("after reset hwm", hwm())
+reset_cpu_peak(); print("after reset hwm", hwm())
 cfg = PruneConfig(remove=7, select="angular", recovery="ghost", guard="off", holdout=0.0, token_policy="sink", batch_size=4)
 sol = solve(L, c, cfg, progress=False, log=lambda m: None); print("after solve rss", rss(), "hwm", hwm())
 print("model MiB", sum(p.numel()*p.element_size() for p in L.model.parameters())/2**20)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ghosted.cli import main
-from ghosted.compare import CompareConfig, EvalSettings, run_compare
+from ghosted.compare import CompareConfig, run_compare
+from ghosted.config import EvalSettings
 from ghosted.data import build_calibration
 from ghosted.errors import GhostedError
 from ghosted.models import load_model
@@ -164,3 +165,80 @@ def test_interrupted_compare_resumes_where_it_stopped(tiny_folder, tmp_path):
     lines.clear()
     run_compare(loaded, calib, other, progress=False, log=lines.append, partial_path=partial)
     assert any("belongs to other settings" in ln for ln in lines)
+
+
+def _assert_same_sums(a, b) -> None:
+    from dataclasses import fields as dc_fields
+
+    for group in ("fit", "heldout", "fit_left_out", "heldout_left_out"):
+        ga, gb = getattr(a, group), getattr(b, group)
+        assert ga.keys() == gb.keys()
+        for pair in ga:
+            for f in dc_fields(ga[pair]):
+                x, y = getattr(ga[pair], f.name), getattr(gb[pair], f.name)
+                if isinstance(x, torch.Tensor):
+                    assert x.dtype == y.dtype == torch.float64 and torch.equal(x, y), (group, pair, f.name)
+                else:
+                    assert x == y, (group, pair, f.name)
+    assert torch.equal(a.cos_sum, b.cos_sum) and torch.equal(a.ang_sum, b.ang_sum)
+    assert (a.num_layers, a.score_tokens, a.seconds) == (b.num_layers, b.score_tokens, b.seconds)
+
+
+def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
+    """CaptureResult.save/load: every float64 sum back bit for bit, a cell solved from the loaded file equals
+    one solved from the capture in memory, and a file changed since it was written is refused."""
+    from ghosted.capture import CaptureResult, file_sha256
+    from ghosted.prune import shared_capture, solve
+
+    loaded = load_model(str(tiny_folder))
+    calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
+    tmpl = PruneConfig(remove=1)
+    res = shared_capture(loaded, calib, tmpl, [1, 2], ["ghost", "linearpatch", "replaceme"], progress=False)
+    path = tmp_path / "stats.safetensors"
+    sha = res.save(path)
+    assert sha == file_sha256(path) and path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    back = CaptureResult.load(path, sha256=sha)
+    _assert_same_sums(res, back)
+    assert any(ps.trace_ref is not None or ps.mlp_gram is not None for ps in back.fit.values())
+    for method in ("ghost", "linearpatch", "replaceme"):
+        cfg = PruneConfig(remove=2, recovery=method)
+        a = solve(loaded, calib, cfg, progress=False, log=lambda _m: None, shared=res)
+        b = solve(loaded, calib, cfg, progress=False, log=lambda _m: None, shared=back)
+        assert a.removed == b.removed and a.meta["capture_passes"] == b.meta["capture_passes"] == 0
+        for cut, op in a.operators.items():
+            for name in ("W", "bias", "U", "V", "T", "sink_shift"):
+                x, y = getattr(op, name, None), getattr(b.operators[cut], name, None)
+                assert (x is None and y is None) or torch.equal(x, y), (method, name)
+
+    path.write_bytes(path.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(GhostedError, match="sha256 does not match"):
+        CaptureResult.load(path, sha256=sha)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(GhostedError, match="not a capture"):
+        CaptureResult.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(GhostedError, match="unreadable capture file"):
+        CaptureResult.load(tmp_path / "junk.safetensors")
+
+
+def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
+    """A configuration the solver refuses (here a layer the model does not have): the cell carries the error
+    and the grid goes on."""
+    from ghosted.grid import CellResult, run_cell
+
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
+    loaded = load_model(str(tiny_folder))
+    calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
+    ev = EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32)
+    logged: list[str] = []
+    cell = run_cell(loaded, calib, None, PruneConfig(layers="8", recovery="ghost"), ev, label="beyond", log=logged.append)
+    assert cell.error and cell.ppl == {} and cell.name == "beyond"
+    assert logged == [f"WARNING: k=0 beyond failed: {cell.error}"]
+    row = cell.as_dict()
+    assert set(row) == {"k", "method", "label", "error", "seconds"}
+    ok = run_cell(loaded, calib, None, PruneConfig(layers="2-3", recovery="ghost", guard="off"), ev)
+    assert ok.error is None and ok.removed == [2, 3] and ok.removed_text == "2-3" and ok.token_policy == "all"
+    assert CellResult.from_dict(ok.as_dict()) == ok

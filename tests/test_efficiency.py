@@ -130,3 +130,26 @@ def test_ratios_on_measured_models(measured: tuple[dict, Path]) -> None:
     ratios = efficiency_ratios(dense, pruned)
     assert ratios["params_non_embedding_ratio"] == pytest.approx(0.5, rel=1e-3)  # 2 of 4 layers (+ final norm)
     assert ratios["batches"]["1"]["prefill_speedup"] > 0
+
+
+def test_harness_timing_and_peak_memory() -> None:
+    """The harness `ghosted bench` and `eval --efficiency` share: every run timed, the median kept; the peak
+    over a block sees memory touched and freed inside it."""
+    import statistics
+    import time
+
+    from ghosted.evaluate import harness
+
+    cpu = torch.device("cpu")
+    calls: list[int] = []
+    median, runs = harness.timed(lambda: (calls.append(1), time.sleep(0.002)), cpu, 3)
+    assert len(runs) == len(calls) == 3 and median == statistics.median(runs) and min(runs) >= 2.0
+    method = harness.memory_method(cpu)
+    with harness.peak_memory(cpu, method) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+        del block
+    if method == harness.LINUX_RSS:
+        assert memory["peak_memory_delta_bytes"] >= 48 * 2**20
+        assert memory["peak_memory_bytes"] >= memory["peak_memory_delta_bytes"]
+    else:
+        assert memory == {"peak_memory_bytes": None, "peak_memory_delta_bytes": None}

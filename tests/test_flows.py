@@ -13,6 +13,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows import compress as compress_mod  # noqa: E402
 from flows import recompress as recompress_mod  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
+from ghosted.report import write_report  # noqa: E402
 
 from .tiny_models import make_tiny  # noqa: E402
 
@@ -180,25 +181,64 @@ def test_sweep_on_a_dask_cluster_equals_the_sequential_run(tmp_path):
     dask = sweep_mod.run(str(params), str(tmp_path / "work-dask"))
     seq = sweep_mod.run(str(params), str(tmp_path / "work-seq"), sequential=True)
     assert dask["runner"].startswith("dask local cluster, 2 workers")
-    assert len(dask["cells"]) == 5  # dense + 2 x 2
-    assert {c["worker_pid"] for c in dask["cells"]}.isdisjoint({os.getpid()})  # ran in the workers
-    assert {c["worker_pid"] for c in seq["cells"]} == {os.getpid()}
-    assert dask["shared"]["reused"] == "no" and len(list((tmp_path / "work-dask").rglob("stats.pt"))) == 1
+    assert len(dask["cells"]) == 4 and dask["dense"]["method"] == "dense"  # dense + 2 x 2
+    assert {c["worker"]["pid"] for c in [dask["dense"], *dask["cells"]]}.isdisjoint({os.getpid()})  # in the workers
+    assert {c["worker"]["pid"] for c in [seq["dense"], *seq["cells"]]} == {os.getpid()}
+    assert dask["shared"]["reused"] == "no"
+    work = tmp_path / "work-dask"
+    assert [p.name for p in work.rglob("stats.*")] == ["stats.safetensors"]  # no pickle on the shared disk
+    assert dask["dense"]["ppl"] == seq["dense"]["ppl"]
     for a, b in zip(dask["cells"], seq["cells"]):
         assert (a["k"], a["method"], a.get("removed")) == (b["k"], b["method"], b.get("removed"))
         assert a["ppl"] == b["ppl"]
     by = {(c["k"], c["method"]): c for c in dask["cells"]}
-    src = next(iter(by[(0, "dense")]["ppl"]))
+    src = next(iter(dask["dense"]["ppl"]))
     for k in (1, 2):  # a ghost the guard kept changes the model; a fallback is plain removal
         ghost, none = by[(k, "ghost")], by[(k, "none")]
         assert ghost["removed"] == none["removed"]
-        assert (ghost["ppl"][src] == none["ppl"][src]) == ghost["guard"]["fallback"]
+        assert (ghost["ppl"][src]["ppl"] == none["ppl"][src]["ppl"]) == ghost["guard"]["fallback"]
     assert not by[(1, "ghost")]["guard"]["fallback"]
 
-    sweep_mod.write_report(dask, tmp_path / "report")
-    assert "| 2 | ghost |" in (tmp_path / "report" / "sweep.md").read_text()
-    again = sweep_mod.run(str(params), str(tmp_path / "work-dask"), sequential=True)
+    write_report(dask, tmp_path / "report", name="sweep")
+    md = (tmp_path / "report" / "sweep.md").read_text()
+    assert md.startswith("# Sweep: ") and "| 2 | ghost |" in md and "- Runner: dask local cluster" in md
+    again = sweep_mod.run(str(params), str(work), sequential=True)
     assert again["shared"]["reused"] == "yes"  # the shared statistics are computed once per input set
+    assert [c["ppl"] for c in again["cells"]] == [c["ppl"] for c in seq["cells"]]
+
+    # A capture file changed after it was written: the cache refuses it and computes the statistics again.
+    stats = next(work.rglob("stats.safetensors"))
+    stats.write_bytes(stats.read_bytes()[:-8] + bytes(8))
+    redo = sweep_mod.run(str(params), str(work), sequential=True)
+    assert redo["shared"]["reused"] == "no"
+    assert [c["ppl"] for c in redo["cells"]] == [c["ppl"] for c in seq["cells"]]
+
+
+def test_sweep_cell_refuses_a_capture_changed_since_written(tmp_path):
+    """A worker checks the file against the sha256 the shared-statistics task recorded before loading it."""
+    import yaml
+
+    from flows import sweep as sweep_mod
+
+    params = _params(tmp_path, _tiny(tmp_path / "tiny-llama"))
+    doc = yaml.safe_load(params.read_text())
+    doc["sweep"] = {"remove": [1], "recovery": ["ghost"], "eval": doc["eval"]}
+    params.write_text(yaml.safe_dump(doc))
+    res = sweep_mod.run(str(params), str(tmp_path / "w"), sequential=True)
+    shared = {**res["shared"], "calib": str(Path(res["shared"]["stats"]).parent / "calibration")}
+    Path(shared["stats"]).write_bytes(Path(shared["stats"]).read_bytes()[:-8] + bytes(8))
+    with pytest.raises(GhostedError, match="sha256 does not match"):
+        sweep_mod.sweep_cell.fn(str(tmp_path / "tiny-llama"), shared, 1, "ghost", {"select": "angular"},
+                                doc["eval"], 1)
+
+
+def test_no_pickle_anywhere():
+    """Nothing in the project unpickles: shared statistics, checkpoints and calibration are safetensors/JSON."""
+    root = Path(__file__).resolve().parents[1]
+    banned = ("import pickle", "torch.load(", "weights_only", "cloudpickle", "joblib.load(")
+    hits = [f"{path.relative_to(root)}: {word}" for folder in ("ghosted", "flows", "scripts")
+            for path in (root / folder).rglob("*.py") for word in banned if word in path.read_text()]
+    assert hits == []
 
 
 def test_sweep_rejects_bad_settings(tmp_path):

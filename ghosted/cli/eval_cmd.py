@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..compare import evaluate_model
+    from ..evaluate.run import evaluate_model
 
     t0 = time.perf_counter()
     if args.efficiency_worker:
@@ -134,8 +134,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _efficiency_worker(args: argparse.Namespace) -> int:
-    """Hidden: measure this one model in this (fresh) process and write the JSON (see compare.measure_isolated)."""
-    from ..compare import measure_loaded
+    """Hidden: measure this one model in this (fresh) process and write the JSON (see evaluate.run.measure_isolated)."""
+    from ..evaluate.run import measure_loaded
 
     if args.out is None:
         raise GhostedError("--efficiency-worker needs --out")

@@ -1,4 +1,6 @@
-"""Evaluation of dense and pruned models: zero-shot accuracy (lm-eval) and efficiency."""
+"""Evaluation of dense and pruned models: perplexity, zero-shot accuracy (lm-eval) and efficiency.
+
+run.py is `ghosted eval` (one model); harness.py the timing/memory harness of efficiency.py and bench."""
 
 from ghosted.evaluate.efficiency import efficiency_ratios, measure_efficiency
 from ghosted.evaluate.zeroshot import DEFAULT_TASKS, SUPPORTED_TASKS, evaluate_zeroshot, task_configs

@@ -1,0 +1,145 @@
+"""`ghosted eval`: quality (perplexity, zero-shot) and, if asked, efficiency of one model.
+
+Quality is perplexity on text sources (protocol in perplexity.py) plus zero-shot accuracy through lm-eval
+(zeroshot.py), on an in-memory model: evaluate_quality also serves every cell of a grid (ghosted/grid.py).
+Efficiency of a model is measured in a fresh Python process (the CLI re-invoked with a hidden flag), one
+per model, so that CPU peak RSS reflects that model alone and not what this process did before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__, arch
+from ..errors import GhostedError
+
+if TYPE_CHECKING:
+    from ..config import EfficiencySettings, EvalSettings
+
+Log = Callable[[str], None]
+
+
+def _nolog(_msg: str) -> None:
+    pass
+
+
+def evaluate_quality(model: Any, tokenizer: Any, settings: "EvalSettings", progress: bool = True) -> dict:
+    """Perplexity on each source and zero-shot accuracy of an in-memory model (dense, pruned or patched)."""
+    from .perplexity import perplexity
+    from .zeroshot import evaluate_zeroshot
+
+    t0 = time.perf_counter()
+    ppl = {src: perplexity(model, tokenizer, src, seq_len=settings.seq_len, windows=settings.ppl_windows,
+                           batch_size=settings.batch_size, progress=progress)
+           for src in settings.ppl}
+    zeroshot = None
+    if settings.tasks:
+        zeroshot = evaluate_zeroshot(model, tokenizer, settings.tasks, settings.limit, batch_size=settings.batch_size,
+                                     progress=progress)
+    return {"ppl": ppl, "zeroshot": zeroshot, "seconds": time.perf_counter() - t0}
+
+
+def checkpoint_folder(ref) -> Path | None:
+    """The folder whose *.safetensors are the model's checkpoint (None for GGUF files and hub ids)."""
+    if ref.kind in ("folder", "shipped") and any(Path(ref.path).glob("*.safetensors")):
+        return Path(ref.path)
+    return None
+
+
+def measure_loaded(loaded, eff: "EfficiencySettings") -> dict:
+    """measure_efficiency of an already loaded model, in THIS process (the worker side)."""
+    from .efficiency import measure_efficiency
+
+    stats = measure_efficiency(loaded.model, loaded.tokenizer, batch_sizes=eff.batch_sizes, prompt_len=eff.prompt_len,
+                               new_tokens=eff.new_tokens, repeats=eff.repeats,
+                               checkpoint_dir=checkpoint_folder(loaded.ref))
+    stats["model"] = loaded.ref.name
+    return stats
+
+
+def measure_isolated(model: str, eff: "EfficiencySettings", dtype: str = "float32", device: str = "cpu",
+                     device_map: str | None = None) -> dict:
+    """measure_efficiency of `model` in a fresh Python process: peak memory counts that model alone."""
+    with tempfile.TemporaryDirectory(prefix="ghosted-eff-") as tmp:
+        out = Path(tmp) / "efficiency.json"
+        cmd = [sys.executable, "-m", "ghosted.cli", "eval", str(model), "--dtype", dtype, "--device", device,
+               "--efficiency-worker", "--prompt-len", str(eff.prompt_len), "--new-tokens", str(eff.new_tokens),
+               "--repeats", str(eff.repeats), "--efficiency-batch-sizes", ",".join(map(str, eff.batch_sizes)),
+               "--out", str(out), "--quiet", *(["--device-map", device_map] if device_map else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0 or not out.is_file():
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            errors = [ln.removeprefix("ghosted: error: ") for ln in lines if ln.startswith("ghosted: error:")]
+            why = errors[-1] if errors else (lines[-1] if lines else f"exit status {proc.returncode}")
+            raise GhostedError(f"efficiency measurement of {model} failed: {why}")
+        return json.loads(out.read_text())
+
+
+def evaluate_model(model: str, settings: "EvalSettings", *, dtype: str = "float32", device: str = "cpu",
+                   device_map: str | None = None, efficiency: "EfficiencySettings | None" = None,
+                   baseline: str | None = None, progress: bool = True, log: Log = _nolog) -> dict:
+    """Everything `ghosted eval` reports for one model: perplexity, zero-shot accuracy and, if asked, efficiency
+    (with `baseline`: the dense model measured in the same run, and pruned/dense ratios)."""
+    from ..config import EfficiencySettings
+    from ..models import load_model, resolve
+
+    t0 = time.perf_counter()
+    ref = resolve(model)
+    if baseline is not None:
+        resolve(baseline)
+        efficiency = efficiency or EfficiencySettings()
+    if efficiency is None and not settings.tasks and not settings.ppl:
+        raise GhostedError("nothing to evaluate: give --tasks, --ppl or --efficiency")
+    result: dict[str, Any] = {"model": ref.name, "dtype": dtype, "device": device}
+    if efficiency is not None:  # before this process loads anything: the machine is quiet while it times
+        result["efficiency"] = efficiency_report(model, efficiency, dtype, device, baseline, log, device_map)
+    result["ppl"] = {}
+    result["zeroshot"] = None
+    if settings.tasks or settings.ppl:
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+        log(f"loaded {model} ({type(loaded.model).__name__}, {arch.num_layers(loaded.model)} layers)")
+        quality = evaluate_quality(loaded.model, loaded.tokenizer, settings, progress)
+        result["ppl"], result["zeroshot"] = quality["ppl"], quality["zeroshot"]
+    result["settings"] = settings.as_dict()
+    result["versions"] = versions()
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def efficiency_report(model: str, eff: "EfficiencySettings", dtype: str, device: str, baseline: str | None,
+                      log: Log = _nolog, device_map: str | None = None) -> dict:
+    """Efficiency of `model` (and of `baseline`, with pruned/dense ratios), each measured in its own process."""
+    from .efficiency import efficiency_ratios
+
+    out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": asdict(eff)}
+    log(f"measuring efficiency of {model} on {device} (own process)")
+    out["model"] = measure_isolated(model, eff, dtype, device, device_map)
+    if baseline is not None:
+        log(f"measuring efficiency of the baseline {baseline} on {device} (own process)")
+        out["baseline"] = measure_isolated(baseline, eff, dtype, device, device_map)
+        out["ratios"] = efficiency_ratios(out["baseline"], out["model"])
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    import torch
+    import transformers
+
+    out = {"ghosted": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import lm_eval
+
+        out["lm_eval"] = lm_eval.__version__
+    except ImportError:
+        pass
+    return out
