@@ -160,8 +160,8 @@ def test_bench_on_a_random_weight_model_of_a_config(tmp_path, run):
                              "--prompt", 8, "--new-tokens", 4, "--repeats", 1, "--out", out)
     assert code == 0, err
     report = json.loads(out.with_suffix(".json").read_text())
-    run = report["runs"][0]
-    assert run["layers"] == 6 and run["removed"] and run["peak_bytes"] > 0 and run["runtime_bytes"] > 0
+    first = report["runs"][0]
+    assert first["layers"] == 6 and first["removed"] and first["peak_bytes"] > 0 and first["runtime_bytes"] > 0
     assert report["speed"]["ideal_speedup"] == pytest.approx(6 / 4)
     code, _, err = run("bench", "random:llama-80b", "--n-seqs", "4", "--out", tmp_path / "x")
     assert code == 2 and "unknown random model 'llama-80b'" in err and not (tmp_path / "x.json").exists()
