@@ -166,6 +166,7 @@ def test_ghost_tensors_or_ghosted_model_type_are_refused(tiny_llama, tmp_path, c
 ])
 def test_bad_input_is_one_error_line(argv, message, tiny_llama, tmp_path, capsys):
     qwen = _tiny_folder(tmp_path / "qwen", "qwen2", num_layers=2)
+    capsys.readouterr()  # save_pretrained's progress bar
     subs = {"MISSING": str(tmp_path / "nope"), "TINY": str(tiny_llama), "QWEN": str(qwen)}
     argv = [subs.get(a, a).replace("OUT", str(tmp_path / "out")) for a in argv]
     code, _, err = _run(capsys, "export", *argv)
