@@ -162,6 +162,7 @@ def test_ghost_tensors_or_ghosted_model_type_are_refused(tiny_llama, tmp_path, c
 @pytest.mark.parametrize(("argv", "message"), [
     (["MISSING", "--gguf", "OUT/x.gguf"], "model path not found"),
     (["TINY", "--gguf", "OUT/x.bin"], "must end in .gguf"),
+    (["TINY", "--gguf", "OUT/x.gguf", "--outtype", "q4_0"], "unknown --outtype 'q4_0'"),
     (["QWEN", "--gguf", "OUT/x.gguf"], "has no GGUF export yet; supported: LlamaForCausalLM"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tiny_llama, tmp_path, capsys):

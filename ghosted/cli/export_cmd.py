@@ -22,6 +22,6 @@ def add_parser(sub) -> None:
                                       "for llama.cpp")
     p.add_argument("checkpoint", help="checkpoint folder (or a shipped model name for the dense model)")
     p.add_argument("--gguf", type=Path, required=True, help="output file, e.g. out/model.gguf (written atomically)")
-    p.add_argument("--outtype", default="f16", choices=OUTTYPES,
-                   help="weight type of the 2-D tensors (default f16; norms stay f32)")
+    p.add_argument("--outtype", default="f16",
+                   help=f"weight type of the 2-D tensors: {', '.join(OUTTYPES)} (default f16; norms stay f32)")
     p.set_defaults(func=cmd_export)
