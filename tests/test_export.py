@@ -35,7 +35,7 @@ def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<|endoftext|>", pad_token="<|im_end|>")
 
 
-def _tiny_folder(path: Path, family: str, num_layers: int = 6) -> Path:
+def make_tiny_folder(path: Path, family: str, num_layers: int = 6) -> Path:
     tok = _byte_level_tokenizer()
     cfg = tiny_config(family, num_layers)
     cfg.vocab_size = len(tok)
@@ -48,7 +48,7 @@ def _tiny_folder(path: Path, family: str, num_layers: int = 6) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    return _tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_ghost_tensors_or_ghosted_model_type_are_refused(tiny_llama, tmp_path, c
     (["QWEN", "--gguf", "OUT/x.gguf"], "has no GGUF export yet; supported: LlamaForCausalLM"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tiny_llama, tmp_path, capsys):
-    qwen = _tiny_folder(tmp_path / "qwen", "qwen2", num_layers=2)
+    qwen = make_tiny_folder(tmp_path / "qwen", "qwen2", num_layers=2)
     capsys.readouterr()  # save_pretrained's progress bar
     subs = {"MISSING": str(tmp_path / "nope"), "TINY": str(tiny_llama), "QWEN": str(qwen)}
     argv = [subs.get(a, a).replace("OUT", str(tmp_path / "out")) for a in argv]
@@ -177,7 +177,7 @@ def test_bad_input_is_one_error_line(argv, message, tiny_llama, tmp_path, capsys
 
 def test_gemma3_writes_offset_norms_and_the_pruned_layer_pattern(tmp_path, capsys):
     """Gemma 3: norms +1 (llama.cpp multiplies by w), and the per-layer sliding pattern survives pruning."""
-    folder = _tiny_folder(tmp_path / "gemma", "gemma3_text", num_layers=4)
+    folder = make_tiny_folder(tmp_path / "gemma", "gemma3_text", num_layers=4)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["layer_types"] = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
     (folder / "config.json").write_text(json.dumps(cfg))
