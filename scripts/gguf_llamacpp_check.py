@@ -66,6 +66,47 @@ def tokenizer_agreement(gguf_path: Path, tok, docs: list[str], n_docs: int) -> t
     return same, min(n_docs, len(docs))
 
 
+# Tiny random models: every exported family, incl. a Gemma 3 layer pattern that pruning leaves irregular.
+TINY_CASES = (
+    ("llama", None),
+    ("gemma3_text", None),
+    ("gemma3_text", ["sliding_attention", "full_attention", "full_attention", "sliding_attention",
+                     "sliding_attention", "full_attention"]),
+)
+
+
+def tiny_logits_check(tmp: Path, threads: int) -> list[dict]:
+    """Logits of llama.cpp vs transformers on the same 40 tokens, per tiny family (f32 export)."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from ghosted.export import export_gguf
+    from tests.test_export import make_tiny_folder
+
+    rows = []
+    for i, (family, types) in enumerate(TINY_CASES):
+        folder = make_tiny_folder(tmp / f"tiny{i}", family, num_layers=6)
+        if types:
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg["layer_types"] = types
+            (folder / "config.json").write_text(json.dumps(cfg))
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        path = export_gguf(folder, tmp / f"tiny{i}.gguf", "f32").path
+        ids = torch.randint(3, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(ids[None]).logits[0].double().numpy()
+        llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=threads, verbose=False)
+        llm.eval(ids.tolist())
+        got = np.asarray(llm.scores[:40], dtype=np.float64)
+        del llm
+        rows.append({"family": family, "layer_types": getattr(model.config, "layer_types", None),
+                     "max_diff": float(np.abs(got - ref).max()), "max_logit": float(np.abs(ref).max()),
+                     "argmax_equal": float((got.argmax(1) == ref.argmax(1)).mean())})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -74,6 +115,8 @@ def main() -> int:
     ap.add_argument("--n-seqs", type=int, default=8, help="calibration windows for the prune")
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--ckpt", type=Path, help="an existing plain checkpoint (skips the prune)")
+    ap.add_argument("--eval-json", type=Path, help="the checkpoint's `ghosted eval --ppl wiki --out` file from an "
+                                                   "earlier run with the same windows (skips the folder evaluation)")
     ap.add_argument("--outtypes", default="f32,f16")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -94,6 +137,7 @@ def main() -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gguf-check-") as tmp:
         tmp = Path(tmp)
+        tiny = tiny_logits_check(tmp, args.threads)
         if args.ckpt:
             ckpt, prune_cmd = args.ckpt, None
         else:
@@ -102,11 +146,14 @@ def main() -> int:
                          str(args.n_seqs), "--seq-len", str(args.calib_seq_len), "--out", str(ckpt), "--quiet"]
             _ghosted(*prune_cmd)
         meta = json.loads((ckpt / "config.json").read_text()).get("ghosted", {})
-        eval_json = tmp / "eval.json"
-        eval_cmd = ["eval", str(ckpt), "--tasks", "none", "--ppl", "wiki", "--ppl-windows", str(args.ppl_windows),
-                    "--seq-len", str(args.seq_len), "--out", str(eval_json), "-q"]
-        _ghosted(*eval_cmd)
+        eval_json = args.eval_json or tmp / "eval.json"
+        if args.eval_json is None:
+            _ghosted("eval", str(ckpt), "--tasks", "none", "--ppl", "wiki", "--ppl-windows", str(args.ppl_windows),
+                     "--seq-len", str(args.seq_len), "--out", str(eval_json), "-q")
         folder = json.loads(eval_json.read_text())["ppl"]["wiki"]
+        if (folder["windows"], folder["seq_len"]) != (args.ppl_windows, args.seq_len):
+            sys.exit(f"{eval_json}: {folder['windows']} windows of {folder['seq_len']} tokens, not "
+                     f"{args.ppl_windows} of {args.seq_len}")
 
         tok = AutoTokenizer.from_pretrained(ckpt)
         docs = load_documents("wiki")
@@ -137,7 +184,8 @@ def main() -> int:
         "",
         f"- checkpoint: {'`' + shown_prune + '`' if shown_prune else ckpt} ({meta.get('num_layers')} layers)",
         f"- folder: `ghosted eval CKPT --tasks none --ppl wiki --ppl-windows {args.ppl_windows} --seq-len "
-        f"{args.seq_len}`: wiki PPL {folder['ppl']:.4f} ({folder['tokens_scored']} tokens scored)",
+        f"{args.seq_len}`: wiki PPL {folder['ppl']:.4f} ({folder['tokens_scored']} tokens scored)"
+        + (f" (from {args.eval_json.name}, an earlier run of that command)" if args.eval_json else ""),
         f"- GGUF: `ghosted export CKPT --gguf OUT.gguf --outtype T`, run by llama.cpp through llama-cpp-python "
         f"{llama_cpp.__version__} (`logits_all`, one `eval` per window, KV cache reset between windows, "
         f"{args.threads} threads) on the same {windows.shape[0]} windows of {args.seq_len} tokens "
@@ -153,6 +201,15 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['outtype']} | {r['mib']:.1f} | {r['ppl']:.4f} | {folder['ppl']:.4f} | {r['rel']:+.3%} | "
                      f"{r['seconds']:.1f} |")
+    lines += ["", "Tiny random models (hidden 32, 6 layers, byte-level BPE of 300 tokens; tests/test_export.py), "
+              "f32 export, llama.cpp logits against transformers' on the same 40 tokens (llama.cpp keeps its KV cache "
+              "in f16, hence differences around 1e-3 to 1e-2):", "",
+              "| family | layer types (S sliding, F full) | max abs logit difference | max abs logit | same argmax |",
+              "|---|---|---|---|---|"]
+    for r in tiny:
+        kinds = "".join("S" if t == "sliding_attention" else "F" for t in r["layer_types"]) if r["layer_types"] else "-"
+        lines.append(f"| {r['family']} | {kinds} | {r['max_diff']:.2e} | {r['max_logit']:.2f} | "
+                     f"{r['argmax_equal']:.0%} |")
     lines += ["", f"f32 within {args.tolerance:.0%} of the folder: {'yes' if ok else 'NO'}. "
               f"Total wall time {time.perf_counter() - t_start:.0f} s.", ""]
     write_text_atomic(args.out, "\n".join(lines))
