@@ -157,7 +157,8 @@ def main() -> int:
 
         tok = AutoTokenizer.from_pretrained(ckpt)
         docs = load_documents("wiki")
-        windows = make_windows(tok, docs, args.seq_len)[: args.ppl_windows].numpy()
+        # The first N windows of the source: the same ones ghosted's perplexity takes (tokenizing stops early).
+        windows = make_windows(tok, docs, args.seq_len, args.ppl_windows).numpy()
         rows = []
         agree = None
         for outtype in args.outtypes.split(","):
