@@ -1,0 +1,27 @@
+"""ghosted export: a plain checkpoint as a GGUF file for llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_gguf
+
+    res = export_gguf(args.checkpoint, args.gguf, args.outtype)
+    print(f"wrote {res.path}: {res.arch}, {res.num_layers} layers, {res.tensors} tensors, {res.outtype}, "
+          f"{res.bytes / 2**20:.1f} MiB; tokenizer {res.tokenizer}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..export import OUTTYPES
+
+    p = sub.add_parser("export", help="write a plain checkpoint (recovery none, scalar, replaceme, foldable) as GGUF "
+                                      "for llama.cpp")
+    p.add_argument("checkpoint", help="checkpoint folder (or a shipped model name for the dense model)")
+    p.add_argument("--gguf", type=Path, required=True, help="output file, e.g. out/model.gguf (written atomically)")
+    p.add_argument("--outtype", default="f16",
+                   help=f"weight type of the 2-D tensors: {', '.join(OUTTYPES)} (default f16; norms stay f32)")
+    p.set_defaults(func=cmd_export)
