@@ -128,11 +128,16 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _calibration(args: argparse.Namespace, loaded):
+    from ..checks import check_seq_len
     from ..data import build_calibration, load_calibration
 
     if getattr(args, "calib", None):
-        return load_calibration(args.calib)
+        calib = load_calibration(args.calib)
+        check_seq_len(loaded.model.config, calib.seq_len, f"--calib {args.calib}: window length",
+                      "make a calibration folder with shorter windows (`ghosted calibrate --seq-len`)")
+        return calib
     c = calib_settings(args)
+    check_seq_len(loaded.model.config, c.seq_len)
     return build_calibration(loaded.tokenizer, c.source, c.n, c.seq_len, c.seed)
 
 
@@ -176,13 +181,12 @@ def _check_out(out: Path) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..data import build_calibration, save_calibration
 
+    from ..checks import check_seq_len
+    from ..models import load_tokenizer
+
     c = calib_settings(args)
-    from transformers import AutoTokenizer
-
-    from ..models import resolve
-
-    ref = resolve(args.model)
-    tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
+    tok, config = load_tokenizer(args.model)
+    check_seq_len(config, c.seq_len)
     calib = build_calibration(tok, c.source, c.n, c.seq_len, c.seed)
     save_calibration(calib, args.out)
     print(json.dumps({"out": str(args.out), "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256}))
@@ -235,6 +239,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     sol = load_solution(args.ops)
     _check_out(args.out)
     loaded = _load(args)
+    from ..checks import check_solution
+
+    check_solution(sol, loaded.model, args.ops)
     meta = build_checkpoint(loaded, sol, sol.meta.get("calibration_sha256", ""), args.out)
     print(json.dumps({"out": str(args.out), "num_layers": meta["num_layers"], "ghosts": len(meta["ghosts"])}))
     return 0

@@ -116,6 +116,11 @@ def _eval(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
+    if settings.ppl:  # fail before the (long) efficiency runs, not after
+        from ..checks import check_seq_len
+        from ..models import load_tokenizer
+
+        check_seq_len(load_tokenizer(args.model)[1], settings.seq_len)
     result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device,
                             device_map=getattr(args, "device_map", None), efficiency=eff, baseline=args.baseline,
                             progress=not args.quiet, log=lambda m: _log(args, m))
