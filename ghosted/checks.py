@@ -199,6 +199,19 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
+def _size_limit_note(code: int) -> str:
+    """A finite file-size limit (ulimit -f) makes writes fail in ways that do not name it (e.g. no temp folder)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return ""
+    if soft == resource.RLIM_INFINITY or code == errno.EFBIG:
+        return ""
+    return f" (this process has a file-size limit of {soft} bytes: `ulimit -f`; raise it with `ulimit -f unlimited`)"
+
+
 def describe_fault(exc: BaseException) -> str | None:
     """One line for an environment fault (OS error, out of memory, locked database); None for anything else."""
     for e in _chain(exc):
@@ -206,13 +219,17 @@ def describe_fault(exc: BaseException) -> str | None:
             return ("the registry database is locked by another process: wait for it to finish (or stop it) "
                     "and run the command again")
     for e in _chain(exc):
+        if isinstance(e, UnicodeDecodeError):
+            return f"an input file is not UTF-8 text ({e.reason} at byte {e.start}): check the files you passed"
         if isinstance(e, OSError) and e.errno is not None:
             where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
             fix = _OS_FIX.get(e.errno, f"{e.strerror or os.strerror(e.errno)}")
-            return f"{where}: {fix}" if where else fix
+            if not where and e.strerror and e.strerror != os.strerror(e.errno):
+                where = str(e.strerror)[:200]  # e.g. tempfile: "No usable temporary directory found in [...]"
+            return (f"{where}: {fix}" if where else fix) + _size_limit_note(e.errno)
         m = _RUST_OS_ERROR.search(str(e))  # safetensors/tokenizers report OS errors as text
         if m and int(m.group(1)) in _OS_FIX:
-            return _OS_FIX[int(m.group(1))] + f" ({_first_line(e)})"
+            return _OS_FIX[int(m.group(1))] + f" ({_first_line(e)})" + _size_limit_note(int(m.group(1)))
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
             return _OS_FIX[errno.ENOMEM]
     return None

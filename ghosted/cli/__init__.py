@@ -67,7 +67,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _debug(args: argparse.Namespace | None) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get("GHOSTED_DEBUG", "") not in ("", "0")
+    flag = getattr(args, "debug", False) if args is not None else "--debug" in sys.argv[1:]
+    return bool(flag) or os.environ.get("GHOSTED_DEBUG", "") not in ("", "0")
 
 
 def _fail(message: str, args: argparse.Namespace | None, code: int = 2) -> int:

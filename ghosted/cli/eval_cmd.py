@@ -207,6 +207,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         result = json.loads(src.read_text())
     except json.JSONDecodeError as exc:
         raise GhostedError(f"{src} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("cells"), list):
+        raise GhostedError(f"{src} is not a compare result (no list of cells): rerun `ghosted compare`")
     paths = write_report(result, args.out_dir)
     print(json.dumps({"out_dir": str(args.out_dir), "files": [p.name for p in paths]}))
     return 0
