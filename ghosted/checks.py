@@ -32,15 +32,6 @@ def check_whole(value: Any, low: int, flag: str) -> int:
     return value
 
 
-def check_finite(value: Any, flag: str, low: float | None = None) -> float:
-    """A finite real number, optionally >= low."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GhostedError(f"{flag} must be a finite number, got {value!r}")
-    if low is not None and value < low:
-        raise GhostedError(f"{flag} must be >= {low:g}, got {value!r}")
-    return float(value)
-
-
 # --------------------------------------------------------------------------- devices
 
 

@@ -30,6 +30,8 @@ def run_tests(log: Path, junit: Path, extra: list[str]) -> int:
 
 
 def read_log(log: Path) -> list[dict]:
+    if not log.is_file():
+        raise SystemExit(f"reliability_report: no outcomes in {log}: did the tests run? (see pytest's output above)")
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     latest: dict[tuple[str, str], dict] = {}
     for r in rows:  # a rerun case keeps its last outcome
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         log, junit = args.log, args.junit
         if log is None:
             log, junit = Path(tmp) / "outcomes.jsonl", Path(tmp) / "junit.xml"
-            run_tests(log, junit, args.pytest_args)
+            code = run_tests(log, junit, args.pytest_args)
+            print(f"pytest exit code {code}")
         text = render(read_log(log), read_junit(junit) if junit else [], command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(f".{args.out.name}.tmp")
