@@ -14,7 +14,10 @@ def load(path: str, dtype=None, device: str | None = None):
     import torch
 
     from .checkpoint import load as _load
+    from .checks import check_device
 
+    if device is not None:
+        check_device(device)
     return _load(path, dtype=dtype or torch.float32, device=device)
 
 

@@ -121,6 +121,14 @@ def build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
     return cls(**out)
 
 
+def _typed(cfg: Any, section: str) -> None:
+    """Direct construction (the Python API) gets build()'s type and finiteness checks too."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        if f.init:
+            object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
 def merged(base: Any, overrides: Mapping[str, Any], section: str) -> Any:
     """`base` (a section) with the given keys replaced, re-checked (e.g. command-line flags over the file)."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -174,6 +182,7 @@ class CalibrationConfig:
     seed: int = 0  # document shuffle
 
     def __post_init__(self) -> None:
+        _typed(self, "calibration")
         if not self.source:
             raise GhostedError("calibration.source must name a text source, e.g. passages")
         _whole(self.n, 1, "--n-seqs (calibration.n)")
@@ -201,6 +210,7 @@ class PruneConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
+        _typed(self, "prune")
         from .policies import get_policy
         from .recovery import RECOVERY
         from .selection import SELECTION
@@ -285,6 +295,7 @@ class EvalSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        _typed(self, "eval")
         object.__setattr__(self, "tasks", parse_names(self.tasks) or ())
         object.__setattr__(self, "ppl", parse_names(self.ppl) or ())
         check_tasks(self.tasks)
@@ -313,6 +324,7 @@ class EfficiencySettings:
     repeats: int = 3
 
     def __post_init__(self) -> None:
+        _typed(self, "efficiency")
         _whole(self.prompt_len, 1, "--prompt-len")
         _whole(self.new_tokens, 2, "--new-tokens")
         _whole(self.repeats, 1, "--repeats")
@@ -331,6 +343,7 @@ class GateConfig:
     acc_metric: str = "acc_norm"  # key of the zero-shot `average` block (acc_norm, acc where a task has none)
 
     def __post_init__(self) -> None:
+        _typed(self, "gate")
         for name in ("max_ppl_ratio", "min_retained_acc"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -354,6 +367,7 @@ class RegistryConfig:
     name: str | None = None  # registered model name; default ghosted-<base model>
 
     def __post_init__(self) -> None:
+        _typed(self, "registry")
         if not self.tracking_uri:
             raise GhostedError("registry.tracking_uri must be an MLflow URI, e.g. sqlite:///mlflow.db")
         if not self.experiment:
@@ -380,6 +394,7 @@ class SweepConfig:
     address: str | None = None  # tcp://scheduler:8786: a running Dask cluster instead of the local one
 
     def __post_init__(self) -> None:
+        _typed(self, "sweep")
         from .recovery import RECOVERY
 
         object.__setattr__(self, "recovery", parse_names(self.recovery) or ())

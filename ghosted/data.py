@@ -237,8 +237,13 @@ def load_calibration(path: Path) -> Calibration:
     meta_path = path / "calibration.json"
     if not meta_path.exists():
         raise GhostedError(f"{path} is not a calibration folder (no calibration.json); make one with `ghosted calibrate`")
-    meta = json.loads(meta_path.read_text())
-    ids = load_file(str(path / "tokens.safetensors"))["input_ids"]
-    if tokens_sha256(ids) != meta["sha256"]:
-        raise GhostedError(f"{path}: tokens do not match the recorded hash; rebuild it with `ghosted calibrate`")
-    return Calibration(ids, meta["source"], meta["seed"], meta["sha256"])
+    from .checks import reading
+
+    with reading(path, "calibration folder", "rebuild it with `ghosted calibrate`"):
+        meta = json.loads(meta_path.read_text())
+        ids = load_file(str(path / "tokens.safetensors"))["input_ids"]
+        if ids.dtype != torch.long or ids.dim() != 2 or min(ids.shape) < 1 or int(ids.min()) < 0:
+            raise ValueError(f"input_ids must be [N, T] non-negative int64 token ids, got {ids.dtype} {list(ids.shape)}")
+        if tokens_sha256(ids) != meta["sha256"]:
+            raise GhostedError(f"{path}: tokens do not match the recorded hash; rebuild it with `ghosted calibrate`")
+        return Calibration(ids, str(meta["source"]), int(meta["seed"]), str(meta["sha256"]))

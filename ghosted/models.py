@@ -188,6 +188,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     """Load a causal LM and its tokenizer in eval mode. Ghosted checkpoints load with their ghosts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checks import check_device
+
+    check_device(device)
     ref = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -216,6 +219,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
                 "go online once or pass a local folder"
             ) from exc
         raise GhostedError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # noqa: BLE001 - the model's own files are user input: bad GGUF, JSON, tensors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise GhostedError(f"cannot load model '{name_or_path}': its files are not a valid model ({first})") from exc
     if ref.gguf_file:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -226,6 +232,19 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     return Loaded(model, tok, ref)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer and config of a model without its weights (broken files: one line)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref = resolve(name_or_path)
+    extra = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(ref.path, **extra), AutoConfig.from_pretrained(ref.path, **extra)
+    except Exception as exc:  # noqa: BLE001 - user files: bad GGUF, JSON, tokenizer
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise GhostedError(f"cannot load the tokenizer of '{name_or_path}' ({first})") from exc
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -295,14 +295,17 @@ def load_solution(path: Path) -> Solution:
     path = Path(path)
     if not (path / "plan.json").exists():
         raise GhostedError(f"{path} has no plan.json: make it with `ghosted solve`")
-    plan = json.loads((path / "plan.json").read_text())
-    tensors = load_file(str(path / "operators.safetensors"))
-    ops = {}
-    for key, e in plan["operators"].items():
-        s, b = (int(x) for x in key.split("-"))
-        kw = {n: tensors.get(f"{key}.{n}") for n in OPERATOR_TENSORS}
-        ops[(s, b)] = Operator(e["kind"], scale=e["scale"], info=e["info"], **kw)
-    return Solution(plan["removed"], ops, plan["meta"])
+    from .checks import reading
+
+    with reading(path, "solution folder", "make it again with `ghosted solve`"):
+        plan = json.loads((path / "plan.json").read_text())
+        tensors = load_file(str(path / "operators.safetensors"))
+        ops = {}
+        for key, e in plan["operators"].items():
+            s, b = (int(x) for x in key.split("-"))
+            kw = {n: tensors.get(f"{key}.{n}") for n in OPERATOR_TENSORS}
+            ops[(s, b)] = Operator(e["kind"], scale=e["scale"], info=e["info"], **kw)
+        return Solution(plan["removed"], ops, plan["meta"])
 
 
 def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: Path, force: bool = False) -> dict:

@@ -90,7 +90,7 @@ def test_layerwise_prune_equals_whole_model_prune(tiny_folder, text_file, tmp_pa
     (["prune", "TINY", "--layers", "7"], "out of range"),
     (["prune", "TINY", "--remove", "2", "--recovery", "ghots"], "did you mean 'ghost'"),
     (["prune", "TINY", "--remove", "2", "--token-policy", "sinc"], "unknown token policy 'sinc'; did you mean 'sink'"),
-    (["prune", "TINY", "--remove", "2", "--calib-source", "EMPTY"], "is empty"),
+    (["prune", "TINY", "--remove", "2", "--calib-source", "EMPTY", "--seq-len", "16"], "is empty"),
     (["prune", "TINY", "--remove", "2", "--n-seqs", "50000"], "windows"),
     (["prune", "/no/such/dir", "--remove", "2"], "not found"),
     (["prune", "org/not-cached-model", "--remove", "2"], "HF_HUB_OFFLINE"),

@@ -19,6 +19,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise GhostedError(f"--n-seqs takes comma-separated integers, got {args.n_seqs!r}") from exc
     if any(n < 1 for n in sizes):
         raise GhostedError("--n-seqs values must be >= 1")
+    from ..checks import check_device, check_whole
+
+    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--remove", args.remove, 1),
+                             ("--batch-size", args.batch_size, 1), ("--prompt", args.prompt, 1),
+                             ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1)):
+        check_whole(value, low, flag)
+    check_device(args.device)
+    from ..models import parse_dtype
+
+    parse_dtype(args.dtype)
     report = bench(args.model, sizes, args.seq_len, args.remove, args.device, args.dtype, args.batch_size,
                    args.prompt, args.new_tokens, args.repeats)
     md = to_markdown(report)

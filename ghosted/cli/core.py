@@ -127,11 +127,16 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _calibration(args: argparse.Namespace, loaded):
+    from ..checks import check_seq_len
     from ..data import build_calibration, load_calibration
 
     if getattr(args, "calib", None):
-        return load_calibration(args.calib)
+        calib = load_calibration(args.calib)
+        check_seq_len(loaded.model.config, calib.seq_len, f"--calib {args.calib}: window length",
+                      "make a calibration folder with shorter windows (`ghosted calibrate --seq-len`)")
+        return calib
     c = calib_settings(args)
+    check_seq_len(loaded.model.config, c.seq_len)
     return build_calibration(loaded.tokenizer, c.source, c.n, c.seq_len, c.seed)
 
 
@@ -192,14 +197,13 @@ def _refuse_ghost_model(model: str) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..data import build_calibration, save_calibration
 
+    from ..checks import check_seq_len
+    from ..models import load_tokenizer
+
     c = calib_settings(args)
     _check_out(args.out, args.force)
-    from transformers import AutoTokenizer
-
-    from ..models import resolve
-
-    ref = resolve(args.model)
-    tok = AutoTokenizer.from_pretrained(ref.path, **({"gguf_file": ref.gguf_file} if ref.gguf_file else {}))
+    tok, config = load_tokenizer(args.model)
+    check_seq_len(config, c.seq_len)
     calib = build_calibration(tok, c.source, c.n, c.seq_len, c.seed)
     save_calibration(calib, args.out, force=args.force)
     print(json.dumps({"out": str(args.out), "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256}))
@@ -258,6 +262,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     _check_out(args.out, args.force)
     _refuse_ghost_model(args.model)
     loaded = _load(args)
+    from ..checks import check_solution
+
+    check_solution(sol, loaded.model, args.ops)
     meta = build_checkpoint(loaded, sol, sol.meta.get("calibration_sha256", ""), args.out, force=args.force)
     print(json.dumps({"out": str(args.out), "num_layers": meta["num_layers"], "ghosts": len(meta["ghosts"])}))
     return 0

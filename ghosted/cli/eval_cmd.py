@@ -116,6 +116,11 @@ def _eval(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
+    if settings.ppl:  # fail before the (long) efficiency runs, not after
+        from ..checks import check_seq_len
+        from ..models import load_tokenizer
+
+        check_seq_len(load_tokenizer(args.model)[1], settings.seq_len)
     result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device,
                             device_map=getattr(args, "device_map", None), efficiency=eff, baseline=args.baseline,
                             progress=not args.quiet, log=lambda m: _log(args, m))
@@ -202,6 +207,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         result = json.loads(src.read_text())
     except json.JSONDecodeError as exc:
         raise GhostedError(f"{src} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("cells"), list):
+        raise GhostedError(f"{src} is not a compare result (no list of cells): rerun `ghosted compare`")
     paths = write_report(result, args.out_dir)
     print(json.dumps({"out_dir": str(args.out_dir), "files": [p.name for p in paths]}))
     return 0

@@ -38,8 +38,11 @@ def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 
 def perplexity(model: torch.nn.Module, tokenizer, source: str, seq_len: int = 512, windows: int | None = 32,
                batch_size: int = 4, progress: bool = True) -> dict:
     """PPL of `model` on a text source under the protocol above."""
+    from ..checks import check_seq_len
+
     if windows is not None and windows < 1:
         raise GhostedError(f"--ppl-windows must be >= 1, got {windows}")
+    check_seq_len(model.config, seq_len)
     ids = make_windows(tokenizer, load_documents(source), seq_len)
     if windows is not None:
         ids = ids[:windows]
