@@ -11,7 +11,8 @@ from typing import Callable
 from ..errors import GhostedError
 
 # Sub-command modules, each with add_parser(subparsers) that sets `func`.
-COMMAND_MODULES = ("ghosted.cli.core", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd")
+COMMAND_MODULES = ("ghosted.cli.core", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd",
+                   "ghosted.cli.pipeline_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
