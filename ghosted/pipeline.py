@@ -1,9 +1,9 @@
 """Glue for the DVC pipeline (dvc.yaml): the base model's fingerprint file, the register switch and the compact
 metrics file that `dvc metrics show` / `dvc exp show` display.
 
-The big evaluation JSONs stay plain outputs; metrics.json holds only the numbers that decide (per perplexity
-source pruned, dense, ratio; accuracy per task and its average retained; the gate; parameters and speed-up when
-the evaluations measured efficiency).
+The big evaluation JSONs stay plain outputs; metrics.json holds only the numbers that decide: per perplexity
+source pruned, dense and ratio; the pruned model's accuracy per task and the average's pruned, dense and
+retained; whether the gate passed; parameters and generation speed-up when the evaluations measured efficiency.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def _task_acc(entry: Mapping[str, Any], metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any, acc_metric: str,
-                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any, acc_metric: str) -> dict[str, Any]:
     """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: tracking.apply_gate's)."""
     from .evaluate.efficiency import efficiency_ratios
     from .tracking import perplexities, zeroshot_average
@@ -76,16 +75,13 @@ def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict
     out: dict[str, Any] = {"gate_passed": bool(verdict.passed)}
     out["ppl"] = {_label(s): drop_none({"pruned": pp.get(s), "dense": dp.get(s), "ratio": verdict.ppl_ratio.get(s)})
                   for s in sorted(set(dp) | set(pp))}
-    dt = ((dense.get("zeroshot") or {}).get("tasks")) or {}
-    pt = ((pruned.get("zeroshot") or {}).get("tasks")) or {}
-    acc = {t: drop_none({"pruned": _task_acc(pt.get(t, {}), acc_metric), "dense": _task_acc(dt.get(t, {}), acc_metric)})
-           for t in sorted(set(dt) | set(pt))}
+    tasks = ((pruned.get("zeroshot") or {}).get("tasks")) or {}
+    acc = {t: _task_acc(v, acc_metric) for t, v in sorted(tasks.items())}  # per task: the pruned model's
+    acc = {t: v for t, v in acc.items() if v is not None}
     if acc:
         acc["average"] = drop_none({"pruned": zeroshot_average(pruned, acc_metric),
                                     "dense": zeroshot_average(dense, acc_metric), "retained": verdict.retained_acc})
         out[acc_metric] = acc
-    if meta:
-        out["layers"] = drop_none({"pruned": meta.get("num_layers"), "dense": meta.get("num_layers_dense")})
     de = (dense.get("efficiency") or {}).get("model") or {}  # `ghosted eval --efficiency`: {"model": stats, ...}
     pe = (pruned.get("efficiency") or {}).get("model") or {}
     if de.get("params") and pe.get("params"):  # only when both evaluations measured efficiency

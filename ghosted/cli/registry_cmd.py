@@ -78,12 +78,10 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
 
 
 def _write_compact(args: argparse.Namespace, gate, verdict, dense: dict, pruned: dict) -> None:
-    from ..checkpoint import read_meta
     from ..io import write_json_atomic
     from ..pipeline import compact_metrics
 
-    meta = read_meta(args.checkpoint) if Path(args.checkpoint).is_dir() else None
-    write_json_atomic(args.compact_metrics, compact_metrics(dense, pruned, verdict, gate.acc_metric, meta))
+    write_json_atomic(args.compact_metrics, compact_metrics(dense, pruned, verdict, gate.acc_metric))
 
 
 def _table(rows: list[dict]) -> str:
