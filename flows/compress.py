@@ -45,6 +45,7 @@ SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep"
 RETRY_DELAYS = [10, 60]
 PROGRESS_EVERY_S = 15.0  # a progress bar becomes one log line this often (plus its final state)
 ERROR_PREFIX = "ghosted: error: "
+BASE_MODEL_FILE = "data/base_model.json"  # written by the `fingerprint` stage
 
 
 # --------------------------------------------------------------------------- params
@@ -235,6 +236,10 @@ def model_lock(model: str, repo: Path, log=print) -> Iterator[Path]:
 # --------------------------------------------------------------------------- the flow
 
 
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
 @flow(name="compress", log_prints=True)
 def compress(repo: str = ".", refresh_fingerprint: bool = False) -> dict[str, Any]:
     """Reproduce dvc.yaml stage by stage (stale ones only); refresh_fingerprint re-reads the base model first."""
@@ -245,7 +250,9 @@ def compress(repo: str = ".", refresh_fingerprint: bool = False) -> dict[str, An
     with model_lock(params["model"], root):
         if refresh_fingerprint and "fingerprint" in order:
             # DVC cannot see inside the model cache: rerun the fingerprint stage; identical bytes rerun nothing.
-            if dvc_stage.with_options(name="fingerprint")(str(root), "fingerprint", force=True)["ran"]:
+            before = _read(root / BASE_MODEL_FILE)
+            dvc_stage.with_options(name="fingerprint")(str(root), "fingerprint", force=True)
+            if _read(root / BASE_MODEL_FILE) != before:
                 result["ran"].append("fingerprint")
         stale = dvc_status.with_options(name="status")(str(root))
         if not stale:
@@ -260,7 +267,7 @@ def compress(repo: str = ".", refresh_fingerprint: bool = False) -> dict[str, An
                 if stage == "register" and res["ran"] and out.get("version"):
                     result["registered"] = {k: out.get(k) for k in ("name", "version", "gate", "champion",
                                                                      "decision")}
-    base = root / "data" / "base_model.json"
+    base = root / BASE_MODEL_FILE
     if base.is_file():
         result["fingerprint"] = json.loads(base.read_text()).get("fingerprint")
     return result

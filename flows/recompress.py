@@ -26,11 +26,11 @@ from prefect import flow
 
 from ghosted.errors import GhostedError
 
-from .compress import compress
+from .compress import BASE_MODEL_FILE, compress
 
 
 def _fingerprint(repo: Path) -> str | None:
-    path = repo / "data" / "base_model.json"
+    path = repo / BASE_MODEL_FILE
     return json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
 
 
