@@ -353,9 +353,9 @@ class RegistryConfig:
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "ghosted"
     name: str | None = None  # registered model name; default ghosted-<base model>
-    # The register stage: true (every run, pass or fail), false (reports only), on_pass (versions that pass
-    # the gate). `dvc exp run` registers only with experiments: true (experiments stay cheap and local).
-    register: bool | str = "on_pass"
+    # Which runs become versions: true (every run, pass or fail: failures keep their reasons), false (reports
+    # only), on_pass (runs that pass the gate). `dvc exp run` registers only with experiments: true.
+    register: bool | str = True
     experiments: bool = False
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ def test_repro_noop_compact_metrics_experiments_and_base_model_changes(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert set(lock["stages"]["evaluate_pruned"]["params"]["params.yaml"]) == {"eval"}  # only its own section
-    assert _versions(repo) == [("1", "pass", True)]  # registry.register: on_pass, and it passed
+    assert _versions(repo) == [("1", "pass", True)]
 
     assert "Data and pipelines are up to date." in dvc(repo, "repro")
     assert dvc(repo, "status").strip().endswith("Data and pipelines are up to date.")
@@ -106,3 +106,23 @@ def test_check_dvc_lock_tells_a_stale_lock_from_a_fresh_one(tmp_path):
     run(repo, "git", "commit", "-qam", "code")
     proc = run(repo, *script, ok=False)
     assert proc.returncode == 1 and "fingerprint: ghosted/pipeline.py modified" in proc.stdout, proc.stdout
+
+
+def test_register_switch_parses_and_decides(monkeypatch):
+    from ghosted.config import RegistryConfig, build
+    from ghosted.errors import GhostedError
+    from ghosted.pipeline import EXPERIMENT_ENV, registration_skipped
+
+    monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
+    assert build(RegistryConfig, {}, "registry").register == "true"  # a plain `dvc repro` registers
+    assert build(RegistryConfig, {"register": False}, "registry").register == "false"
+    on_pass = build(RegistryConfig, {"register": "on_pass"}, "registry")
+    with pytest.raises(GhostedError, match="registry.register = 'maybe': expected true, false or on_pass"):
+        build(RegistryConfig, {"register": "maybe"}, "registry")
+    assert registration_skipped(on_pass, passed=True) is None
+    assert "gate failed" in registration_skipped(on_pass, passed=False)
+    assert registration_skipped(RegistryConfig(), passed=False) is None
+    assert "register: false" in registration_skipped(RegistryConfig(), passed=True, mode="false")
+    monkeypatch.setenv(EXPERIMENT_ENV, "abc123")  # inside `dvc exp run`
+    assert "experiment" in registration_skipped(RegistryConfig(), passed=True)
+    assert registration_skipped(RegistryConfig(experiments=True), passed=True) is None

@@ -140,7 +140,7 @@ def add_parser(sub) -> None:
     p.add_argument("--name", help="registered model name (default: ghosted-<base model>)")
     p.add_argument("--register", choices=("true", "false", "on_pass"),
                    help="register a version: always, never (reports only) or if the gate passes "
-                        "(default: registry.register of --config, else on_pass)")
+                        "(default: registry.register of --config, else true)")
     p.add_argument("--compact-metrics", type=Path, metavar="JSON",
                    help="also write the decisive numbers here (the pipeline's `dvc metrics show` file)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the JSON result")
