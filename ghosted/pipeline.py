@@ -63,7 +63,8 @@ def _task_acc(entry: Mapping[str, Any], metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any, acc_metric: str) -> dict[str, Any]:
+def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any,
+                    acc_metric: str) -> dict[str, Any]:
     """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: tracking.apply_gate's)."""
     from .evaluate.efficiency import efficiency_ratios
     from .tracking import perplexities, zeroshot_average

@@ -126,3 +126,29 @@ def test_register_switch_parses_and_decides(monkeypatch):
     monkeypatch.setenv(EXPERIMENT_ENV, "abc123")  # inside `dvc exp run`
     assert "experiment" in registration_skipped(RegistryConfig(), passed=True)
     assert registration_skipped(RegistryConfig(experiments=True), passed=True) is None
+
+
+def test_compact_metrics_keep_the_decisive_numbers_only():
+    from ghosted.config import GateConfig
+    from ghosted.pipeline import compact_metrics
+    from ghosted.tracking import apply_gate
+
+    def doc(wiki: float, piqa: float, arc: float, params: int, gen_ms: float) -> dict:
+        return {"ppl": {"wiki": {"ppl": wiki, "nll": 3.0, "windows": 8}, "data/t.txt": {"ppl": wiki * 2}},
+                "zeroshot": {"tasks": {"piqa": {"acc": piqa, "acc_norm": piqa, "acc_norm_stderr": 0.03, "n": 200},
+                                       "arc_easy": {"acc": arc}},  # no acc_norm: acc stands in
+                             "average": {"acc_norm": (piqa + arc) / 2}},
+                "efficiency": {"model": {"params": params, "batches": {"1": {
+                    "prefill_ms": 1.0, "generate_ms": gen_ms, "decode_tokens_per_s": 10.0}}}},
+                "seconds": 95.0, "command": "ghosted eval", "device": "cpu"}
+
+    dense, pruned = doc(20.0, 0.7, 0.5, 100, 10.0), doc(30.0, 0.6, 0.5, 80, 8.0)
+    gate = GateConfig()
+    m = compact_metrics(dense, pruned, apply_gate(dense, pruned, gate), gate.acc_metric)
+    assert m == {"gate_passed": True,
+                 "ppl": {"t": {"pruned": 60.0, "dense": 40.0, "ratio": 1.5},
+                         "wiki": {"pruned": 30.0, "dense": 20.0, "ratio": 1.5}},
+                 "acc_norm": {"arc_easy": 0.5, "piqa": 0.6,
+                              "average": {"pruned": 0.55, "dense": 0.6, "retained": pytest.approx(0.55 / 0.6)}},
+                 "params": {"pruned": 80, "dense": 100, "ratio": 0.8},
+                 "generate_speedup": {"batch_1": 1.25}}
