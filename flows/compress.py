@@ -244,7 +244,8 @@ def _read(path: Path) -> bytes | None:
 def compress(repo: str = ".", refresh_fingerprint: bool = False) -> dict[str, Any]:
     """Reproduce dvc.yaml stage by stage (stale ones only); refresh_fingerprint re-reads the base model first."""
     root = Path(repo).resolve()
-    params = load_params(root / "params.yaml")  # a bad param ends the run here, before any stage
+    with contextlib.chdir(root):  # relative paths in params.yaml name files in the repo (DVC runs stages there)
+        params = load_params(root / "params.yaml")  # a bad param ends the run here, before any stage
     order = stage_order(root / "dvc.yaml")
     result: dict[str, Any] = {"repo": str(root), "model": params["model"], "ran": [], "registered": None}
     with model_lock(params["model"], root):
