@@ -25,6 +25,7 @@ PPL_SOURCES_HELP = "wiki, ptb, passages, ptb-train, a .txt/.jsonl file or hf:NAM
 GUARDS = ("loss", "boundary", "off")
 VARIANTS = ("rotate", "diag")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REGISTER_MODES = ("true", "false", "on_pass")
 
 
 # --------------------------------------------------------------------------- typed building
@@ -365,9 +366,17 @@ class RegistryConfig:
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "ghosted"
     name: str | None = None  # registered model name; default ghosted-<base model>
+    # Which runs become versions: true (every run, pass or fail: failures keep their reasons), false (reports
+    # only), on_pass (runs that pass the gate). `dvc exp run` registers only with experiments: true.
+    register: bool | str = True
+    experiments: bool = False
 
     def __post_init__(self) -> None:
         _typed(self, "registry")
+        mode = {True: "true", False: "false"}.get(self.register, self.register)  # type: ignore[call-overload]
+        if mode not in REGISTER_MODES:
+            raise GhostedError(f"registry.register = {self.register!r}: expected true, false or on_pass")
+        object.__setattr__(self, "register", mode)
         if not self.tracking_uri:
             raise GhostedError("registry.tracking_uri must be an MLflow URI, e.g. sqlite:///mlflow.db")
         if not self.experiment:

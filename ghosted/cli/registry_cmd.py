@@ -62,17 +62,30 @@ def _gate_text(res: dict) -> str:
 def cmd_register(args: argparse.Namespace) -> int:
     import sys
 
-    from ..registry import register
-    from ..config import RegistryConfig
+    from ..config import RegistryConfig, load_params
+    from ..gate import apply_gate
+    from ..pipeline import registration_skipped
+    from ..registry import read_json, register
 
     gate, reg = _config(args)
     if args.name:
         reg = RegistryConfig(reg.tracking_uri, reg.experiment, args.name)
-    res = register(args.checkpoint, args.metrics, args.dense_metrics, gate, reg, scores=args.scores,
-                   reports=args.reports, log=lambda m: None if args.quiet else print(m, file=sys.stderr, flush=True),
-                   **_timeout(args))
+    switch = load_params(args.config).registry  # registry.register / .experiments (load_config keeps the URI)
+    dense, pruned = read_json(args.dense_metrics, "dense metrics"), read_json(args.metrics, "pruned metrics")
+    verdict = apply_gate(dense, pruned, gate)
+    why = registration_skipped(switch, verdict.passed, args.register)
+    if why is None:
+        res = register(args.checkpoint, args.metrics, args.dense_metrics, gate, reg, scores=args.scores,
+                       reports=args.reports,
+                       log=lambda m: None if args.quiet else print(m, file=sys.stderr, flush=True), **_timeout(args))
+    else:
+        res = _reports_only(args, gate, reg, verdict, dense, pruned, why)
+    if args.compact_metrics:
+        _write_compact(args, gate, verdict, dense, pruned)
     if not args.quiet:
-        if res["registered"]:
+        if why is not None:
+            print(f"{res['name']}: no new version: {_gate_text(res)}; {res['decision']}", file=sys.stderr)
+        elif res["registered"]:
             print(f"{res['name']} version {res['version']}: {_gate_text(res)}; {res['decision']}", file=sys.stderr)
         else:
             champ = f"version {res['champion']}" if res["champion"] else "none"
@@ -82,6 +95,35 @@ def cmd_register(args: argparse.Namespace) -> int:
                   f"{res['recorded_gate']}; champion: {champ} (unchanged)", file=sys.stderr)
     print(json.dumps(res, default=float))
     return 0
+
+
+def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pruned: dict, why: str) -> dict:
+    """The register stage without a registration: the same reports, nothing written to MLflow."""
+    from ..checkpoint import read_meta
+    from ..errors import GhostedError
+    from ..pipeline_report import write_reports
+    from ..registry import read_json, registered_name
+
+    if not Path(args.checkpoint).is_dir():
+        raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
+    meta = read_meta(args.checkpoint)
+    res = {"name": reg.name or registered_name(str(meta.get("base_model"))), "version": None, "run_id": None,
+           "gate": "pass" if verdict.passed else "fail", "reasons": list(verdict.reasons),
+           "ppl_ratio": verdict.ppl_ratio, "retained_acc": verdict.retained_acc, "champion_moved": False,
+           "champion": None, "decision": f"not registered: {why}", "tracking_uri": reg.tracking_uri,
+           "registered": False}
+    if args.reports:
+        table = read_json(args.scores, "scores") if args.scores is not None else None
+        shown = {**res, "version": "(not registered)", "run_id": "-", "champion": None}
+        write_reports(args.reports, meta, dense, pruned, table, verdict, gate, shown)
+    return res
+
+
+def _write_compact(args: argparse.Namespace, gate, verdict, dense: dict, pruned: dict) -> None:
+    from ..io import write_json_atomic
+    from ..pipeline import compact_metrics
+
+    write_json_atomic(args.compact_metrics, compact_metrics(dense, pruned, verdict, gate.acc_metric))
 
 
 def _table(rows: list[dict]) -> str:
@@ -141,6 +183,11 @@ def add_parser(sub) -> None:
     p.add_argument("--scores", type=Path, help="`ghosted score` table: adds per-layer plots to the reports")
     p.add_argument("--reports", type=Path, help="write gate.json, plots and summary.md here and log them to the run")
     p.add_argument("--name", help="registered model name (default: ghosted-<base model>)")
+    p.add_argument("--register", choices=("true", "false", "on_pass"),
+                   help="register a version: always, never (reports only) or if the gate passes "
+                        "(default: registry.register of --config, else true)")
+    p.add_argument("--compact-metrics", type=Path, metavar="JSON",
+                   help="also write the decisive numbers here (the pipeline's `dvc metrics show` file)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the JSON result")
     _tracking_args(p)
     p.set_defaults(func=cmd_register)
