@@ -14,6 +14,7 @@ import torch
 from . import arch
 from ._remote.modeling_ghosted import Ghost, attach_ghosts
 from .errors import GhostedError
+from .fold import fold_rotations
 from .linalg import Operator, fold_down_proj
 
 Pair = tuple[int, int]
@@ -80,6 +81,7 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
     applied = Applied()
     residual_ops: dict[Pair, Operator] = {}
     scale_after: list[tuple[int, float]] = []  # (first kept dense layer after the cut, scalar)
+    rotations: list = []  # foldable: (first kept dense layer after the cut, Q, c)
     for cut, op in sorted(operators.items()):
         s, b = cut
         if op.kind == "identity":
@@ -87,6 +89,11 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
         if op.kind == "fold_down":
             _fold_replaceme(model, spec, list(layers), cut, op)
             applied.folded.append(f"T into layer {s - 1} {spec.mlp_down}")
+        elif op.kind == "rotate":  # foldable: T (if any) into layer s-1 now, c Q into the later layers below
+            if op.T is not None:
+                _fold_replaceme(model, spec, list(layers), cut, op)
+                applied.folded.append(f"T into layer {s - 1} {spec.mlp_down}")
+            rotations.append((b, op.W, float(op.scale)))
         elif op.kind == "scalar" and spec.scalar_fold_exact:
             scale_after.append((b, float(op.scale)))
         else:
@@ -103,6 +110,8 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
             if factor != 1.0 and i not in removed:
                 _scale_writers(layers[i], spec, factor)
         applied.folded.append("scalar compensation into the residual writers of later layers")
+    if rotations:
+        applied.folded.append(fold_rotations(model, rotations, removed))
 
     arch.remove_layers(model, removed)
 
@@ -184,7 +193,7 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     saved_weights: list = []
     try:
         for cut, op in sorted((operators or {}).items()):
-            if op.kind == "fold_down":  # fold now (dense indices), restore the weights afterwards
+            if op.kind == "fold_down" or op.T is not None:  # fold now (dense indices), restore the weights afterwards
                 down = arch.layer_submodule(saved_layers[cut[0] - 1], spec.mlp_down)
                 saved_weights.append((down, down.weight.data.clone(),
                                       None if down.bias is None else down.bias.data.clone()))
@@ -196,6 +205,8 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
                 continue
             if op.kind == "scalar":
                 op = Operator("full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
+            if op.kind == "rotate":  # foldable's c Q, hooked (fold.py folds it with equal logits)
+                op = Operator("full", W=float(op.scale) * op.W)
             if op.kind not in ("full", "lowrank"):
                 raise ValueError(f"temporarily_pruned cannot apply a {op.kind} operator")
             rank = op.U.shape[1] if op.kind == "lowrank" else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import GhostedError
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
-PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant",
+PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant", "fold",
                "token_policy", "holdout", "guard", "shortlist", "batch_size")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
 CALIB_DEFAULTS = {"source": "passages", "n": 32, "seq_len": 512, "seed": 0}
@@ -46,7 +46,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--layers", help="explicit dense layer indices, e.g. 13-18 or 13,15,20")
     g.add_argument("--select", help="angular (default, contiguous), bi, cosine, ppl, ghost")
     r = p.add_argument_group("recovery")
-    r.add_argument("--recovery", help="ghost (default), linearpatch, replaceme, scalar, none")
+    r.add_argument("--recovery", help="ghost (default), linearpatch, replaceme, scalar, foldable, none")
+    r.add_argument("--fold", help="foldable: auto (default: the guard picks), cq, replaceme or cq+replaceme")
     r.add_argument("--ridge", type=float, help="relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on held-out data")
     r.add_argument("--ridge-grid", type=lambda s: tuple(float(x) for x in s.split(",")),
                    help="ridge values the guard tries (default 1e-6,1e-3,1e-2,1e-1)")
