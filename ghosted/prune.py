@@ -208,7 +208,8 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         check_k(k, L)
         candidates = [(s, s + k) for s in range(L - k + 1)]
         groups = 2 if cfg.holdout > 0 else 1
-        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (3 if method.mlp else 1)  # mlp: Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X
+        # mlp: three more d x d sums per pair (Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X)
+        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (3 if method.mlp else 1)
         if shared is not None and shared.cos_sum is not None and all(c in shared.fit for c in candidates):
             res = shared
         elif cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
