@@ -165,7 +165,8 @@ def render(doc: dict, model: str) -> str:
     lines += ["## Saved checkpoints", ""]
     for k, c in doc["checkpoints"].items():
         lines.append(f"- k={k}: architectures {c['architectures']}, model_type {c['model_type']}, auto_map "
-                     f"{c['auto_map']}, tie_word_embeddings {c['tie_word_embeddings']}, ghost modules {len(c['ghosts'])}, "
+                     f"{c['auto_map']}, tie_word_embeddings {c['tie_word_embeddings']}, "
+                     f"ghost modules {len(c['ghosts'])}, "
                      f"{c['num_layers']} layers, files {', '.join(c['files'])}; max |logit| difference to the hooked "
                      f"form: folded in memory {c['max_abs_logit_diff_folded_vs_hooked']:.2e}, plain reload "
                      f"{c['max_abs_logit_diff_plain_reload_vs_hooked']:.2e}; folded: {'; '.join(c['folded']) or '-'}")
