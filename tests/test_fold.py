@@ -213,3 +213,32 @@ def test_granite_offers_cq_only():
     assert allowed_folds(spec, [(1, 3)]) == ["cq"]
     with pytest.raises(ghosted.GhostedError, match="not exact for granite"):
         allowed_folds(spec, [(1, 3)], "cq+replaceme")
+
+
+@pytest.mark.integration
+def test_shipped_smollm2_fold_equals_hooked(tmp_path):
+    """The real tied SmolLM2-135M: c Q (c = 1.25) with T folded is a plain Llama checkpoint with the hooked logits
+    (the norms' eps is the only inexact part: measured 2.9e-5 on logits of magnitude 28)."""
+    from pathlib import Path
+
+    from ghosted.models import load_model
+    from ghosted.prune import Solution
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    T = torch.eye(d, dtype=F64) + 0.05 * torch.randn(d, d, generator=g, dtype=F64)
+    ops = {(13, 19): Operator("rotate", W=_orthogonal(d, 0), scale=1.25, T=T)}
+    removed = list(range(13, 19))
+    ids = loaded.tokenizer("The residual stream carries the hidden state from layer to layer.",
+                           return_tensors="pt").input_ids
+    with temporarily_pruned(model, removed, ops) as m:
+        hooked = _logits(m, ids)
+    build_checkpoint(loaded, Solution(removed, ops, {"recovery": "foldable"}), "0" * 64, Path(tmp_path) / "ck")
+    assert (_logits(model, ids) - hooked).abs().max() < 1e-4
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    assert (_logits(plain, ids) - hooked).abs().max() < 1e-4
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is False
+    assert "auto_map" not in cfg
