@@ -157,6 +157,8 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
                 _scale_writers(layers[i], spec, factor)
         applied.folded.append("scalar compensation into the residual writers of later layers")
     if plan.rotations:
+        if plan.ghosts or plan.scale_after:  # they would act in the unrotated basis of the stream
+            raise GhostedError("a folded rotation cannot be combined with ghosts or scalar folds in one plan")
         applied.folded.append(fold_rotations(model, plan.rotations, plan.removed))
 
     arch.remove_layers(model, plan.removed)
@@ -210,7 +212,8 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     """The model with `removed` layers skipped (and residual ghosts hooked), restored afterwards.
 
     Used to measure candidate plans (greedy selection, held-out loss) without copying weights.
-    Folded operators (ReplaceMe) change weights for the duration and are undone afterwards.
+    Folded operators (ReplaceMe's T, also foldable's) change weights for the duration and are undone
+    afterwards; foldable's c Q is hooked as a ghost (its fold in fold.py gives the same logits).
     """
     spec = arch.get_arch(model)
     plan = plan_surgery(model, removed, operators or {}, fold_later=False)

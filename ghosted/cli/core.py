@@ -62,7 +62,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", help=f"{', '.join(SELECTION.names())} (default {default(P, 'select')})")
     r = p.add_argument_group("recovery")
     r.add_argument("--recovery", help=f"{', '.join(RECOVERY.names())} (default {default(P, 'recovery')})")
-    r.add_argument("--fold", help=f"foldable: auto (the guard picks), {', '.join(FOLDS)} (default {default(P, 'fold')})")
+    r.add_argument("--fold", help=f"foldable: auto (the guard picks), {', '.join(FOLDS)} "
+                                  f"(default {default(P, 'fold')})")
     r.add_argument("--ridge", type=float, help="relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on "
                                                "held-out data from --ridge-grid")
     r.add_argument("--ridge-grid", type=_ridge_grid,
