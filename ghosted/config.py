@@ -204,6 +204,7 @@ class PruneConfig:
     affine: bool = False
     rank: int | None = None
     variant: str = "rotate"
+    fold: str = "auto"  # --recovery foldable: auto (the guard picks) | cq | replaceme | cq+replaceme
     token_policy: str = "auto"  # auto: the guard picks among the registered policies on held-out data
     holdout: float = 0.25  # fraction of calibration windows held out for the guard and ghost selection
     guard: str = "loss"  # loss | boundary | off
@@ -212,6 +213,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         _typed(self, "prune")
+        from .fold import FOLDS
         from .policies import get_policy
         from .recovery import RECOVERY
         from .selection import SELECTION
@@ -237,6 +239,8 @@ class PruneConfig:
             _whole(self.rank, 1, "--rank (prune.rank)")
         if self.variant not in VARIANTS:
             raise GhostedError(f"--variant (prune.variant) must be {' or '.join(VARIANTS)}, got {self.variant}")
+        if self.fold != "auto" and self.fold not in FOLDS:
+            raise GhostedError(f"--fold (prune.fold) must be auto or one of {', '.join(FOLDS)}, got {self.fold}")
         _whole(self.shortlist, 1, "--shortlist (prune.shortlist)")
         _whole(self.batch_size, 1, "--batch-size (prune.batch_size)")
 

@@ -38,6 +38,7 @@ class PairSums:
     abs_yh: torch.Tensor | None = None  # sum |Y H|    [d]
     mlp_gram: torch.Tensor | None = None  # Mlp^T Mlp      [d, d] (ReplaceMe; Mlp = MLP output of layer s-1)
     mlp_cross: torch.Tensor | None = None  # Mlp^T (Y - A) [d, d], A = X - Mlp
+    mlp_x: torch.Tensor | None = None  # Mlp^T X        [d, d] (foldable: ReplaceMe composed with c Q)
     trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
@@ -65,6 +66,7 @@ class PairSums:
             M = mlp.to(F64)
             self._acc("mlp_gram", M.T @ M)
             self._acc("mlp_cross", M.T @ (Y - X + M))
+            self._acc("mlp_x", M.T @ X)
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
         cur = getattr(self, name)
@@ -91,7 +93,7 @@ class PairSums:
         out = PairSums(self.d, self.n, gram=self.gram, cross=self.gram, sum_x=self.sum_x, sum_y=self.sum_x,
                        sq_y=None if self.gram is None else torch.trace(self.gram), sq_d=torch.zeros((), dtype=F64),
                        abs_x=self.abs_x, abs_y=self.abs_x, abs_xh=self.abs_xh, abs_yh=self.abs_xh,
-                       mlp_gram=self.mlp_gram, mlp_cross=self.mlp_gram)
+                       mlp_gram=self.mlp_gram, mlp_cross=self.mlp_gram, mlp_x=self.mlp_x)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -117,8 +119,8 @@ class PairSums:
 class Operator:
     """What a recovery method produced for one cut: W (and optional bias, low-rank factors, scalar)."""
 
-    kind: str  # "full" | "lowrank" | "scalar" | "fold_down" | "identity"
-    W: torch.Tensor | None = None  # [d, d]: h <- h W
+    kind: str  # "full" | "lowrank" | "scalar" | "fold_down" | "rotate" | "identity"
+    W: torch.Tensor | None = None  # [d, d]: h <- h W (kind == "rotate": h <- scale * h W, W orthogonal)
     bias: torch.Tensor | None = None  # [d]
     U: torch.Tensor | None = None  # [d, r]: h <- h + (h U) V^T
     V: torch.Tensor | None = None  # [d, r]
@@ -136,6 +138,8 @@ class Operator:
             return eye + self.U.to(F64) @ self.V.to(F64).T
         if self.kind == "scalar":
             return self.scale * eye
+        if self.kind == "rotate" and self.T is None:
+            return self.scale * self.W.to(F64)
         if self.kind == "identity":
             return eye
         raise ValueError(f"operator kind {self.kind} has no residual matrix")
@@ -250,6 +254,84 @@ def solve_replaceme(s: PairSums, ridge: float = 1e-6) -> Operator:
     return Operator("fold_down", T=T, info={"lambda": a})
 
 
+def procrustes(gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Scaled orthogonal Procrustes: argmin over c > 0, Q orthogonal of ||c X Q - Y||_F from X^T X and X^T Y.
+
+    U S V^T = svd(X^T Y), Q = U V^T, c = tr(S) / tr(X^T X). Returns (Q [d, d], c)."""
+    U, S, Vh = torch.linalg.svd(cross.to(F64))
+    return U @ Vh, float(S.sum() / torch.trace(gram.to(F64)))
+
+
+def _mlp_split(s: PairSums) -> dict[str, torch.Tensor]:
+    """Sums over A = X - Mlp (the residual after attention in layer s-1) and Mlp, from the captured sums."""
+    if s.mlp_gram is None or s.mlp_x is None:
+        raise ValueError("the fold into layer s-1 needs the MLP-output sums (mlp_gram, mlp_x) of the layer before "
+                         "the cut")
+    MtM, MtX = s.mlp_gram, s.mlp_x
+    MtA = MtX - MtM
+    return {"MtM": MtM, "MtA": MtA, "MtY": s.mlp_cross + MtA,
+            "AtA": s.gram - MtX - MtX.T + MtM, "AtY": s.cross - (s.mlp_cross + MtA)}
+
+
+def _folded_sums(s: PairSums, T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X'^T X', X'^T Y) for X' = A + Mlp T, the boundary state after T is folded into layer s-1 (T None: X)."""
+    if T is None:
+        return s.gram, s.cross
+    p = _mlp_split(s)
+    AtMT = p["MtA"].T @ T
+    return p["AtA"] + AtMT + AtMT.T + T.T @ p["MtM"] @ T, p["AtY"] + T.T @ p["MtY"]
+
+
+def fold_residual(s: PairSums, op: Operator) -> float:
+    """sum_t |x'_t M - y_t|^2 of a foldable operator from the sums: x' = a + mlp T (T folded into layer s-1,
+    or x), M = c Q (rotate) or I."""
+    T = None if op.T is None else op.T.to(F64)
+    G, C = _folded_sums(s, T)
+    W = op.scale * op.W.to(F64) if op.kind == "rotate" else torch.eye(s.d, dtype=F64, device=G.device)
+    return float(torch.trace(W.T @ G @ W) - 2 * torch.trace(W.T @ C) + s.sq_y)
+
+
+def solve_rotate(s: PairSums) -> Operator:
+    """c Q by scaled orthogonal Procrustes between X and Y; folds exactly through RMSNorm (see fold.py)."""
+    Q, c = procrustes(s.gram, s.cross)
+    return Operator("rotate", W=Q, scale=c)
+
+
+def solve_rotate_replaceme(s: PairSums, ridge: float = 1e-6, iters: int = 20, tol: float = 1e-5) -> Operator:
+    """T folded into layer s-1's down projection composed with c Q at the cut: min ||(A + Mlp T) c Q - Y||^2.
+
+    Alternating exact minimisation from T = I (so never worse on the fit than c Q alone, ridge aside):
+    given T, Procrustes on (A + Mlp T, Y); given c Q, T = (Mlp^T Mlp + a I)^{-1} Mlp^T (Y Q^T / c - A).
+    At a Procrustes optimum the residual is |Y|^2 - tr(S)^2 / tr(X'^T X'), which is the stopping test."""
+    p = _mlp_split(s)
+    eye = torch.eye(s.d, dtype=F64, device=s.gram.device)
+    a = ridge_lambda(p["MtM"], ridge)
+    A = p["MtM"] + a * eye
+    L, info = torch.linalg.cholesky_ex((A + A.T) / 2)  # factor once, solve every iteration
+    solve_T = (lambda B: torch.cholesky_solve(B, L)) if int(info) == 0 else (lambda B: _solve_spd(A, B))
+
+    def rotation(T: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        G, C = _folded_sums(s, T)
+        U, S, Vh = torch.linalg.svd(C)
+        tr_g = float(torch.trace(G))
+        return U @ Vh, float(S.sum()) / tr_g, float(s.sq_y) - float(S.sum()) ** 2 / tr_g
+
+    T = eye
+    Q, c, prev = rotation(T)
+    start, steps = prev, 0
+    for _ in range(iters):
+        T_new = solve_T(p["MtY"] @ Q.T / c - p["MtA"])
+        Q_new, c_new, err = rotation(T_new)
+        if err > prev:  # the ridge can make a step worse on the unpenalised fit: keep the better one
+            break
+        T, Q, c, improved = T_new, Q_new, c_new, prev - err
+        prev, steps = err, steps + 1
+        if improved <= tol * abs(prev):
+            break
+    return Operator("rotate", W=Q, scale=c, T=T, info={"lambda": a, "steps": steps, "residual_cq": start,
+                                                        "residual": prev})
+
+
 # --------------------------------------------------------------------------- residuals from sums
 
 
@@ -266,8 +348,8 @@ def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None) -> 
 def relative_residual(s: PairSums, op: Operator) -> float:
     """Residual of the operator divided by the no-recovery residual |Y - X|^2 (1.0 = no better than removal)."""
     base = float(s.sq_d)
-    if op.kind == "fold_down":
-        raise ValueError("fold_down operators act inside a layer; no boundary residual")
+    if op.kind == "fold_down" or op.T is not None:
+        raise ValueError("operators with a fold into layer s-1 act inside a layer; use fold_residual")
     r = residual(s, op.matrix(s.d), op.bias)
     return r / max(base, 1e-30)
 

@@ -20,7 +20,8 @@ from .config import PruneConfig  # noqa: F401  (re-exported: ghosted.prune.Prune
 from .data import Calibration
 from .errors import GhostedError
 from .evaluate.perplexity import mean_nll
-from .linalg import F64, Operator, PairSums, relative_residual
+from .fold import allowed_folds, layout_for
+from .linalg import F64, Operator, PairSums, fold_residual, relative_residual
 from .models import Loaded, fingerprint
 from .policies import get_policy
 from .recovery import RECOVERY, SolveOptions
@@ -103,7 +104,7 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
 
 
 def _opts(cfg: PruneConfig, ridge: float) -> SolveOptions:
-    return SolveOptions(ridge=ridge, affine=cfg.affine, rank=cfg.rank, variant=cfg.variant)
+    return SolveOptions(ridge=ridge, affine=cfg.affine, rank=cfg.rank, variant=cfg.variant, fold=cfg.fold)
 
 
 def shared_plan(num_layers: int, hidden: int, ks: list[int], methods: list[str], heldout: frozenset[int],
@@ -140,6 +141,8 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     L = arch.num_layers(model)
     d = model.config.hidden_size
     method = RECOVERY.get(cfg.recovery)
+    if cfg.recovery == "foldable":  # refuse a family without an exact fold before any pass
+        layout_for(arch.get_arch(model))
     selection_info: dict = {"metric": cfg.select if cfg.layers is None else "explicit"}
     passes = 0
 
@@ -153,7 +156,8 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         check_k(k, L)
         candidates = [(s, s + k) for s in range(L - k + 1)]
         groups = 2 if cfg.holdout > 0 else 1
-        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (2 if method.mlp else 1)
+        # mlp: three more d x d sums per pair (Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X)
+        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (3 if method.mlp else 1)
         if shared is not None and shared.cos_sum is not None and all(c in shared.fit for c in candidates):
             res = shared
         elif cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
@@ -178,18 +182,23 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     guard_info: dict = {"mode": "off"}
     if cfg.recovery == "ghost" and cfg.guard != "off" and any(res.heldout[c].n for c in cuts):
         choice, guard_info = _guard(loaded, calib, cfg, res, removed, cuts, log)
+    elif cfg.recovery == "foldable":  # its guard also picks the fold (and resolves "auto" when it is off)
+        choice, guard_info = _foldable_guard(loaded, calib, cfg, res, removed, cuts, log)
     else:  # no held-out check: the papers' setting, every token in the fit unless a policy says otherwise
         choice = (get_policy(cfg.token_policy).without_guard, cfg.ridge if cfg.ridge is not None else 1e-6)
     if choice is None:
         policy, ridge = "none", 0.0
         operators = {c: Operator("identity") for c in cuts}
     else:
-        policy, ridge = choice
-        operators = {c: solve_cut(res, c, "total", policy, cfg, ridge) for c in cuts}
+        policy, ridge = choice[:2]
+        fit_cfg = replace(cfg, fold=choice[2]) if len(choice) > 2 else cfg  # foldable: the fold the guard chose
+        operators = {c: solve_cut(res, c, "total", policy, fit_cfg, ridge) for c in cuts}
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
             fit_quality[f"{c[0]}-{c[1]}"] = relative_residual(res.total(c), op)
+        elif cfg.recovery == "foldable" and op.kind != "identity":
+            fit_quality[f"{c[0]}-{c[1]}"] = fold_residual(res.total(c), op) / max(float(res.total(c).sq_d), 1e-30)
     meta = {
         "removed_layers": removed, "cuts": [list(c) for c in cuts], "num_layers_dense": L,
         "recovery": cfg.recovery, "ridge": ridge, "token_policy": policy, "token_policy_requested": cfg.token_policy,
@@ -238,6 +247,56 @@ def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureRes
         log(f"WARNING: guard fell back to no recovery: {info['reason']}")
         return None, info
     info["fallback"] = False
+    log(f"guard: {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
+    return candidates[best], info
+
+
+# --------------------------------------------------------------------------- foldable: the guard also picks the fold
+
+
+def _foldable_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
+                    cuts: list[Pair], log) -> tuple[tuple[str, float, str] | None, dict]:
+    """Choose fold (cq, replaceme, cq+replaceme) and fit policy on held-out windows; None when plain removal wins.
+
+    Every candidate folds into a plain checkpoint; its hooked form is measured (fold.py: the same logits).
+    Without held-out windows (or --guard off): the widest fold the family allows, fitted on every token."""
+    ridge = cfg.ridge if cfg.ridge is not None else 1e-6
+    folds = allowed_folds(arch.get_arch(loaded.model), cuts, cfg.fold)
+    requested = get_policy(cfg.token_policy)
+    if cfg.guard == "off" or not any(res.heldout[c].n for c in cuts):
+        policy = requested.without_guard
+        return (policy, ridge, folds[-1]), {"mode": "off", "chosen": f"{folds[-1]}/{policy}"}
+    policies = requested.guard_choices  # auto: its candidates, in its order
+    candidates = {f"{f}/{p}": (p, ridge, f) for f in folds for p in policies}
+    held = sorted(heldout_windows(calib.n, cfg.holdout))
+    ids = calib.input_ids[held]
+
+    def ops_for(p: str, f: str) -> dict[Pair, Operator]:
+        return {c: solve_cut(res, c, "fit", p, replace(cfg, fold=f), ridge) for c in cuts}
+
+    scores: dict[str, float] = {}
+    if cfg.guard == "loss":
+        with temporarily_pruned(loaded.model, removed) as m:
+            scores["none"] = mean_nll(m, ids, cfg.batch_size)
+        for key, (p, _, f) in candidates.items():
+            with temporarily_pruned(loaded.model, removed, ops_for(p, f)) as m:
+                scores[key] = mean_nll(m, ids, cfg.batch_size)
+        unit = "held-out next-token loss"
+    else:  # boundary: relative unexplained energy on held-out kept tokens (1.0 = plain removal)
+        scores["none"] = 1.0
+        for key, (p, _, f) in candidates.items():
+            ops = ops_for(p, f)
+            scores[key] = sum(fold_residual(res.heldout[c], ops[c]) / max(float(res.heldout[c].sq_d), 1e-30)
+                              for c in cuts) / len(cuts)
+        unit = "held-out relative boundary error"
+    best = min(scores, key=scores.get)
+    info = {"mode": cfg.guard, "criterion": unit, "scores": scores, "heldout_windows": len(held), "chosen": best,
+            "fallback": best == "none"}
+    if best == "none":
+        info["reason"] = (f"no foldable operator beat plain removal on {unit} (none {scores['none']:.4f}, best "
+                          f"{min(v for k, v in scores.items() if k != 'none'):.4f})")
+        log(f"WARNING: guard fell back to no recovery: {info['reason']}")
+        return None, info
     log(f"guard: {best} chosen by {unit} ({scores[best]:.4f} vs none {scores['none']:.4f})")
     return candidates[best], info
 

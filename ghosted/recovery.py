@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ._registry import Registry
-from .linalg import Operator, PairSums, solve_ghost, solve_linearpatch, solve_lowrank, solve_replaceme, solve_scalar
+from .linalg import (Operator, PairSums, solve_ghost, solve_linearpatch, solve_lowrank, solve_replaceme, solve_rotate,
+                     solve_rotate_replaceme, solve_scalar)
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class SolveOptions:
     affine: bool = False
     rank: int | None = None
     variant: str = "rotate"  # LinearPatch: rotate | diag
+    fold: str = "auto"  # foldable: one of FOLDS (auto: cq+replaceme; the guard picks among FOLDS first)
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,24 @@ _register(Method("linearpatch", lambda s, o: solve_linearpatch(s, o.variant), ha
 _register(Method("replaceme", lambda s, o: solve_replaceme(s, o.ridge), mlp=True, residual=False))
 _register(Method("scalar", lambda s, o: solve_scalar(s), full=True))
 _register(Method("none", lambda s, o: Operator("identity")))
+
+
+def _foldable(s: PairSums, o: SolveOptions) -> Operator:
+    """One of fold.FOLDS (which the family and the cut allow is checked in prune, see fold.allowed_folds)."""
+    from .errors import GhostedError
+    from .fold import FOLDS
+
+    fold = "cq+replaceme" if o.fold == "auto" else o.fold  # auto without a guard: the widest family
+    if fold not in FOLDS:
+        raise GhostedError(f"unknown fold '{o.fold}': use auto or one of {', '.join(FOLDS)}")
+    if fold == "replaceme" and s.mlp_gram is None:
+        raise GhostedError("--fold replaceme needs a kept layer before the cut; the cut starts at layer 0")
+    if fold == "cq" or s.mlp_gram is None:  # a cut at layer 0 has no layer s-1 to fold T into
+        return solve_rotate(s)
+    if fold == "replaceme":
+        return solve_replaceme(s, o.ridge)
+    return solve_rotate_replaceme(s, o.ridge)
+
+
+# foldable: an operator that folds exactly into the base architecture's weights (a plain checkpoint).
+_register(Method("foldable", _foldable, full=True, mlp=True, residual=False))

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from . import arch
 from ._remote.modeling_ghosted import Ghost, attach_ghosts
 from .errors import GhostedError
+from .fold import fold_rotations
 from .linalg import Operator, fold_down_proj
 
 Pair = tuple[int, int]
@@ -69,14 +70,16 @@ class SurgeryPlan:
     down_folds: list[tuple[Pair, Operator]] = field(default_factory=list)  # T into layer s-1's down projection
     scale_after: list[tuple[int, float]] = field(default_factory=list)  # (first kept dense layer after a cut, c)
     ghosts: list[tuple[GhostSpec, Operator]] = field(default_factory=list)  # hooked: full or lowrank
+    rotations: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)  # foldable c Q: (b, Q, c)
 
 
 def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Operator],
-                 fold_scalars: bool) -> SurgeryPlan:
+                 fold_later: bool) -> SurgeryPlan:
     """Sort each cut's operator into a weight fold or a hooked ghost.
 
-    fold_scalars: fold a scalar into the residual writers of every later layer where that is exact (a
-    saved checkpoint); otherwise hook it as c I (a temporary plan: no later weights to save and restore)."""
+    fold_later: fold a scalar (where exact) or a foldable c Q into the weights of every later layer (a saved
+    checkpoint); otherwise hook it as c I or c Q (a temporary plan: no later weights to save and restore).
+    A foldable operator's T always folds into layer s-1's down projection."""
     spec = arch.get_arch(model)
     removed = sorted(set(removed))
     cuts = runs(removed)
@@ -89,11 +92,18 @@ def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pai
         if op.kind == "fold_down":
             plan.down_folds.append((cut, op))
             continue
-        if op.kind == "scalar" and fold_scalars and spec.scalar_fold_exact:
+        if op.kind == "scalar" and fold_later and spec.scalar_fold_exact:
             plan.scale_after.append((cut[1], float(op.scale)))
             continue
         if op.kind == "scalar":
             op = Operator("full", W=float(op.scale) * torch.eye(model.config.hidden_size, dtype=torch.float64))
+        if op.kind == "rotate":  # foldable: T into layer s-1; c Q folded through the norms, or hooked
+            if op.T is not None:
+                plan.down_folds.append((cut, op))
+            if fold_later:
+                plan.rotations.append((cut[1], op.W, float(op.scale)))
+                continue
+            op = Operator("full", W=float(op.scale) * op.W.to(torch.float64))  # fold.py: the same logits
         if op.kind not in ("full", "lowrank"):
             raise GhostedError(f"cannot apply a {op.kind!r} operator (cut {cut}): not a fold and not a ghost")
         rank = op.U.shape[1] if op.kind == "lowrank" else None
@@ -129,7 +139,7 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
     """Prune `removed` (dense indices) and install one operator per cut; returns what was installed."""
     spec = arch.get_arch(model)
     L = arch.num_layers(model)
-    plan = plan_surgery(model, removed, operators, fold_scalars=True)
+    plan = plan_surgery(model, removed, operators, fold_later=True)
     layers = arch.get_layers(model)
     applied = Applied()
     for cut, op in plan.down_folds:
@@ -146,6 +156,10 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
             if factor != 1.0 and i not in plan.removed:
                 _scale_writers(layers[i], spec, factor)
         applied.folded.append("scalar compensation into the residual writers of later layers")
+    if plan.rotations:
+        if plan.ghosts or plan.scale_after:  # they would act in the unrotated basis of the stream
+            raise GhostedError("a folded rotation cannot be combined with ghosts or scalar folds in one plan")
+        applied.folded.append(fold_rotations(model, plan.rotations, plan.removed))
 
     arch.remove_layers(model, plan.removed)
     if plan.ghosts:
@@ -198,10 +212,11 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     """The model with `removed` layers skipped (and residual ghosts hooked), restored afterwards.
 
     Used to measure candidate plans (greedy selection, held-out loss) without copying weights.
-    Folded operators (ReplaceMe) change weights for the duration and are undone afterwards.
+    Folded operators (ReplaceMe's T, also foldable's) change weights for the duration and are undone
+    afterwards; foldable's c Q is hooked as a ghost (its fold in fold.py gives the same logits).
     """
     spec = arch.get_arch(model)
-    plan = plan_surgery(model, removed, operators or {}, fold_scalars=False)
+    plan = plan_surgery(model, removed, operators or {}, fold_later=False)
     layers = list(arch.get_layers(model))
     saved_ghosts = getattr(model, "ghosts", None)
     hooks = HookOwner()

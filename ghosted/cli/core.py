@@ -12,7 +12,7 @@ from ..errors import GhostedError
 from ..policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
-PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant",
+PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant", "fold",
                "token_policy", "holdout", "guard", "shortlist", "batch_size")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
 
@@ -51,6 +51,7 @@ def _ridge_grid(text: str) -> tuple[float, ...]:
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
     from ..config import GUARDS, VARIANTS, PruneConfig as P, default
+    from ..fold import FOLDS
     from ..recovery import RECOVERY
     from ..selection import SELECTION
 
@@ -61,6 +62,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", help=f"{', '.join(SELECTION.names())} (default {default(P, 'select')})")
     r = p.add_argument_group("recovery")
     r.add_argument("--recovery", help=f"{', '.join(RECOVERY.names())} (default {default(P, 'recovery')})")
+    r.add_argument("--fold", help=f"foldable: auto (the guard picks), {', '.join(FOLDS)} "
+                                  f"(default {default(P, 'fold')})")
     r.add_argument("--ridge", type=float, help="relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on "
                                                "held-out data from --ridge-grid")
     r.add_argument("--ridge-grid", type=_ridge_grid,
