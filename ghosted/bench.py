@@ -98,6 +98,16 @@ def _rss_bytes(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc malloc_trim; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_cpu_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -159,6 +169,7 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     if dev.type == "cuda":
         runtime = 0
     fwd = _forward_seconds(model, ids, batch_size)
+    _trim_heap()  # the forward's logits stay in glibc's free lists otherwise, and in the high-water mark
     # the peak belongs to prune+fit alone: the dense forward's logits ([batch, T, vocab]) are not part of it
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

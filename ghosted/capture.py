@@ -500,10 +500,14 @@ class _Parking:
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,
                        ang_sum: torch.Tensor, chunk: int = 512) -> int:
     """Add per-token cosines over the HIDDEN axis for every boundary pair (i, j)."""
-    flat = [states[i][mask] for i in range(L + 1)]  # views of the kept tokens, [n, d] each
-    n = flat[0].shape[0]
+    # rows of the kept tokens, gathered one chunk at a time: a boolean index of every state at once would
+    # copy all L+1 states of the batch (as much again as the states themselves)
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    flat = [states[i].reshape(-1, states[i].shape[-1]) for i in range(L + 1)]  # views, [B*T, d] each
+    n = idx.shape[0]
     for c in range(0, n, chunk):  # unit vectors of one chunk of tokens at a time: O(L * chunk * d) memory
-        u = torch.stack([f[c:c + chunk].float() for f in flat])  # [L+1, n_c, d]
+        rows = idx[c:c + chunk]
+        u = torch.stack([f[rows].float() for f in flat])  # [L+1, n_c, d]
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = torch.einsum("and,bnd->nab", u, u).clamp(-1.0, 1.0).to(F64)  # [n_c, L+1, L+1]
         cos_sum += cos.sum(0)

@@ -75,6 +75,7 @@ def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: lis
                        shortlist=shortlist)
     return capture(loaded.model, calib.input_ids, plan, cfg.token_policy, batch_size=cfg.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, layerwise=loaded.layerwise,
+                   offload_budget=loaded.offload_budget,
                    device=loaded.capture_device)
 
 
@@ -86,6 +87,7 @@ def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: 
         check_k(k, L)
     res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), "all",
                   batch_size=batch_size, progress=progress, desc="scoring pass", layerwise=loaded.layerwise,
+                  offload_budget=loaded.offload_budget,
                   device=loaded.capture_device)
     table = score_table(res, k)
     table["calibration_sha256"] = calib.sha256
@@ -136,7 +138,7 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
         log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
     return capture(model, calib.input_ids, plan, template.token_policy, batch_size=template.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, desc="shared calibration pass",
-                   layerwise=loaded.layerwise, device=loaded.capture_device)
+                   layerwise=loaded.layerwise, offload_budget=loaded.offload_budget, device=loaded.capture_device)
 
 
 def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print,
