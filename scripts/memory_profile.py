@@ -127,6 +127,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     calib = bench._calibration(loaded, n, seq_len)
     for p in loaded.model.parameters():  # page every weight in, as the dense forward of `bench` does
         p.data.sum()
+    L, d = int(loaded.model.config.num_hidden_layers), int(loaded.model.config.hidden_size)  # before pruning
     s.start()
     start_rss, (start_live, _) = rss(), heap()
     cfg = prune.PruneConfig(remove=remove, guard=guard, batch_size=batch_size)
@@ -147,7 +148,6 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
             if t is not None:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
     stage, (peak, live, free) = max(s.peaks.items(), key=lambda kv: kv[1][0])
-    L, d = int(loaded.model.config.num_hidden_layers), int(loaded.model.config.hidden_size)
     return {"model": model, "n_seqs": n, "seq_len": seq_len, "batch_size": batch_size, "remove": remove,
             "guard": guard, "layers": L, "hidden": d, "removed": sol.removed,
             "capture_passes": sol.meta["capture_passes"], "runtime": runtime, "params": params,

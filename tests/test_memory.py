@@ -120,3 +120,24 @@ def test_shortlist_keeps_only_its_blocks():
     for c in short.fit:
         assert torch.equal(short.fit[c].gram, full.fit[c].gram)
         assert torch.equal(short.fit[c].cross, full.fit[c].cross)
+
+
+def test_bench_layerwise_with_offload(tmp_path, run):
+    """`ghosted bench --layerwise --offload-budget 0`: every carried state through files, same plan as in memory."""
+    import json
+
+    from .tiny_models import tiny_config
+
+    cfg = tmp_path / "config.json"
+    tiny_config("llama", num_layers=6).to_json_file(cfg)
+    reports = {}
+    for name, extra in (("memory", ()), ("layerwise", ("--layerwise", "--offload-budget", 0))):
+        out = tmp_path / name
+        code, _, err = run("bench", f"random:{cfg}", "--n-seqs", "4", "--seq-len", 16, "--remove", 2, "--prompt", 8,
+                           "--new-tokens", 4, "--repeats", 1, *extra, "--out", out)
+        assert code == 0, err
+        reports[name] = json.loads(out.with_suffix(".json").read_text())
+    lw = reports["layerwise"]
+    assert lw["layerwise"] and lw["runs"][0]["layerwise"] and lw["runs"][0]["offload_budget"] == 0
+    assert lw["runs"][0]["removed"] == reports["memory"]["runs"][0]["removed"]
+    assert "--layerwise" in (tmp_path / "layerwise.md").read_text()
