@@ -84,6 +84,16 @@ def _calibration(loaded: Loaded, n: int, seq_len: int) -> Calibration:
     return Calibration(ids, "random tokens", 0, tokens_sha256(ids))
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc malloc_trim; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
@@ -113,10 +123,13 @@ def _one_run(model: torch.nn.Module, ids: torch.Tensor, new: int) -> tuple[float
     return ids.shape[1] / (t1 - t0), new / (t2 - t1)
 
 
-def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int) -> dict:
+def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dtype: str, batch_size: int,
+            layerwise: bool = False, offload_budget: int | None = None) -> dict:
     """One calibration size, in this process: forward time, prune+fit time, peak memory."""
     runtime = proc_bytes("VmRSS") or 0  # the interpreter and libraries, before any weight is loaded
     loaded = load_bench_model(model_name, dtype, device)
+    if layerwise:  # the capture moves one layer at a time to `device`, states beyond the budget go to files
+        loaded.layerwise, loaded.capture_device, loaded.offload_budget = True, device, offload_budget
     model = loaded.model
     dev = next(model.parameters()).device
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -125,6 +138,7 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     if dev.type == "cuda":
         runtime = 0
     fwd = _forward_seconds(model, ids, batch_size)
+    _trim_heap()  # the forward's logits stay in glibc's free lists otherwise, and in the high-water mark
     cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
                       token_policy="sink", batch_size=batch_size)
     # the peak belongs to prune+fit alone: the dense forward's logits ([batch, T, vocab]) are not part of it
@@ -143,7 +157,8 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     return {"n_seqs": n, "seq_len": seq_len, "model_bytes": size, "dense_forward_s": fwd, "prune_fit_s": fit,
             "fit_over_forward": fit / fwd, "peak_bytes": peak, "peak_before_bytes": base_peak - runtime,
             "runtime_bytes": runtime, "peak_over_model": peak / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
-            "hidden": model.config.hidden_size, "layers": arch.num_layers(model)}
+            "hidden": model.config.hidden_size, "layers": arch.num_layers(model), "layerwise": layerwise,
+            "offload_budget": offload_budget}
 
 
 def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int, new: int, repeats: int,
@@ -185,14 +200,15 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
 
 
 def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: str = "cpu", dtype: str = "float32",
-          batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3) -> dict:
+          batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3, layerwise: bool = False,
+          offload_budget: int | None = None) -> dict:
     """Every calibration size in a fresh process, then the speed test; returns the whole report."""
     if model_name.startswith("random:"):
         random_spec(model_name)  # fail before the first subprocess
     runs = []
     for n in sizes:
         cmd = [sys.executable, "-m", "ghosted.bench", model_name, str(n), str(seq_len), str(remove), device, dtype,
-               str(batch_size)]
+               str(batch_size), str(int(layerwise)), "" if offload_budget is None else str(offload_budget)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             raise GhostedError(f"bench run with {n} sequences failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -201,12 +217,14 @@ def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"model": model_name, "device": name, "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "layerwise": layerwise, "offload_budget": offload_budget,
             "runs": runs, "speed": speed,
             "targets": {"fit_over_forward": 1.3, "peak_over_model": 1.2, "throughput_over_ideal": 0.98}}
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']})", "",
+    lw = "" if not r.get("layerwise") else f", --layerwise, offload budget {r.get('offload_budget')} bytes"
+    lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']}{lw})", "",
              "Peak memory: " + ("the GPU allocator's peak" if "CPU" not in r["device"] else
                                 "resident high-water mark during prune + fit, net of the runtime "
                                 "before loading") + "; model size = parameter bytes.", "",
@@ -227,5 +245,6 @@ def to_markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":  # one calibration size in a fresh process (called by bench())
-    name, n, t, k, device, dtype, bs = sys.argv[1:8]
-    print(json.dumps(run_one(name, int(n), int(t), int(k), device, dtype, int(bs))))
+    name, n, t, k, device, dtype, bs, lw, budget = sys.argv[1:10]
+    print(json.dumps(run_one(name, int(n), int(t), int(k), device, dtype, int(bs), lw == "1",
+                             int(budget) if budget else None)))

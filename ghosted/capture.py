@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import arch
 from .errors import GhostedError
-from .linalg import F64, PairSums, orthonormal_mixer
+from .linalg import F64, GramStore, PairSums, orthonormal_mixer
 from .policies import TokenPolicy, get_policy
 
 Pair = tuple[int, int]
@@ -40,6 +40,9 @@ class CapturePlan:
     mlp: bool = False  # MLP output of layer s-1 (ReplaceMe)
     scores: bool = False  # cosine / angular tables over all boundary pairs
     heldout: frozenset[int] = frozenset()  # window indices whose sums go to the held-out group
+    # (metric, k, m): keep the sums of only the m blocks of length k that the score `metric` (angular |
+    # cosine) ranks best after the first batch; the others' sums are never accumulated (needs scores=True)
+    shortlist: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class CaptureResult:
     seconds: float = 0.0
     fit_left_out: dict[Pair, PairSums] = field(default_factory=dict)  # tokens the policy left out
     heldout_left_out: dict[Pair, PairSums] = field(default_factory=dict)
+    offloaded_bytes: int = 0  # layerwise: the most bytes of states that were in offload files at once
 
     def sums(self, pair: Pair, group: str = "total", combine: str = "kept") -> PairSums:
         """Sums of one cut over windows `group` (fit | heldout | total), combined as a token policy declares:
@@ -214,6 +218,8 @@ class _Sums:
         self.cos_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
         self.ang_sum = torch.zeros(L + 1, L + 1, dtype=F64, device=device) if plan.scores else None
         self.score_tokens = 0
+        self.grams = GramStore()  # X^T X per (group, start boundary), shared by the cuts that start there
+        self.active: list[Pair] | None = None if plan.shortlist is not None else list(plan.pairs)
 
     def add(self, states: dict[int, torch.Tensor], mlp_out: dict[int, torch.Tensor], ids: torch.Tensor,
             am: torch.Tensor, start: int) -> None:
@@ -229,25 +235,52 @@ class _Sums:
         base = self.policy.base_mask(ids, am, self.bos_id)
         rows = range(start, start + ids.shape[0])
         is_held = torch.tensor([r in plan.heldout for r in rows], device=device)[:, None]
-        for (s, b) in plan.pairs:
-            X, Y = states[s], states[b]
-            m = self.policy.cut_mask(base, X)
+        if plan.scores:  # first: a shortlist is ranked on the scores of the windows seen so far, this one included
+            self.score_tokens += _accumulate_scores(states, base, self.L, self.cos_sum, self.ang_sum)
+        if self.active is None:
+            self.active = self._shortlist()
+        by_start: dict[int, list[int]] = {}
+        for s, b in self.active:
+            by_start.setdefault(s, []).append(b)
+        for s, ends in by_start.items():
+            X = states[s]
+            m = self.policy.cut_mask(base, X)  # depends on X = h_s only: the same tokens for every cut from s
             Mlp = mlp_out[s - 1].to(device) if plan.mlp and s >= 1 else None
             groups = [(self.fit, m & ~is_held), (self.held, m & is_held)]
             if self.keep_left_out:
                 lo = am.bool() & ~m
                 groups += [(self.fit_lo, lo & ~is_held), (self.held_lo, lo & is_held)]
             for j, (group, gm) in enumerate(groups):
-                if gm.any():
-                    whole = j < 2 or self.full_left_out
-                    group[(s, b)].add(X[gm], Y[gm], full=plan.full and whole, hadamard=self.H if whole else None,
-                                      mlp=None if Mlp is None or not whole else Mlp[gm])
-        if plan.scores:
-            self.score_tokens += _accumulate_scores(states, base, self.L, self.cos_sum, self.ang_sum)
+                if not gm.any():
+                    continue
+                whole = j < 2 or self.full_left_out
+                full = plan.full and whole
+                Xg = X[gm]
+                gram = self.grams.add((j, s), Xg) if full else None
+                for b in ends:
+                    ps = group[(s, b)]
+                    ps.add(Xg, states[b][gm], full=full, hadamard=self.H if whole else None,
+                           mlp=None if Mlp is None or not whole else Mlp[gm], gram=False)
+                    if gram is not None:
+                        ps.gram = gram
+
+    def _shortlist(self) -> list[Pair]:
+        """The plan's shortlist: the m best blocks of length k by the running score tables."""
+        metric, k, m = self.plan.shortlist
+        if self.cos_sum is None or metric not in ("angular", "cosine"):
+            raise ValueError("a capture shortlist needs the score tables and metric angular or cosine")
+        blocks = [(s, b) for s, b in self.plan.pairs if b - s == k]
+        table = self.ang_sum if metric == "angular" else -self.cos_sum  # lower is better for both
+        return sorted(sorted(blocks, key=lambda p: (float(table[p]), p[0]))[:m])
 
     def result(self, seconds: float) -> CaptureResult:
-        return CaptureResult(self.L, self.fit, self.held, self.cos_sum, self.ang_sum, self.score_tokens, seconds,
-                             self.fit_lo, self.held_lo)
+        keep = set(self.active if self.active is not None else self.plan.pairs)
+
+        def only(sums: dict[Pair, PairSums]) -> dict[Pair, PairSums]:
+            return {p: v for p, v in sums.items() if p in keep}
+
+        return CaptureResult(self.L, only(self.fit), only(self.held), self.cos_sum, self.ang_sum, self.score_tokens,
+                             seconds, only(self.fit_lo), only(self.held_lo))
 
 
 def _needed(plan: CapturePlan, L: int) -> set[int]:
@@ -265,14 +298,16 @@ def _needed(plan: CapturePlan, L: int) -> set[int]:
 def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, policy: TokenPolicy | str = "sink",
             attention_mask: torch.Tensor | None = None, batch_size: int = 4, bos_id: int | None = None,
             progress: bool = True, desc: str = "calibration pass", layerwise: bool = False,
-            device: str | torch.device | None = None) -> CaptureResult:
+            device: str | torch.device | None = None, offload_budget: int | None = None) -> CaptureResult:
     """One streaming pass of the dense model over input_ids [N, T].
 
     layerwise=False: batch by batch through the whole model where it lives.
     layerwise=True: layer by layer; each decoder layer is moved to `device` (default: where the model
     lives), run on every calibration batch, and moved back, carrying the calibration hidden states
     forward, so the device holds one layer plus the states (for models larger than the device). Both
-    paths feed the same accumulator and give the same sums.
+    paths feed the same accumulator and give the same sums. The states the layer-major pass carries
+    (N x T x d per parked layer) stay in memory up to offload_budget bytes (default
+    DEFAULT_OFFLOAD_BUDGET), beyond it in files of a temporary folder that is removed afterwards.
     """
     import time
 
@@ -288,8 +323,15 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
         attention_mask = torch.ones_like(input_ids)
     sums = _Sums(plan, policy, L, d, device, bos_id)
     if layerwise:
-        _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress, desc)
-        return sums.result(time.perf_counter() - t0)
+        park = _Parking(DEFAULT_OFFLOAD_BUDGET if offload_budget is None else int(offload_budget))
+        try:
+            _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress,
+                               desc, park)
+        finally:
+            park.close()
+        out = sums.result(time.perf_counter() - t0)
+        out.offloaded_bytes = park.spilled_bytes
+        return out
     if device != home:
         raise GhostedError(f"the model is on {home}; capture on {device} needs layerwise=True")
 
@@ -387,7 +429,8 @@ class _Recorder(torch.nn.Module):
         return h if self.tuple_len == 0 else (h,) + (None,) * (self.tuple_len - 1)
 
 
-def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress, desc):
+def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, batch_size, device, progress, desc,
+                       park: "_Parking"):
     """Layer-major capture. A recording pass (decoder layers replaced by recorders that return their input)
     collects, per batch, each layer's call arguments (masks, rotary embeddings: they may differ per layer,
     e.g. Gemma 3's sliding and global layers) at the cost of the embeddings. Then layer i is moved to
@@ -429,15 +472,20 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
         am = attention_mask[start:start + batch_size].to(home)
         batches.append((start, ids, am, record(ids, am, max(deepest - 1, 0), tuple_len)))
 
-    # 2. Layer-major pass.
-    carried = {b: batches[b][3][0][0].to(device) for b in range(len(batches))}  # hidden_states[0] per batch
-    waiting: dict[int, dict[int, torch.Tensor]] = {b: {} for b in carried}  # states kept for later cuts
-    mlp_wait: dict[int, dict[int, torch.Tensor]] = {b: {} for b in carried}
+    # 2. Layer-major pass. The books drop the embedding output once it is carried (it is the same tensor
+    #    for every layer's entry), so only `park` holds per-token states across batches.
+    carried = {}
+    for b, (_, _, _, book) in enumerate(batches):
+        carried[b] = park.put(book[0][0].to(device))
+        for i in book:
+            book[i] = (None,) + book[i][1:]
+    waiting: dict[int, dict[int, object]] = {b: {} for b in carried}  # states kept for later cuts
+    mlp_wait: dict[int, dict[int, object]] = {b: {} for b in carried}
     bar = tqdm(total=deepest, desc=f"{desc} (layer by layer)", unit="layer", disable=not progress)
     for i in range(deepest + 1):
         if i in needed:  # state i of every batch is current: park it for later pairs (or finish at deepest)
             for b in carried:
-                waiting[b][i] = carried[b] if i == deepest else carried[b].to(home, copy=True)
+                waiting[b][i] = carried[b] if i == deepest else park.put(park.get(carried[b]).to(home, copy=True))
         if i == deepest:
             break
         layer = layers[i]
@@ -449,10 +497,12 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
         try:
             for b, (_, _, _, book) in enumerate(batches):
                 _, args, kwargs = book[i]
-                out = layer(carried[b], *_to(args, device), **_to(kwargs, device))
-                carried[b] = (out[0] if isinstance(out, tuple) else out).detach()
+                out = layer(park.get(carried[b], device), *_to(args, device), **_to(kwargs, device))
+                park.drop(carried[b])
+                carried[b] = park.put((out[0] if isinstance(out, tuple) else out).detach())
+                del out
                 if i in current:
-                    mlp_wait[b][i] = current.pop(i).to(home)
+                    mlp_wait[b][i] = park.put(current.pop(i).to(home))
         finally:
             if handle is not None:
                 handle.remove()
@@ -461,17 +511,90 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
         bar.update(1)
     bar.close()
     for b, (start, ids, am, _) in enumerate(batches):
-        sums.add(waiting[b], mlp_wait[b], ids.to(device), am.to(device), start)
+        states = {i: park.get(h, device) for i, h in waiting[b].items()}
+        mlp = {i: park.get(h) for i, h in mlp_wait[b].items()}
+        for h in list(waiting[b].values()) + list(mlp_wait[b].values()):
+            park.drop(h)
+        sums.add(states, mlp, ids.to(device), am.to(device), start)
         waiting[b].clear()
+        mlp_wait[b].clear()
+        del states, mlp
+
+
+# States the layer-major pass keeps in memory before it spills the rest to files (ghosted prune --offload-budget).
+DEFAULT_OFFLOAD_BUDGET = 4 * 2**30
+
+
+@dataclass
+class _Spilled:
+    path: str
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    nbytes: int
+
+
+class _Parking:
+    """Per-batch states the layer-major pass keeps: in memory up to `budget` bytes, beyond it each in its own
+    file of a temporary folder (read back with torch.from_file when its batch comes up; close() removes the
+    folder), so host memory holds about one layer's batch of states plus the sums, whatever N x T is."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used, self.dir, self.count = budget, 0, None, 0
+        self.spilled_bytes = 0  # the largest total on disk at any time (reported by the capture)
+        self._on_disk = 0
+
+    def put(self, t: torch.Tensor) -> torch.Tensor | _Spilled:
+        n = t.numel() * t.element_size()
+        if self.used + n <= self.budget:
+            self.used += n
+            return t
+        import os
+        import tempfile
+
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="ghosted-offload-")
+        self.count += 1
+        path = os.path.join(self.dir, f"{self.count}.bin")
+        t.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)  # the raw bytes, any dtype
+        self._on_disk += n
+        self.spilled_bytes = max(self.spilled_bytes, self._on_disk)
+        return _Spilled(path, tuple(t.shape), t.dtype, t.device, n)
+
+    def get(self, h: torch.Tensor | _Spilled, device: torch.device | None = None) -> torch.Tensor:
+        if isinstance(h, torch.Tensor):
+            return h if device is None else h.to(device)
+        raw = torch.from_file(h.path, shared=False, size=h.nbytes, dtype=torch.uint8)
+        return raw.view(h.dtype).reshape(h.shape).to(device if device is not None else h.device)
+
+    def drop(self, h: torch.Tensor | _Spilled) -> None:
+        if isinstance(h, torch.Tensor):
+            self.used -= h.numel() * h.element_size()
+            return
+        import os
+
+        os.remove(h.path)
+        self._on_disk -= h.nbytes
+
+    def close(self) -> None:
+        if self.dir is not None:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,
                        ang_sum: torch.Tensor, chunk: int = 512) -> int:
     """Add per-token cosines over the HIDDEN axis for every boundary pair (i, j)."""
-    flat = [states[i][mask] for i in range(L + 1)]  # views of the kept tokens, [n, d] each
-    n = flat[0].shape[0]
+    # rows of the kept tokens, gathered one chunk at a time: a boolean index of every state at once would
+    # copy all L+1 states of the batch (as much again as the states themselves)
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    flat = [states[i].reshape(-1, states[i].shape[-1]) for i in range(L + 1)]  # views, [B*T, d] each
+    n = idx.shape[0]
     for c in range(0, n, chunk):  # unit vectors of one chunk of tokens at a time: O(L * chunk * d) memory
-        u = torch.stack([f[c:c + chunk].float() for f in flat])  # [L+1, n_c, d]
+        rows = idx[c:c + chunk]
+        u = torch.stack([f[rows].float() for f in flat])  # [L+1, n_c, d]
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = torch.einsum("and,bnd->nab", u, u).clamp(-1.0, 1.0).to(F64)  # [n_c, L+1, L+1]
         cos_sum += cos.sum(0)

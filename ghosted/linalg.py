@@ -42,8 +42,9 @@ class PairSums:
     trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
-            mlp: torch.Tensor | None = None) -> None:
-        """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device."""
+            mlp: torch.Tensor | None = None, gram: bool = True) -> None:
+        """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device.
+        gram=False leaves X^T X to a GramStore shared by every cut that starts at the same boundary."""
         if X.shape[0] == 0:
             return
         X = X.to(F64)
@@ -56,7 +57,8 @@ class PairSums:
         self._acc("abs_x", X.abs().sum(0))
         self._acc("abs_y", Y.abs().sum(0))
         if full:
-            self._acc("gram", X.T @ X)
+            if gram:
+                self._acc("gram", X.T @ X)
             self._acc("cross", X.T @ Y)
         if hadamard is not None:
             H = hadamard.to(device=X.device, dtype=F64)
@@ -69,8 +71,12 @@ class PairSums:
             self._acc("mlp_x", M.T @ X)
 
     def _acc(self, name: str, value: torch.Tensor) -> None:
+        # in place: a new d x d buffer per batch and cut would churn the allocator (same float64 result)
         cur = getattr(self, name)
-        setattr(self, name, value.clone() if cur is None else cur + value.to(cur.device))
+        if cur is None:
+            setattr(self, name, value.clone())
+        else:
+            cur.add_(value.to(cur.device))
 
     def __add__(self, other: "PairSums") -> "PairSums":
         out = PairSums(self.d, self.n + other.n)
@@ -110,6 +116,28 @@ class PairSums:
             if k not in ("d", "n"):
                 setattr(out, k, v)
         return out
+
+
+class GramStore:
+    """X^T X once per (token group, start boundary s): every cut (s, b) has X = h_s under the same token
+    mask, so cuts of several block lengths that start at s share one float64 gram instead of one each."""
+
+    def __init__(self) -> None:
+        self.grams: dict[tuple, torch.Tensor] = {}
+
+    def add(self, key: tuple, X: torch.Tensor) -> torch.Tensor:
+        """Add X^T X of one batch ([n, d], any dtype) to the gram of `key`; returns that (shared) gram."""
+        X = X.to(F64)
+        g = X.T @ X
+        cur = self.grams.get(key)
+        if cur is None:
+            self.grams[key] = cur = g
+        else:
+            cur.add_(g)
+        return cur
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.grams.values())
 
 
 # --------------------------------------------------------------------------- operators

@@ -181,6 +181,7 @@ class Loaded:
     ref: ModelRef
     layerwise: bool = False  # calibration passes move one decoder layer at a time to capture_device
     capture_device: str | None = None
+    offload_budget: int | None = None  # layerwise: bytes of carried states kept in memory (None: capture's default)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu",

@@ -32,6 +32,17 @@ OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift")
 
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30
+# Angular / cosine selection: blocks whose sums the one pass keeps, the best by the scores after the first
+# batch (a final pick outside them costs a second pass for its cut alone; the result is the same).
+SHORTLIST_BLOCKS = 4
+
+
+def candidate_sums_bytes(d: int, cuts: list[Pair], groups: int, mlp: bool = False) -> int:
+    """Float64 bytes of the d x d sums one capture keeps: one X^T X per distinct start boundary (shared by
+    the cuts that start there) plus one X^T Y per cut, per token group; the MLP-output sums (ReplaceMe, foldable)
+    add three per cut: Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X."""
+    starts = len({s for s, _ in cuts})
+    return (starts + len(cuts) * (4 if mlp else 1)) * d * d * 8 * groups
 
 
 @dataclass
@@ -58,13 +69,15 @@ def _bos(tokenizer) -> int | None:
 
 
 def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: list[Pair], scores: bool,
-                progress: bool = True) -> CaptureResult:
+                progress: bool = True, shortlist: tuple[str, int, int] | None = None) -> CaptureResult:
     method = RECOVERY.get(cfg.recovery)
     needs_full = method.full or cfg.select == "ghost"
     plan = CapturePlan(pairs=pairs, full=needs_full, hadamard=method.hadamard and cfg.variant == "rotate",
-                       mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout))
+                       mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout),
+                       shortlist=shortlist)
     return capture(loaded.model, calib.input_ids, plan, cfg.token_policy, batch_size=cfg.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, layerwise=loaded.layerwise,
+                   offload_budget=loaded.offload_budget,
                    device=loaded.capture_device)
 
 
@@ -76,6 +89,7 @@ def score(loaded: Loaded, calib: Calibration, k: int | None = None, batch_size: 
         check_k(k, L)
     res = capture(loaded.model, calib.input_ids, CapturePlan(full=False, scores=True), "all",
                   batch_size=batch_size, progress=progress, desc="scoring pass", layerwise=loaded.layerwise,
+                  offload_budget=loaded.offload_budget,
                   device=loaded.capture_device)
     table = score_table(res, k)
     table["calibration_sha256"] = calib.sha256
@@ -126,7 +140,7 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
         log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
     return capture(model, calib.input_ids, plan, template.token_policy, batch_size=template.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, desc="shared calibration pass",
-                   layerwise=loaded.layerwise, device=loaded.capture_device)
+                   layerwise=loaded.layerwise, offload_budget=loaded.offload_budget, device=loaded.capture_device)
 
 
 def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print,
@@ -156,12 +170,13 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         check_k(k, L)
         candidates = [(s, s + k) for s in range(L - k + 1)]
         groups = 2 if cfg.holdout > 0 else 1
-        # mlp: three more d x d sums per pair (Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X)
-        one_pass_bytes = (L + 1 + len(candidates)) * d * d * 8 * groups * (3 if method.mlp else 1)
+        short = (cfg.select, k, SHORTLIST_BLOCKS) if cfg.select in ("angular", "cosine") else None
+        kept = candidates if short is None else candidates[:SHORTLIST_BLOCKS]
+        one_pass_bytes = candidate_sums_bytes(d, kept, groups, method.mlp) + 2 * (L + 1) ** 2 * 8
         if shared is not None and shared.cos_sum is not None and all(c in shared.fit for c in candidates):
             res = shared
         elif cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:
-            res = run_capture(loaded, calib, cfg, candidates, scores=True, progress=progress)
+            res = run_capture(loaded, calib, cfg, candidates, scores=True, progress=progress, shortlist=short)
             passes += 1
         else:
             res = run_capture(loaded, calib, cfg, [], scores=True, progress=progress) if cfg.select != "ppl" else None

@@ -30,7 +30,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     parse_dtype(args.dtype)
     report = bench(args.model, sizes, args.seq_len, args.remove, args.device, args.dtype, args.batch_size,
-                   args.prompt, args.new_tokens, args.repeats)
+                   args.prompt, args.new_tokens, args.repeats, args.layerwise,
+                   None if args.offload_budget is None else args.offload_budget * 2**20)
     md = to_markdown(report)
     if args.out:
         write_json_atomic(args.out.with_suffix(".json"), report)
@@ -52,5 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", type=int, default=256, help="prefill length for the speed test")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (dense, pruned+ghost, pruned without ghost in turn); median kept")
+    p.add_argument("--layerwise", action="store_true", help="prune+fit with a layer-by-layer capture")
+    p.add_argument("--offload-budget", type=int, metavar="MiB", help="with --layerwise: MiB of carried states in memory")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. reports/bench_cpu)")
     p.set_defaults(func=cmd_bench)

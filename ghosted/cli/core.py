@@ -26,6 +26,9 @@ def _model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
         p.add_argument("--layerwise", action="store_true",
                        help="keep the model in host memory; calibration passes move one decoder layer at a time to "
                             "--device and carry the calibration states forward (models larger than the device)")
+        p.add_argument("--offload-budget", type=int, metavar="MiB",
+                       help="with --layerwise: MiB of carried calibration states kept in host memory; the rest go "
+                            "to files in a temporary folder, removed afterwards (default 4096)")
     p.add_argument("--config", type=Path, help="YAML file (e.g. params.yaml) whose sections set this command's defaults (calibration:, prune:, eval:)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -120,6 +123,13 @@ def _load(args: argparse.Namespace):
                         device_map=getattr(args, "device_map", None))
     if layerwise:
         loaded.layerwise, loaded.capture_device = True, args.device
+        budget = getattr(args, "offload_budget", None)
+        if budget is not None:
+            if budget < 0:
+                raise GhostedError(f"--offload-budget must be >= 0 MiB, got {budget}")
+            loaded.offload_budget = budget * 2**20
+    elif getattr(args, "offload_budget", None) is not None:
+        raise GhostedError("--offload-budget applies to --layerwise only")
     _log(args, f"loaded {args.model} ({type(loaded.model).__name__}) in {time.perf_counter() - t0:.1f}s")
     return loaded
 

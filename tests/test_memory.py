@@ -1,0 +1,143 @@
+"""Memory bounds of the calibration pass: shared grams, the angular shortlist, the layerwise offload."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from ghosted import prune
+from ghosted.capture import CapturePlan, capture
+from ghosted.data import Calibration, tokens_sha256
+from ghosted.models import Loaded, ModelRef
+from ghosted.prune import PruneConfig, candidate_sums_bytes, solve
+
+from .test_prune import _assert_same_capture, _ids
+from .tiny_models import FAMILIES, make_tiny
+
+
+def _exactly_equal(a, b) -> None:
+    assert a.score_tokens == b.score_tokens
+    assert torch.equal(a.cos_sum, b.cos_sum) and torch.equal(a.ang_sum, b.ang_sum)
+    for group in ("fit", "heldout", "fit_left_out", "heldout_left_out"):
+        ga, gb = getattr(a, group), getattr(b, group)
+        assert set(ga) == set(gb)
+        for pair in ga:
+            sa, sb = ga[pair].state_dict(), gb[pair].state_dict()
+            assert set(sa) == set(sb)
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), (group, pair)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_offload_gives_identical_statistics(family, monkeypatch, tmp_path):
+    """Every carried state spilled to files (budget 0) == kept in memory == the whole-model pass; the
+    offload folder is gone afterwards."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, _ = make_tiny(family, num_layers=5)
+    ids = _ids(model.config.vocab_size, 6, 12)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    plan = CapturePlan(pairs=[(1, 3), (3, 5), (0, 2)], hadamard=True, scores=True, heldout=frozenset({4, 5}))
+    kw = dict(attention_mask=am, batch_size=4, progress=False)
+    whole = capture(model, ids, plan, "auto", **kw)
+    memory = capture(model, ids, plan, "auto", layerwise=True, **kw)
+    spilled = capture(model, ids, plan, "auto", layerwise=True, offload_budget=0, **kw)
+    assert memory.offloaded_bytes == 0
+    # every parked state of every batch: layers 0..5 of 6 windows x 12 tokens x d, float32
+    assert spilled.offloaded_bytes >= 6 * 12 * model.config.hidden_size * 4
+    _exactly_equal(memory, spilled)
+    _assert_same_capture(whole, spilled)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuts_from_one_boundary_share_one_gram():
+    """(1, 3) and (1, 4) hold the same X^T X tensor, equal to the one a capture of (1, 4) alone gives."""
+    model, _ = make_tiny("llama", num_layers=5)
+    ids = _ids(model.config.vocab_size, 6, 12)
+    plan = CapturePlan(pairs=[(1, 3), (1, 4), (2, 4)], heldout=frozenset({5}))
+    res = capture(model, ids, plan, "auto", batch_size=4, progress=False)
+    alone = capture(model, ids, CapturePlan(pairs=[(1, 4)], heldout=frozenset({5})), "auto", batch_size=4,
+                    progress=False)
+    for group in ("fit", "heldout", "fit_left_out"):
+        sums = getattr(res, group)
+        assert sums[(1, 3)].gram is sums[(1, 4)].gram
+        assert sums[(1, 3)].gram is not sums[(2, 4)].gram
+        assert torch.equal(sums[(1, 4)].gram, getattr(alone, group)[(1, 4)].gram)
+        assert torch.equal(sums[(1, 4)].cross, getattr(alone, group)[(1, 4)].cross)
+
+
+def test_candidate_sums_bytes_is_what_a_capture_keeps():
+    """The stated formula (one gram per start boundary + one cross per cut, per group) counts the real tensors."""
+    model, _ = make_tiny("llama", num_layers=6)
+    d = model.config.hidden_size
+    cuts = [(s, s + k) for k in (2, 3) for s in range(6 - k + 1)]
+    res = capture(model, _ids(model.config.vocab_size, 6, 12), CapturePlan(pairs=cuts, heldout=frozenset({5})),
+                  "sink", batch_size=4, progress=False)
+    seen: dict[int, int] = {}
+    for group in (res.fit, res.heldout):
+        for ps in group.values():
+            for t in (ps.gram, ps.cross):
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+    assert sum(seen.values()) == candidate_sums_bytes(d, cuts, groups=2)
+
+
+def _calib(model, n: int = 8, t: int = 16) -> Calibration:
+    ids = _ids(model.config.vocab_size, n, t, seed=3)
+    return Calibration(ids, "random", 0, tokens_sha256(ids))
+
+
+@pytest.mark.parametrize("select", ["angular", "cosine"])
+def test_shortlisted_pass_gives_the_same_plan_and_operators(select, monkeypatch):
+    """Sums for a shortlist of 1 (a miss costs a second pass) or of every block: same cut, same operator."""
+    model, _ = make_tiny("llama", num_layers=6)
+    loaded = Loaded(model, None, ModelRef("tiny", "random", "tiny"))
+    calib = _calib(model)
+    cfg = PruneConfig(remove=2, select=select, recovery="ghost", guard="off", holdout=0.25,
+                      token_policy="sink", batch_size=2)
+    out = {}
+    for m in (1, 99):
+        monkeypatch.setattr(prune, "SHORTLIST_BLOCKS", m)
+        out[m] = solve(loaded, calib, cfg, progress=False, log=lambda _: None)
+    assert out[1].removed == out[99].removed
+    assert out[1].meta["guard"] == out[99].meta["guard"]
+    for c, op in out[99].operators.items():
+        other = out[1].operators[c]
+        assert op.kind == other.kind == "full"
+        for name in ("W", "bias", "sink_shift"):
+            a, b = getattr(op, name), getattr(other, name)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
+def test_shortlist_keeps_only_its_blocks():
+    model, _ = make_tiny("llama", num_layers=6)
+    ids = _ids(model.config.vocab_size, 6, 12)
+    cuts = [(s, s + 2) for s in range(5)]
+    full = capture(model, ids, CapturePlan(pairs=cuts, scores=True), "sink", batch_size=2, progress=False)
+    short = capture(model, ids, CapturePlan(pairs=cuts, scores=True, shortlist=("angular", 2, 2)), "sink",
+                    batch_size=2, progress=False)
+    assert len(short.fit) == 2 and set(short.fit) <= set(cuts)
+    for c in short.fit:
+        assert torch.equal(short.fit[c].gram, full.fit[c].gram)
+        assert torch.equal(short.fit[c].cross, full.fit[c].cross)
+
+
+def test_bench_layerwise_with_offload(tmp_path, run):
+    """`ghosted bench --layerwise --offload-budget 0`: every carried state through files, same plan as in memory."""
+    import json
+
+    from .tiny_models import tiny_config
+
+    cfg = tmp_path / "config.json"
+    tiny_config("llama", num_layers=6).to_json_file(cfg)
+    reports = {}
+    for name, extra in (("memory", ()), ("layerwise", ("--layerwise", "--offload-budget", 0))):
+        out = tmp_path / name
+        code, _, err = run("bench", f"random:{cfg}", "--n-seqs", "4", "--seq-len", 16, "--remove", 2, "--prompt", 8,
+                           "--new-tokens", 4, "--repeats", 1, *extra, "--out", out)
+        assert code == 0, err
+        reports[name] = json.loads(out.with_suffix(".json").read_text())
+    lw = reports["layerwise"]
+    assert lw["layerwise"] and lw["runs"][0]["layerwise"] and lw["runs"][0]["offload_budget"] == 0
+    assert lw["runs"][0]["removed"] == reports["memory"]["runs"][0]["removed"]
+    assert "--layerwise" in (tmp_path / "layerwise.md").read_text()
