@@ -210,6 +210,8 @@ class PruneConfig:
     guard: str = "loss"  # loss | boundary | off
     shortlist: int = 4
     batch_size: int = 4
+    distill: int = 0  # steps of ghost distillation after the training-free solve (0: training-free, the default)
+    distill_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         _typed(self, "prune")
@@ -243,6 +245,11 @@ class PruneConfig:
             raise GhostedError(f"--fold (prune.fold) must be auto or one of {', '.join(FOLDS)}, got {self.fold}")
         _whole(self.shortlist, 1, "--shortlist (prune.shortlist)")
         _whole(self.batch_size, 1, "--batch-size (prune.batch_size)")
+        _whole(self.distill, 0, "--distill (prune.distill)")
+        if not self.distill_lr > 0:
+            raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {self.distill_lr}")
+        if self.distill and self.recovery != "ghost":
+            raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "PruneConfig":
@@ -423,11 +430,40 @@ class SweepConfig:
         _whole(self.threads_per_worker, 1, "sweep.threads_per_worker")
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """`search:` ghosted search: the most layers whose pruned model passes the gate (prune: gives the rest)."""
+
+    min_remove: int | None = None  # smallest k searched (default: a fifth of the layers)
+    max_remove: int | None = None  # largest k searched (default: half of the layers)
+    shortlist: int = 3  # single blocks per k screened by held-out loss (best boundary errors + the angular pick)
+    split_shortlist: int = 2  # two-cut plans per k screened by held-out loss (best summed angular distance)
+    max_cuts: int = 2  # 1: contiguous blocks only
+    distill: int = 0  # > 0: each evaluated plan also gets a distilled row (this many steps)
+
+    def __post_init__(self) -> None:
+        for name in ("min_remove", "max_remove"):
+            if getattr(self, name) is not None:
+                _whole(getattr(self, name), 1, f"search.{name}")
+        if self.min_remove is not None and self.max_remove is not None and self.min_remove > self.max_remove:
+            raise GhostedError(f"search.min_remove ({self.min_remove}) is above search.max_remove ({self.max_remove})")
+        _whole(self.shortlist, 1, "search.shortlist")
+        _whole(self.split_shortlist, 0, "search.split_shortlist")
+        if self.max_cuts not in (1, 2):
+            raise GhostedError(f"search.max_cuts must be 1 or 2, got {self.max_cuts!r}")
+        _whole(self.distill, 0, "--distill (search.distill)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "SearchConfig":
+        return build(cls, d, "search")
+
+
 # --------------------------------------------------------------------------- the root and the one reader
 
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "prune": PruneConfig, "eval": EvalSettings,
-                             "gate": GateConfig, "registry": RegistryConfig, "sweep": SweepConfig}
+                             "gate": GateConfig, "registry": RegistryConfig, "sweep": SweepConfig,
+                             "search": SearchConfig}
 
 
 @dataclass(frozen=True)
@@ -441,6 +477,7 @@ class Params:
     gate: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     path: Path | None = None  # the file it came from (relative registry URIs resolve against its folder)
     raw: dict[str, dict] = field(default_factory=dict, compare=False)  # each section as written in the file
 
@@ -503,5 +540,5 @@ def prune_options(params: Params) -> dict[str, Any]:
 
 
 __all__ = ["CalibrationConfig", "EfficiencySettings", "EvalSettings", "GateConfig", "Params", "PruneConfig",
-           "RegistryConfig", "SweepConfig", "as_mapping", "build", "default", "load_params", "merged",
+           "RegistryConfig", "SearchConfig", "SweepConfig", "as_mapping", "build", "default", "load_params", "merged",
            "parse_names", "read_yaml", "replace"]

@@ -208,6 +208,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         policy, ridge = choice[:2]
         fit_cfg = replace(cfg, fold=choice[2]) if len(choice) > 2 else cfg  # foldable: the fold the guard chose
         operators = {c: solve_cut(res, c, "total", policy, fit_cfg, ridge) for c in cuts}
+    operators, distill_info = distill_operators(loaded, calib, cfg, removed, operators, progress, log)
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
@@ -223,7 +224,27 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         "tokens_fit": {f"{c[0]}-{c[1]}": res.total(c).n for c in cuts},
         "solve_seconds": time.perf_counter() - t0,
     }
+    if distill_info is not None:
+        meta["distill"] = {key: v for key, v in distill_info.items() if key != "curve"}
+        meta["distill_curve"] = distill_info["curve"]
     return Solution(removed, operators, meta)
+
+
+def distill_operators(loaded: Loaded, calib: Calibration, cfg: PruneConfig, removed: list[int],
+                      operators: dict[Pair, Operator], progress: bool = True,
+                      log: Callable[[str], None] = print) -> tuple[dict[Pair, Operator], dict | None]:
+    """--distill STEPS: train the ghosts of a training-free solution (ghosted.distill; its held-out guard keeps
+    the training-free operators unless distillation lowers the held-out loss). (operators, None) when off."""
+    if not cfg.distill:
+        return operators, None
+    from .distill import DistillConfig, distill
+
+    if not any(op.kind in ("full", "lowrank") for op in operators.values()):
+        return operators, {"steps": cfg.distill, "lr": cfg.distill_lr, "kept": "training-free", "steps_run": 0,
+                           "reason": "no ghost to train (the guard chose plain removal)", "curve": []}
+    out = distill(loaded.model, calib.input_ids, removed, operators, heldout_windows(calib.n, cfg.holdout),
+                  DistillConfig(steps=cfg.distill, lr=cfg.distill_lr), progress=progress, log=log)
+    return out.operators, {"steps": cfg.distill, "lr": cfg.distill_lr, **out.as_meta()}
 
 
 def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
@@ -400,7 +421,7 @@ def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: 
         "ghosts": [g.as_config() for g in applied.ghosts],
         "folded": applied.folded,
         **{k: sol.meta[k] for k in ("removed_layers", "cuts", "num_layers_dense", "recovery", "ridge",
-                                    "token_policy", "guard") if k in sol.meta},
+                                    "token_policy", "guard", "distill") if k in sol.meta},
         "num_layers": arch.num_layers(model),
     }
     checkpoint.save(model, loaded.tokenizer, out_dir, meta, force=force)

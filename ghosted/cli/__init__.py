@@ -15,7 +15,7 @@ from ..errors import GhostedError
 # Sub-command modules, each with add_parser(subparsers) that sets `func`.
 COMMAND_MODULES = ("ghosted.cli.core", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd",
                    "ghosted.cli.verify_cmd", "ghosted.cli.export_cmd",
-                   "ghosted.cli.pipeline_cmd")
+                   "ghosted.cli.pipeline_cmd", "ghosted.cli.search_cmd")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,7 +13,7 @@ from ..policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
 PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "rank", "variant", "fold",
-               "token_policy", "holdout", "guard", "shortlist", "batch_size")
+               "token_policy", "holdout", "guard", "shortlist", "batch_size", "distill", "distill_lr")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
 
 
@@ -81,6 +81,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--shortlist", type=int, help=f"blocks the ghost selection compares by held-out loss "
                                                  f"(default {default(P, 'shortlist')})")
     r.add_argument("--batch-size", type=int, help=f"sequences per forward pass (default {default(P, 'batch_size')})")
+    r.add_argument("--distill", type=int, metavar="STEPS",
+                   help="after the training-free solve, train only the ghosts this many steps against the dense "
+                        "model (kept only if the held-out loss drops; default 0: training-free)")
+    r.add_argument("--distill-lr", type=float, help=f"distillation learning rate (default {default(P, 'distill_lr')})")
 
 
 def params_file(args: argparse.Namespace):
