@@ -473,7 +473,7 @@ def _api_cases() -> list[Bad]:
         Bad("api-load-model-dtype-float8", "unknown dtype", api=_a("load_model(tiny, dtype='float8')", load_model(dtype="float8"))),
         Bad("api-load-model-missing", "not found", api=_a("load_model(missing folder)",
                                                           lambda p: __import__("ghosted.models").models.load_model(str(p["sb"] / "no-such-dir")))),
-        Bad("api-ghosted-load-missing", "no config.json", api=_a("ghosted.load(missing folder)",
+        Bad("api-ghosted-load-missing", "is not a folder", api=_a("ghosted.load(missing folder)",
                                                                  lambda p: __import__("ghosted").load(str(p["sb"] / "no-such-dir")))),
         Bad("api-ghosted-load-device-tpu9", "is not a device", api=_a("ghosted.load(ckpt, device='tpu9')",
                                                                       lambda p: __import__("ghosted").load(str(p["ckpt"]), device="tpu9"))),
@@ -541,7 +541,7 @@ FILES = [
     # metrics and report JSON
     Bad("metrics-json-garbage", "not valid JSON", REG, setup=_write("m.json", "{oops")),
     Bad("metrics-json-a-list", "expected a JSON object", REG, setup=_write("m.json", "[1, 2, 3]")),
-    Bad("metrics-json-not-utf8", "UTF-8", REG, setup=_write("m.json", b"\xff\xfe{}")),
+    Bad("metrics-json-not-utf8", "utf-8", REG, setup=_write("m.json", b"\xff\xfe{}")),
     Bad("scores-json-garbage", "not valid JSON", REG + " --scores {sb}/s.json",
         setup=_then(_write("m.json", "{}"), _write("s.json", "{oops"))),
     Bad("compare-json-garbage", "not valid JSON", "report {sb}/rep", setup=_write("rep/compare.json", "{oops")),
@@ -1002,9 +1002,15 @@ def registry(world, tmp_path_factory) -> dict[str, object]:
     dense = _metrics(root / "dense.json", 1.0)
     uri = f"sqlite:///{root / 'mlflow.db'}"
 
+    copies = iter(range(10**6))
+
     def register_cmd(ratio: float, name: str = "ghosted-rel") -> list[str]:
+        # each call a checkpoint of its own content: the registry does not register the same checkpoint twice
+        ckpt = root / f"ckpt-{next(copies)}"
+        shutil.copytree(world["ckpt"], ckpt)
+        (ckpt / "NOTES.txt").write_text(f"{ckpt.name}\n")
         m = _metrics(root / f"pruned-{ratio}.json", ratio)
-        return _cli_cmd("register", world["ckpt"], "--metrics", m, "--dense-metrics", dense, "--config", params,
+        return _cli_cmd("register", ckpt, "--metrics", m, "--dense-metrics", dense, "--config", params,
                         "--tracking-uri", uri, "--name", name, "--quiet")
 
     code, out, err = _finish(subprocess.Popen(register_cmd(1.4), env=_env(), stdout=subprocess.PIPE,
