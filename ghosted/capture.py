@@ -115,7 +115,7 @@ class CaptureResult:
                 for f in dataclasses.fields(ps):
                     t = getattr(ps, f.name)
                     if isinstance(t, torch.Tensor):
-                        tensors[f"{group}/{key}/{f.name}"] = t.detach().to("cpu").contiguous()
+                        tensors[f"{group}/{key}/{f.name}"] = t.detach().to("cpu").contiguous().clone()  # shared grams: own copies
         for name in ("cos_sum", "ang_sum"):
             t = getattr(self, name)
             if t is not None:

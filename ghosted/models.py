@@ -242,6 +242,13 @@ def load_tokenizer(name_or_path: str):
     ref = resolve(name_or_path)
     extra = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     try:
+        cfg_path = Path(ref.path) / "config.json"
+        if ref.kind != "hub" and cfg_path.is_file() and "ghosted" in json.loads(cfg_path.read_text()):
+            from .checkpoint import _base_config, _read_config
+            from .checkpoint import load_tokenizer as checkpoint_tokenizer
+
+            doc = _read_config(Path(ref.path))  # a ghosted checkpoint: its base config, never the folder's code
+            return checkpoint_tokenizer(ref.path), _base_config(doc, doc["ghosted"].get("base_architecture"))
         return AutoTokenizer.from_pretrained(ref.path, **extra), AutoConfig.from_pretrained(ref.path, **extra)
     except Exception as exc:  # noqa: BLE001 - user files: bad GGUF, JSON, tokenizer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -121,9 +121,9 @@ def _bad_outs(tmp_path: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "a-folder").mkdir()
     return [
         (["--out", str(tmp_path / "a-file")], "not a folder"),
-        (["--out", str(tmp_path / "a-file" / "ck")], "is not a folder"),
+        (["--out", str(tmp_path / "a-file" / "ck")], "not a folder"),
         (["--out", str(tmp_path / "ok"), "--summary", str(tmp_path / "a-folder")], "is a folder"),
-        (["--out", str(tmp_path / "ok"), "--summary", str(tmp_path / "a-file" / "s.json")], "is not a folder"),
+        (["--out", str(tmp_path / "ok"), "--summary", str(tmp_path / "a-file" / "s.json")], "not a folder"),
     ]
 
 
