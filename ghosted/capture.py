@@ -14,7 +14,6 @@ LM head. Sums are float64 on the model's device; activations are never kept acro
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import arch
 from .errors import GhostedError
+from .io import file_sha256  # noqa: F401  (re-exported: capture.file_sha256)
 from .linalg import F64, GramStore, PairSums, orthonormal_mixer
 from .policies import TokenPolicy, get_policy
 
@@ -171,14 +171,6 @@ class CaptureResult:
 _FORMAT = "ghosted-capture/1"
 _GROUPS = ("fit", "heldout", "fit_left_out", "heldout_left_out")
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _add(parts: list[PairSums]) -> PairSums:

@@ -15,7 +15,6 @@ sha256 of every file; `verify` checks it and the tensors before anything is load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import cache
@@ -27,7 +26,7 @@ import torch
 from . import arch
 from ._remote import modeling_ghosted
 from .errors import GhostedError
-from .io import MARKER, atomic_dir
+from .io import MARKER, atomic_dir, file_sha256
 
 FORMAT = 2  # 1: older ghosted (model_type of the base, weights in model.safetensors, no manifest)
 MODEL_TYPE = "ghosted"
@@ -85,13 +84,6 @@ def ghost_classes(base: str) -> tuple[type, type]:
                  {"config_class": cfg, "__module__": __name__})
     return cfg, model
 
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _listed_files(folder: Path) -> list[str]:

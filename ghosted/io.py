@@ -9,6 +9,7 @@ marker existed) is ever replaced, and only with `force`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,15 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import GhostedError
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (the one hash of files: models, checkpoints, statistics)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 MARKER = ".ghosted-output"
 # Outputs of versions that wrote no marker, by the files they always hold (checkpoint, calibration, solution, model

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import GhostedError
+from .io import file_sha256  # noqa: F401  (re-exported: models.file_sha256)
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {
@@ -83,13 +84,6 @@ def _shipped_gguf(name: str) -> Path:
         raise GhostedError(f"model '{name}': {path} is missing; reinstall {info['pip']}")
     return path
 
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
