@@ -384,6 +384,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         raise GhostedError(f"{out} is a folder: give a file name ending in .gguf")
     folder = _checkpoint_dir(ckpt)
     cfg = _read_config(folder)
+    check_plain(folder, cfg, [])  # a ghost checkpoint is refused by its config before its weights are looked for
     files = _weight_files(folder)
     names = _tensor_names(files)
     check_plain(folder, cfg, names)
