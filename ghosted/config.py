@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -534,11 +534,6 @@ def load_params(path: str | Path | None) -> Params:
     return Params(model=model, prune=prune, path=Path(path), raw=raw, **built)
 
 
-def prune_options(params: Params) -> dict[str, Any]:
-    """The `prune:` section as written (for templates: every cell of a grid sets remove/recovery itself)."""
-    return dict(params.raw.get("prune", {}))
-
-
 __all__ = ["CalibrationConfig", "EfficiencySettings", "EvalSettings", "GateConfig", "Params", "PruneConfig",
            "RegistryConfig", "SearchConfig", "SweepConfig", "as_mapping", "build", "default", "load_params", "merged",
-           "parse_names", "read_yaml", "replace"]
+           "parse_names", "read_yaml"]

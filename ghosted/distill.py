@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import GhostedError
 from .evaluate.perplexity import mean_nll
 from .linalg import F64, Operator
-from .surgery import Pair, ghost_site, runs, temporarily_pruned
+from .surgery import Pair, ghost_site, temporarily_pruned
 
 
 @dataclass(frozen=True)
@@ -185,4 +185,4 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
     return DistillResult(out, kept, before, best, step, time.perf_counter() - t0, curve)
 
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "runs", "teacher_topk", "topk_kl"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "teacher_topk", "topk_kl"]
