@@ -767,19 +767,34 @@ def _wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float =
     return False
 
 
-# Runs prune in a real process; once the checkpoint's files are written to the temporary folder (before the
-# rename) it creates MARKER and waits, so a kill -9 lands in the middle of the save, every time.
-_PAUSE_IN_SAVE = """
-import sys, time, pathlib, transformers
-orig = transformers.PreTrainedModel.save_pretrained
-def save_and_wait(self, *a, **k):
-    orig(self, *a, **k)
-    pathlib.Path(sys.argv[1]).write_text("saving")
+# Runs a CLI command in a real process with one function wrapped: once the wrapped call returns, the wrapper
+# creates MARKER and waits, so a kill -9 lands at that point every time (reading progress lines instead is a
+# race: on a busy machine a tiny model's run can finish before the test reads the line).
+_PAUSE_AFTER = """
+import sys, time, pathlib, importlib
+marker, target, argv = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+mod_name, _, attr = target.partition(":")
+owner = importlib.import_module(mod_name)
+for part in attr.split(".")[:-1]:
+    owner = getattr(owner, part)
+name = attr.split(".")[-1]
+orig = getattr(owner, name)
+def wrapped(*a, **k):
+    out = orig(*a, **k)
+    marker.write_text(target)
     time.sleep(600)
-transformers.PreTrainedModel.save_pretrained = save_and_wait
+    return out
+setattr(owner, name, wrapped)
 from ghosted.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(argv))
 """
+
+# Where each kill lands: after the model is loaded, after the first operator is solved (the calibration
+# pass is done, nothing written yet), and after the checkpoint's files are in the temp folder (before the
+# rename that publishes them).
+_KILL_POINTS = {"after-model-load": "ghosted.models:load_model",
+                "during-solve": "ghosted.prune:solve_cut",
+                "during-save": "transformers:PreTrainedModel.save_pretrained"}
 
 
 @pytest.fixture(scope="module")
@@ -793,23 +808,11 @@ def test_kill_9_during_prune_leaves_no_output(point, world, kill_root):
     (kill_root / "user-data.txt").write_text("keep me\n")
     before = snapshot(kill_root)
     argv = _prune_argv(world, out)
-    if point == "during-save":
-        marker = kill_root / "marker"
-        proc = subprocess.Popen([sys.executable, "-c", _PAUSE_IN_SAVE, marker, *map(str, argv)], env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        reached = _wait_for(marker.exists, proc)
-        marker.unlink(missing_ok=True)
-    else:
-        argv = [a for a in argv if a != "--quiet"]  # the progress lines tell where the run is
-        proc = subprocess.Popen(_cli_cmd(*argv), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        want = "loaded " if point == "after-model-load" else "calibration: "
-        seen: list[str] = []
-
-        def line_seen() -> bool:
-            line = proc.stderr.readline()
-            seen.append(line)
-            return line.startswith(want)
-        reached = _wait_for(line_seen, proc)
+    marker = kill_root / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, _KILL_POINTS[point], *map(str, argv)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached = _wait_for(marker.exists, proc)
+    marker.unlink(missing_ok=True)
     proc.kill()
     proc.wait()
     after = snapshot(kill_root)
@@ -837,14 +840,12 @@ def test_next_run_after_kills_cleans_stale_temps_and_succeeds(world, kill_root):
 
 def test_sigint_during_prune_is_one_line_and_leaves_nothing(world, tmp_path):
     out = tmp_path / "ckpt"
-    argv = [a for a in _prune_argv(world, out) if a != "--quiet"]
-    proc = subprocess.Popen(_cli_cmd(*argv), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-
-    def loaded() -> bool:
-        lines.append(proc.stderr.readline())
-        return lines[-1].startswith("loaded ")
-    reached = _wait_for(loaded, proc)
+    marker = tmp_path.parent / f"{tmp_path.name}.marker"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, _KILL_POINTS["after-model-load"],
+                             *map(str, _prune_argv(world, out))],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached = _wait_for(marker.exists, proc)
+    marker.unlink(missing_ok=True)
     proc.send_signal(signal.SIGINT)
     code, _, err = _finish(proc)
     left = sorted(p.name for p in tmp_path.iterdir())
