@@ -96,13 +96,41 @@ def _load_partial(path: Path | None, key: str, log: Log) -> dict:
     return doc
 
 
+def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
+    """An earlier compare.json whose dense model and cells a new grid may reuse: same model, dtype, calibration
+    windows (sha256), evaluation settings and shared prune settings, or a GhostedError that names the difference."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise GhostedError(f"--merge {path}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise GhostedError(f"--merge {path}: not a readable compare.json ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list) or not isinstance(doc.get("dense"), dict):
+        raise GhostedError(f"--merge {path}: not a compare result (no dense model and list of cells)")
+    old_prune = (doc.get("settings") or {}).get("prune") or {}
+    new_prune = {k: v for k, v in config_dict(cfg.prune).items() if k not in ("remove", "layers", "recovery")}
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    checks = {"model": (doc.get("model"), loaded.ref.name), "dtype": (doc.get("dtype"), dtype),
+              "calibration": ((doc.get("calibration") or {}).get("sha256"), calib.sha256),
+              "evaluation settings": ((doc.get("settings") or {}).get("eval"), cfg.evaluation.as_dict()),
+              **{f"prune.{k}": (old_prune[k], new_prune[k]) for k in sorted(set(old_prune) & set(new_prune))}}
+    for what, (old, new) in checks.items():
+        if old != new:
+            raise GhostedError(f"--merge {path}: its {what} ({old}) differs from this grid's ({new}); "
+                               "its cells are not comparable: run the whole grid instead")
+    return doc
+
+
 def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: Log = _nolog,
-                partial_path: Path | None = None) -> dict:
+                partial_path: Path | None = None, merge: Path | None = None) -> dict:
     """Dense model once, then every (k, method) cell solved from one shared capture and evaluated in memory.
 
     partial_path: after the dense model and after every cell the results so far are written there
     (atomically); a later run with the same model, calibration and settings skips what it holds, so an
-    interrupted grid resumes where it stopped."""
+    interrupted grid resumes where it stopped.
+
+    merge: an earlier compare.json (see merge_source) whose dense model and cells are kept as they are; only
+    the cells it lacks are run, and the result lists both (each old cell keeps the versions it ran with)."""
     from .evaluate.run import versions
     from .io import write_json_atomic
     from .prune import shared_capture
@@ -112,6 +140,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     L = arch.num_layers(loaded.model)
     for k in cfg.ks:
         check_k(k, L)
+    merged = merge_source(merge, loaded, calib, cfg) if merge is not None else None  # before the long capture
     res = shared_capture(loaded, calib, cfg.prune, list(cfg.ks), list(cfg.methods), progress, log)
     header = grid_header(loaded, calib, cfg.prune, list(cfg.ks), list(cfg.methods), cfg.evaluation, res,
                          time.perf_counter() - t0)
@@ -119,6 +148,14 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     key = _resume_key(loaded, calib, cfg)
     done = _load_partial(partial_path, key, log)
     done_cells = {(c["k"], c["method"]): c for c in done.get("cells", []) if not c.get("error")}
+    methods = list(cfg.methods)
+    if merged is not None:
+        old = {(c["k"], c["method"]): c for c in merged["cells"] if not c.get("error")}
+        done_cells = {**old, **done_cells}
+        done = {**done, "dense": done.get("dense") or {"k": 0, "method": "dense", **merged["dense"]}}
+        methods = [m for m in (merged.get("settings") or {}).get("recovery", []) if m not in methods] + methods
+        log(f"merging {merge}: dense model and {len(old)} cell(s) kept; new cells: "
+            f"{sum(1 for c in cfg.cells() if c not in done_cells)}")
 
     def save_partial() -> None:
         if partial_path is not None:
@@ -126,7 +163,8 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
 
     if (done.get("dense") or {}).get("method") == "dense":
         dense = done["dense"]
-        log(f"resuming from {partial_path}: dense model and {len(done_cells)} cell(s) already evaluated")
+        log(f"resuming from {merge if merged is not None else partial_path}: dense model and {len(done_cells)} "
+            "cell(s) already evaluated")
     else:
         log("evaluating the dense model")
         dense = run_dense(loaded.model, loaded.tokenizer, cfg.evaluation, progress).as_dict()
@@ -134,7 +172,10 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     cells: list[dict] = []
     save_partial()
 
-    for k, method in cfg.cells():
+    ks = sorted(set(cfg.ks) | ({c[0] for c in done_cells} if merged is not None else set()))
+    for k, method in [(k, m) for k in ks for m in methods]:
+        if (k, method) not in done_cells and (k not in cfg.ks or method not in cfg.methods):
+            continue  # a merged grid's k or method this run does not cover
         if (k, method) in done_cells:
             cells.append(done_cells[(k, method)])
             continue
@@ -145,5 +186,10 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
             save_partial()
             log(f"k={k} {method} (layers {cell.removed_text}): {brief(cell)}")
 
+    extra = {}
+    if merged is not None:
+        header["settings"] = {**header["settings"], "remove": ks, "recovery": methods}
+        extra = {"merged": {"from": str(merge), "command": merged.get("command"), "versions": merged.get("versions"),
+                            "cells": [[k, m] for k, m in old if (k, m) in {(c["k"], c["method"]) for c in cells}]}}
     return {**header, "kind": "compare", "dense": dense, "cells": cells, "versions": versions(),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, **extra}

@@ -167,6 +167,11 @@ def markdown(result: dict, plots: list[str]) -> str:
               *([f"- Shared statistics: {result['shared']['key']} (reused: {result['shared']['reused']})"]
                 if result.get("shared") else []),
               f"- Command: `{result.get('command', generator + ' ...')}`",
+              *([f"- Merged: the dense model and {len(result['merged']['cells'])} cell(s) "
+                 f"({', '.join(f'k={k} {m}' for k, m in result['merged']['cells'])}) come from "
+                 f"{result['merged']['from']} (`{result['merged']['command']}`; "
+                 + ", ".join(f"{k} {v}" for k, v in (result['merged']['versions'] or {}).items()) + "); "
+                 "the others ran with this command"] if result.get("merged") else []),
               f"- Calibration: {cal['n']} x {cal['seq_len']} tokens from {cal['source']} (seed {cal['seed']}, "
               f"sha256 {cal['sha256'][:12]}), {cal['heldout_windows']} windows held out for the guard; one pass "
               f"for all {result['capture']['pairs']} candidate blocks",

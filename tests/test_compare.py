@@ -242,3 +242,37 @@ def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
     ok = run_cell(loaded, calib, None, PruneConfig(layers="2-3", recovery="ghost", guard="off"), ev)
     assert ok.error is None and ok.removed == [2, 3] and ok.removed_text == "2-3" and ok.token_policy == "all"
     assert CellResult.from_dict(ok.as_dict()) == ok
+
+
+def test_merge_runs_only_the_new_cells(report_dir, tiny_folder, tmp_path, run):
+    """--merge keeps an earlier grid's dense model and cells and runs only the new method's cells; a grid with
+    other evaluation settings is refused before any work, in one line."""
+    earlier = json.loads((report_dir / "compare.json").read_text())
+    out = tmp_path / "merged"
+    argv = [a if a != "none,ghost" else "scalar" for a in GRID]
+    code = main(["compare", str(tiny_folder), *argv, "--merge", str(report_dir / "compare.json"),
+                 "--out-dir", str(out), "--quiet"])
+    assert code == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert [(c["k"], c["method"]) for c in res["cells"]] == [(1, "none"), (1, "ghost"), (1, "scalar"),
+                                                             (2, "none"), (2, "ghost"), (2, "scalar")]
+    kept = {(c["k"], c["method"]): c for c in earlier["cells"]}
+    for c in res["cells"]:
+        if c["method"] != "scalar":
+            assert c == kept[(c["k"], c["method"])]  # taken as they were, not rerun
+        else:
+            assert c["ppl"]["wiki"]["windows"] == 2 and "error" not in c
+    assert res["dense"]["ppl"] == earlier["dense"]["ppl"]
+    assert res["merged"]["cells"] == [[1, "none"], [1, "ghost"], [2, "none"], [2, "ghost"]]
+    assert res["settings"]["recovery"] == ["none", "ghost", "scalar"]
+    md = (out / "compare.md").read_text()
+    assert "Merged: the dense model and 4 cell(s)" in md
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == 1 + 1 + 6
+    # other evaluation settings (3 PPL windows, not 2): refused, nothing written
+    other = list(argv)
+    other[other.index("--ppl-windows") + 1] = "3"
+    code, _, err = run("compare", tiny_folder, *other, "--merge", report_dir / "compare.json",
+                       "--out-dir", tmp_path / "refused", "--quiet")
+    assert code == 2 and "Traceback" not in err
+    assert "its evaluation settings" in err and "differs" in err, err
+    assert not (tmp_path / "refused").exists()

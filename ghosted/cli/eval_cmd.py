@@ -181,7 +181,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         calib = _calibration(args, loaded)
         partial = args.out_dir / "compare.partial.json"
         result = run_compare(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m),
-                             partial_path=partial)
+                             partial_path=partial, merge=args.merge)
     result["command"] = _command_line(args, "compare")
     result["wall_seconds"] = time.perf_counter() - t0
     try:
@@ -253,6 +253,9 @@ def add_parser(sub) -> None:
     g.add_argument("--select", help="selection metric: angular (default), bi, cosine, ppl, ghost")
     _eval_args(p, seq_len=False)
     p.add_argument("--out-dir", type=Path, required=True, help="report folder (compare.json, compare.md, *.png)")
+    p.add_argument("--merge", type=Path, default=None, metavar="COMPARE_JSON",
+                   help="an earlier compare.json with the same model, calibration and evaluation settings: keep "
+                        "its dense model and cells, run only the cells it lacks (e.g. a new --recovery)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="regenerate compare.md and the plots from a compare.json",
