@@ -72,22 +72,36 @@ def test_progressive_fit_of_the_second_cut_is_least_squares_on_the_patched_state
     assert (solve_ghost(dense, ridge).W - got).abs().max() > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 15): on this planted model screening ranks the single block "
-                   "[1, 2] above the two-cut plan [1, 4]; not yet explained")
+def _own_text(model, n: int = 8, t: int = 24) -> Calibration:
+    """Windows sampled from the model itself (its LM head sharpened 8x first): the dense model predicts them well,
+    so on them any change that matters raises the held-out loss. On uniformly random tokens a random model's
+    loss is log V give or take noise, and a perturbation can lower it as easily as raise it."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, model.config.vocab_size, (n, 1), generator=g)
+        for _ in range(t - 1):
+            probs = torch.softmax(model(input_ids=ids, use_cache=False).logits[:, -1], -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+    return Calibration(ids, "sampled", 0, tokens_sha256(ids))
+
+
 def test_screening_prefers_two_short_cuts_when_held_out_loss_says_so():
     """Layers 1 and 4 are planted pass-throughs: removing both is free, while every contiguous pair of layers
     removes a working layer. The screen must rank the two-cut plan first; with max_cuts 1 it cannot."""
     loaded = _loaded(6)
+    assert not loaded.model.config.tie_word_embeddings  # _own_text sharpens the head, not the embeddings
     _silence(loaded.model, [1, 4])
-    calib = _calib(loaded.model)
+    calib = _own_text(loaded.model)
     cfg = PruneConfig(remove=2, holdout=0.25)
     res = shared_capture(loaded, calib, cfg, [2], ["ghost"], progress=False)
     assert [1, 4] in split_plans(res, 2, 2)
     best = screen(loaded, calib, cfg, SearchConfig(shortlist=5, split_shortlist=2), res, 2)
     assert best[0].removed == [1, 4] and best[0].source == "two cuts"
-    assert all(c.loss > best[0].loss + 1e-4 for c in best[1:])
+    assert all(c.loss > best[0].loss + 1e-2 for c in best[1:])
     single = screen(loaded, calib, cfg, SearchConfig(shortlist=5, max_cuts=1), res, 2)
     assert all(len(c.removed) == 2 and c.removed[1] == c.removed[0] + 1 for c in single)
+    assert all(c.loss > best[0].loss + 1e-2 for c in single)
 
 
 def test_k_range_defaults_and_errors():
