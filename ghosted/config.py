@@ -440,8 +440,13 @@ class SearchConfig:
     split_shortlist: int = 2  # two-cut plans per k screened by held-out loss (best summed angular distance)
     max_cuts: int = 2  # 1: contiguous blocks only
     distill: int = 0  # > 0: each evaluated plan also gets a distilled row (this many steps)
+    # The pipeline (`dvc repro`, flows.compress): the solve stage searches for the plan (the gate: and eval:
+    # sections decide) instead of removing prune.remove layers; fuse, evaluate and register then run on it.
+    enabled: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise GhostedError(f"search.enabled must be true or false, got {self.enabled!r}")
         for name in ("min_remove", "max_remove"):
             if getattr(self, name) is not None:
                 _whole(getattr(self, name), 1, f"search.{name}")

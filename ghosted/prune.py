@@ -363,8 +363,9 @@ def _fmt(removed: list[int]) -> str:
 # --------------------------------------------------------------------------- persistence of a solution
 
 
-def save_solution(sol: Solution, out_dir: Path, force: bool = False) -> None:
-    """operators.safetensors + plan.json, atomically (io.atomic_dir)."""
+def save_solution(sol: Solution, out_dir: Path, force: bool = False, also=None) -> None:
+    """operators.safetensors + plan.json, atomically (io.atomic_dir); `also(folder)` adds files to the same
+    atomic write (the search report of a searched plan)."""
     from safetensors.torch import save_file
 
     from .io import atomic_dir
@@ -382,6 +383,8 @@ def save_solution(sol: Solution, out_dir: Path, force: bool = False) -> None:
         save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "operators.safetensors"))
         (tmp / "plan.json").write_text(json.dumps({"removed": sol.removed, "operators": ops, "meta": sol.meta},
                                                   indent=2, default=float) + "\n")
+        if also is not None:
+            also(tmp)
 
 
 def load_solution(path: Path) -> Solution:

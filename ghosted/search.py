@@ -344,8 +344,6 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
 
 def write_search(loaded: Loaded, calib: Calibration, outcome: SearchOutcome, out: Path, force: bool = False) -> None:
     """DIR/search.json, search.md, frontier.png and (when a plan passed) DIR/checkpoint, atomically."""
-    import json
-
     from .io import atomic_dir
     from .prune import build_checkpoint
 
@@ -354,9 +352,16 @@ def write_search(loaded: Loaded, calib: Calibration, outcome: SearchOutcome, out
         if outcome.chosen is not None:
             build_checkpoint(loaded, outcome.chosen, calib.sha256, tmp / CHECKPOINT)  # patches the model in place
             doc["chosen"]["checkpoint"] = str(Path(out) / CHECKPOINT)
-        plotted = plot_frontier(doc, tmp / FRONTIER_PLOT)
-        (tmp / SEARCH_MD).write_text(markdown(doc, [FRONTIER_PLOT] if plotted else []))
-        (tmp / SEARCH_JSON).write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        write_report_files(doc, tmp)
+
+
+def write_report_files(doc: dict[str, Any], folder: Path) -> None:
+    """search.json, search.md and frontier.png of a search document into `folder` (inside an atomic write)."""
+    import json
+
+    plotted = plot_frontier(doc, folder / FRONTIER_PLOT)
+    (folder / SEARCH_MD).write_text(markdown(doc, [FRONTIER_PLOT] if plotted else []))
+    (folder / SEARCH_JSON).write_text(json.dumps(doc, indent=2, default=float) + "\n")
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:

@@ -159,6 +159,38 @@ def test_search_exits_1_with_chosen_null_when_nothing_passes(tiny_folder, tmp_pa
     assert [r["k"] for r in doc["frontier"]] == [1, 2] and not any(r["passed"] for r in doc["frontier"])
 
 
+def test_solve_with_search_enabled_writes_the_chosen_plan_and_its_report(tiny_folder, tmp_path, run):
+    """The pipeline's solve stage with search.enabled: the operators of the searched plan (the same plan
+    `ghosted search` chooses) and the search report in the ops folder; fuse then builds the same checkpoint.
+    With nothing passing it fails in one line and writes nothing."""
+    params = _params(tmp_path, "{max_ppl_ratio: 1000.0, min_retained_acc: null}")
+    params.write_text(params.read_text().replace("search: {", "search: {enabled: true, "))
+    ops = tmp_path / "ops"
+    code, stdout, err = run("solve", tiny_folder, "--config", params, "--out", ops, "--quiet")
+    assert code == 0, err
+    plan = json.loads((ops / "plan.json").read_text())
+    doc = json.loads((ops / "search.json").read_text())
+    assert plan["removed"] == doc["chosen"]["removed"] and len(plan["removed"]) == 3
+    assert plan["meta"]["search"] == {"chosen_k": 3, "full_evaluations": doc["full_evaluations"]}
+    assert {p.name for p in ops.iterdir()} >= {"search.md", "frontier.png", "operators.safetensors"}
+    searched = tmp_path / "search"
+    assert run("search", tiny_folder, "--config", params, "--out", searched, "--quiet")[0] == 0
+    assert json.loads((searched / "search.json").read_text())["chosen"]["removed"] == plan["removed"]
+    assert run("fuse", tiny_folder, "--ops", ops, "--out", tmp_path / "fused", "--quiet")[0] == 0
+    assert read_meta(tmp_path / "fused")["removed_layers"] == plan["removed"]
+    # --remove on the command line wins over search.enabled (an explicit plan)
+    code, _, err = run("solve", tiny_folder, "--config", params, "--remove", "1", "--out", tmp_path / "one", "--quiet")
+    assert code == 0 and len(json.loads((tmp_path / "one" / "plan.json").read_text())["removed"]) == 1, err
+    # nothing passes: one line, no ops folder
+    params.write_text(params.read_text().replace("max_ppl_ratio: 1000.0", "max_ppl_ratio: 1.0"))
+    code, _, err = run("solve", tiny_folder, "--config", params, "--out", tmp_path / "none", "--quiet")
+    assert code == 2 and "Traceback" not in err and "no plan of 1..3 layers passes the gate" in err, err
+    assert not (tmp_path / "none").exists()
+    params.write_text(params.read_text().replace("enabled: true", "enabled: maybe"))
+    code, _, err = run("solve", tiny_folder, "--config", params, "--out", tmp_path / "bad", "--quiet")
+    assert code == 2 and "search.enabled" in err, err
+
+
 def test_distill_hook_records_its_outcome_in_the_checkpoint(tmp_path):
     loaded = _loaded(6)
     calib = _calib(loaded.model)

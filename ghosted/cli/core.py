@@ -259,17 +259,47 @@ def format_scores(table: dict) -> str:
 def cmd_solve(args: argparse.Namespace) -> int:
     from ..prune import save_solution, solve
 
-    cfg = prune_config(args)
+    searching = params_file(args).search.enabled and args.remove is None and args.layers is None
+    if searching:
+        from .search_cmd import search_settings
+
+        settings = search_settings(args)  # every section checked before the model loads
+    else:
+        cfg = prune_config(args)
     _check_out(args.out, args.force)
     _refuse_ghost_model(args.model)
     loaded = _load(args)
     calib = _calibration(args, loaded)
-    sol = solve(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m))
+    if searching:
+        sol, also = _searched_solution(args, loaded, calib, settings)
+    else:
+        sol, also = solve(loaded, calib, cfg, progress=not args.quiet, log=lambda m: _log(args, m)), None
     sol.meta["calibration_sha256"] = calib.sha256
-    save_solution(sol, args.out, force=args.force)
+    save_solution(sol, args.out, force=args.force, also=also)
     print(json.dumps({"out": str(args.out), "removed_layers": sol.removed, "ridge": sol.meta["ridge"],
                       "guard": sol.meta["guard"]}, default=float))
     return 0
+
+
+def _searched_solution(args: argparse.Namespace, loaded, calib, settings):
+    """search.enabled in --config: the plan `ghosted search` chooses (the most layers that pass the gate), and a
+    writer that puts its report (search.json, search.md, frontier.png) next to the operators."""
+    from ..search import run_search, write_report_files
+
+    prune, search, evaluation, gate = settings
+    if not evaluation.ppl and not evaluation.tasks:
+        raise GhostedError("search.enabled needs an evaluation for the gate: the eval: section has no ppl and no tasks")
+    _log(args, "search.enabled: searching for the most layers that pass the gate (prune.remove is not used)")
+    outcome = run_search(loaded, calib, prune, search, evaluation, gate, progress=not args.quiet,
+                         log=lambda m: _log(args, m))
+    doc = outcome.doc
+    if outcome.chosen is None:
+        raise GhostedError(f"search: {doc['message']}; nothing to fuse or register (widen search.min_remove/"
+                           "max_remove or relax the gate)")
+    _log(args, f"search: {doc['message']} ({doc['full_evaluations']} full evaluations)")
+
+    outcome.chosen.meta["search"] = {"chosen_k": doc["chosen"]["k"], "full_evaluations": doc["full_evaluations"]}
+    return outcome.chosen, lambda folder: write_report_files(doc, folder)
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
