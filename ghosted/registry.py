@@ -229,31 +229,32 @@ def dataset_inputs(meta: Mapping[str, Any], dense: Mapping[str, Any], pruned: Ma
     out: dict[tuple[str, str], DatasetInput] = {}
     calib = meta.get("calibration") if isinstance(meta.get("calibration"), Mapping) else {}
     if meta.get("calibration_sha256"):
-        src = str(calib.get("source", "unknown"))
-        out["calibration", meta["calibration_sha256"]] = make(
-            f"calibration:{src}", str(meta["calibration_sha256"]), _dataset_source(src),
-            {k: calib[k] for k in ("n", "seq_len", "seed") if k in calib} | ({} if calib else
-                {"note": "checkpoint from an older ghosted: the calibration shape is not recorded"}), "calibration")
+        src, sha = str(calib.get("source", "unknown")), str(meta["calibration_sha256"])
+        profile = {k: calib[k] for k in ("n", "seq_len", "seed") if k in calib} or {
+            "note": "checkpoint from an older ghosted: the calibration shape is not recorded"}
+        out["calibration", sha] = make(f"calibration:{src}", sha, _dataset_source(src), profile, "calibration")
+    def mapping(x: Any) -> Mapping[str, Any]:  # a hand-written metrics file may hold anything anywhere
+        return x if isinstance(x, Mapping) else {}
+
+    sets: list[tuple[str, Mapping[str, Any], tuple[str, str], tuple[str, ...]]] = []
     for doc in (pruned, dense):
-        for src, r in ((doc.get("ppl") or {}).items()):
-            if not isinstance(r, Mapping):
-                continue
-            name = f"ppl:{src}"
-            if not r.get("sha256"):
-                log(f"evaluation set {name} has no recorded sha256 (an older `ghosted eval`): not logged as an input")
-                continue
-            out.setdefault((name, r["sha256"]), make(name, r["sha256"], _dataset_source(str(src)),
-                           {k: r[k] for k in ("windows", "seq_len", "tokens_scored") if k in r}, "evaluation"))
-        for task, r in (((doc.get("zeroshot") or {}).get("tasks") or {}).items()):
-            if not isinstance(r, Mapping):
-                continue
-            name = f"zeroshot:{task}"
-            if not r.get("sha256"):
-                log(f"evaluation set {name} has no recorded sha256 (an older `ghosted eval`): not logged as an input")
-                continue
-            source = ("lm_eval", json.dumps({"task": task, "data_file": r.get("data_file"), "split": r.get("split")}))
-            out.setdefault((name, r["sha256"]), make(name, r["sha256"], source,
-                           {k: r[k] for k in ("n", "n_available", "split", "data_file") if k in r}, "evaluation"))
+        for src, r in mapping(doc.get("ppl")).items():
+            if isinstance(r, Mapping):
+                sets.append((f"ppl:{src}", r, _dataset_source(str(src)), ("windows", "seq_len", "tokens_scored")))
+        for task, r in mapping(mapping(doc.get("zeroshot")).get("tasks")).items():
+            if isinstance(r, Mapping):
+                source = json.dumps({"task": task, "data_file": r.get("data_file"), "split": r.get("split")})
+                sets.append((f"zeroshot:{task}", r, ("lm_eval", source), ("n", "n_available", "split", "data_file")))
+    missing: dict[str, None] = {}
+    for name, r, source, keys in sets:
+        if not r.get("sha256"):
+            missing[name] = None
+            continue
+        sha = str(r["sha256"])
+        out.setdefault((name, sha), make(name, sha, source, {k: r[k] for k in keys if k in r}, "evaluation"))
+    if missing:
+        log(f"not logged as dataset inputs (evaluated by an older `ghosted eval`, no sha256 recorded): "
+            f"{', '.join(missing)}")
     return list(out.values())
 
 
