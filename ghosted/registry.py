@@ -1,12 +1,12 @@
 """The MLflow model registry of ghosted checkpoints: the one module that talks to MLflow.
 
 `register` logs one MLflow run per pruned checkpoint (params: the checkpoint's `ghosted` block, the gate's
-thresholds and the evaluations' configuration; metrics: the evaluations' measurements and the gate's ratios, split
-by `is_configuration`; dataset inputs: the calibration set and every evaluation set with its sha256; the tag
-`mlflow.source.git.commit`; artifacts: the checkpoint as an
-MLflow pyfunc model (ghosted/serving.py), both metrics files and the reports), registers that model as a new
-version of `ghosted-<base model>`, tags the version with its lineage, the gate's verdict (ghosted/gate.py) and
-the champion decision, and moves the `champion` alias when the version passes and beats the champion.
+thresholds and the evaluations' configuration; metrics: the evaluations' measurements and the gate's ratios, the
+two told apart by `is_configuration`; dataset inputs: the calibration set and every evaluation set with its sha256;
+the tag `mlflow.source.git.commit`; artifacts: the checkpoint as an MLflow pyfunc model (ghosted/serving.py), both
+metrics files and the reports), registers that model as a new version of `ghosted-<base model>`, tags the
+version with its lineage, the gate's verdict (ghosted/gate.py) and the champion decision, and moves the `champion`
+alias when the version passes and beats the champion.
 
 - Idempotent: a checkpoint whose content sha256 is already a version of the model is not registered again;
   the result names that version and still carries the gate's verdict on the given metrics.
@@ -659,7 +659,8 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
     sha = checkpoint_sha256(checkpoint)
     git = git_info()
     tags = {**lineage(meta), **git}  # run tags
-    version_tags = {**lineage(meta), **{k: v for k, v in git.items() if k != GIT_COMMIT_TAG}, SHA_TAG: sha, "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
+    version_tags = {**lineage(meta), **{k: v for k, v in git.items() if k != GIT_COMMIT_TAG}, SHA_TAG: sha,
+                    "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
                     **({"rank_value": repr(verdict.rank_value)} if verdict.rank_value is not None else {}),
                     **({"retained_acc": repr(verdict.retained_acc)} if verdict.retained_acc is not None else {}),
                     **{f"ppl_ratio.{_key(s)}": repr(r) for s, r in verdict.ppl_ratio.items()},

@@ -142,7 +142,7 @@ def export_task_data(task: str, cache_dir: Path) -> Path:
 
 
 def items_sha256(data_file: Path, n: int) -> str:
-    """sha256 of the first n lines of a task's JSONL: the items lm-eval scored under `limit` (it takes them in order)."""
+    """sha256 of the first n lines of a task's JSONL: the items lm-eval scored (`limit` takes them in order)."""
     h = hashlib.sha256()
     with open(data_file, "rb") as f:
         for _, line in zip(range(n), f):
