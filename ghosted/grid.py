@@ -33,7 +33,7 @@ def _nolog(_msg: str) -> None:
 class CellResult:
     """One row of a grid: the dense model (k = 0, method "dense") or one pruned configuration.
 
-    ppl maps each source to evaluate.perplexity's record ({ppl, nll, windows, seq_len, tokens_scored});
+    ppl maps each source to evaluate.perplexity's record ({ppl, nll, windows, seq_len, tokens_scored, sha256});
     zeroshot is evaluate_zeroshot's record (None without tasks). A cell whose solve failed (e.g. replaceme on
     a cut at layer 0) carries `error` and no quality: a result of the grid, not a crash."""
 

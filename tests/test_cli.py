@@ -60,6 +60,8 @@ def test_score_solve_fuse_equal_prune(tiny_folder, text_file, tmp_path, run):
     assert run("fuse", tiny_folder, "--ops", tmp_path / "ops", "--out", tmp_path / "staged", "--quiet")[0] == 0
     assert run("prune", tiny_folder, "--calib", tmp_path / "cal", "--remove", 2, "--out", tmp_path / "direct",
                 "--quiet")[0] == 0
+    staged = json.loads((tmp_path / "staged" / "config.json").read_text())["ghosted"]  # what the registry logs
+    assert staged["calibration"] == {"source": str(text_file), "n": 6, "seq_len": 16, "seed": 0}
     ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(0))
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "staged", trust_remote_code=True).eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "direct", trust_remote_code=True).eval()

@@ -20,6 +20,16 @@ def test_eval_writes_results_json(tiny_folder, tmp_path, run):
     assert 1.0 < wiki["ppl"] < 10 * 128  # a random 128-token model: about the vocabulary size
     piqa = res["zeroshot"]["tasks"]["piqa"]
     assert piqa["n"] == 3 and 0.0 <= piqa["acc_norm"] <= 1.0
+    # The hashes of what was scored (the registry logs them as dataset inputs): the windows' token ids, the items
+    from transformers import AutoTokenizer
+
+    from ghosted.data import load_documents, make_windows, tokens_sha256
+    from ghosted.evaluate.zeroshot import default_cache_dir, items_sha256
+
+    ids = make_windows(AutoTokenizer.from_pretrained(tiny_folder), load_documents("wiki"), 32)[:2]
+    assert wiki["sha256"] == tokens_sha256(ids)
+    assert piqa["sha256"] == items_sha256(default_cache_dir() / piqa["data_file"], 3) != items_sha256(
+        default_cache_dir() / piqa["data_file"], 4)
     assert res["zeroshot"]["limit"] == 3 and res["seconds"] > 0
     assert res["command"].startswith("ghosted eval ") and "--tasks piqa" in res["command"]
     summary = json.loads(stdout.strip().splitlines()[-1])

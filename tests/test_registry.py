@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -262,6 +263,98 @@ def test_mlflow_models_serve_answers_invocations(ckpt, tmp_path, capsys):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+# --------------------------------------------------------------------------- what a run records
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_folder, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(checkpoint, pruned, dense): a pruned tiny model (its context fits PIQA) and the real `ghosted eval` of it
+    and of its base model."""
+    root = tmp_path_factory.mktemp("evaluated")
+    (root / "calib.txt").write_text(TEXT)
+    ckpt = root / "ckpt"
+    assert main(["prune", str(tiny_folder), "--remove", "2", "--calib-source", str(root / "calib.txt"), "--n-seqs",
+                 "6", "--seq-len", "16", "--quiet", "--out", str(ckpt)]) == 0
+    out = {}
+    for which, model in (("pruned", ckpt), ("dense", tiny_folder)):
+        out[which] = root / f"eval-{which}.json"
+        assert main(["eval", str(model), "--tasks", "piqa", "--limit", "3", "--ppl", "wiki", "--ppl-windows", "2",
+                     "--seq-len", "16", "--quiet", "--out", str(out[which])]) == 0
+    return ckpt, out["pruned"], out["dense"]
+
+
+def _head() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def test_run_has_measurements_as_metrics_configuration_as_params_and_its_datasets(evaluated, tmp_path, capsys):
+    from ghosted.evaluate.zeroshot import default_cache_dir
+    from ghosted.registry import CONFIG_KEYS, is_configuration
+
+    ckpt, pruned, dense = evaluated
+    uri = _uri(tmp_path)
+    code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
+                          "--tracking-uri", uri, "--name", "m-run")
+    assert code == 0, err
+    run = _client(uri).get_run(json.loads(out.strip().splitlines()[-1])["run_id"])
+    # The commit under MLflow's standard tag (the UI links it); no home-made commit tag.
+    if _head() is not None:
+        assert run.data.tags["mlflow.source.git.commit"] == _head() and run.data.tags["git_dirty"] in ("true", "false")
+    assert "git_commit" not in run.data.tags
+    # Metrics: the measurements, nothing else.
+    metrics = run.data.metrics
+    expected = {f"{w}/{m}" for w in ("dense", "pruned") for m in
+                ("ppl/wiki/ppl", "ppl/wiki/nll", "zeroshot/average/acc", "zeroshot/average/acc_norm", "seconds",
+                 *(f"zeroshot/tasks/piqa/{a}" for a in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")))}
+    expected |= {"gate/pass", "gate/ppl_ratio/wiki", "gate/retained_acc"}
+    assert set(metrics) == expected, sorted(set(metrics) ^ expected)
+    for key, value in metrics.items():
+        path = tuple(key.split("/")[1:])
+        assert path[-1] not in CONFIG_KEYS and "settings" not in path and not is_configuration(path, value), key
+    # Configuration: params, once where both evaluations agree, per side where they differ.
+    params = run.data.params
+    assert params["eval.ppl.wiki.windows"] == "2" and params["eval.ppl.wiki.seq_len"] == "16"
+    assert params["eval.settings.seq_len"] == "16" and params["eval.settings.tasks"] == '["piqa"]'
+    assert params["eval.zeroshot.tasks.piqa.n"] == "3" and params["eval.zeroshot.limit"] == "3"
+    assert params["eval.pruned.model"] != params["eval.dense.model"]
+    assert params["calibration.n"] == "6" and params["calibration.seq_len"] == "16"
+    # Dataset inputs: the calibration set and each evaluation set, with their sha256 and role.
+    meta = json.loads((ckpt / "config.json").read_text())["ghosted"]
+    doc = json.loads(pruned.read_text())
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    role = {n: {t.key: t.value for t in i.tags}["mlflow.data.context"] for n, i in inputs.items()}
+    calib = f"calibration:{meta['calibration']['source']}"
+    assert role == {calib: "calibration", "ppl:wiki": "evaluation", "zeroshot:piqa": "evaluation"}
+    cal = inputs[calib].dataset
+    assert cal.digest == meta["calibration_sha256"][:32] and cal.source_type == "local"
+    assert json.loads(cal.profile) == {"n": 6, "seq_len": 16, "seed": 0, "sha256": meta["calibration_sha256"]}
+    wiki = inputs["ppl:wiki"].dataset
+    assert wiki.digest == doc["ppl"]["wiki"]["sha256"][:32] and wiki.source_type == "ghosted"
+    assert json.loads(wiki.profile) == {"windows": 2, "seq_len": 16, "tokens_scored": 30,
+                                        "sha256": doc["ppl"]["wiki"]["sha256"]}
+    piqa, task = inputs["zeroshot:piqa"].dataset, doc["zeroshot"]["tasks"]["piqa"]
+    with open(default_cache_dir() / task["data_file"], "rb") as f:  # the items scored: the file's first 3 lines
+        first3 = hashlib.sha256(b"".join(next(f) for _ in range(3))).hexdigest()
+    assert task["sha256"] == first3 and piqa.digest == first3[:32]
+    assert json.loads(piqa.profile)["n"] == 3 and json.loads(piqa.profile)["data_file"] == task["data_file"]
+
+
+def test_shipped_pipeline_metrics_are_few_and_measurements(tmp_path):
+    """The committed shipped-model evaluations (reports/pipeline) give a short list of metrics, none a setting."""
+    from ghosted.registry import evaluation_params, split_evaluation
+
+    dense, pruned = (json.loads((ROOT / "reports" / "pipeline" / f"{w}.json").read_text()) for w in ("dense", "pruned"))
+    metrics = {**split_evaluation(dense, "dense")[0], **split_evaluation(pruned, "pruned")[0]}
+    sources, tasks = len(pruned["ppl"]), len(pruned["zeroshot"]["tasks"])
+    # per evaluation: ppl and nll per source, 4 per task, the average's acc and acc_norm, seconds
+    assert len(metrics) == 2 * (2 * sources + 4 * tasks + 2 + 1), sorted(metrics)
+    assert not any(k.rsplit("/", 1)[-1] in ("windows", "seq_len", "tokens_scored", "n", "limit", "batch_size")
+                   for k in metrics)
+    params = evaluation_params(dense, pruned)
+    assert params["eval.settings.limit"] == str(pruned["settings"]["limit"]) and "eval.ppl.wiki.windows" in params
 
 
 # --------------------------------------------------------------------------- idempotent registration

@@ -150,8 +150,8 @@ def test_gate_pass_registers_champion_with_lineage(built, uri, params, tmp_path,
     assert v.tags["removed_layers"] == ",".join(map(str, meta["removed_layers"]))
     assert v.tags["method"] == "ghost" and v.tags["calibration_sha256"] == meta["calibration_sha256"]
     assert v.tags["gate"] == "pass" and float(v.tags["rank_value"]) == pytest.approx(1.2)
-    assert len(v.tags.get("git_commit", "x" * 40)) == 40
     run = client.get_run(res["run_id"])
+    assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # MLflow's tag, inside a git checkout
     assert run.data.params["base_model"] == str(built["dense"]) and run.data.params["recovery"] == "ghost"
     assert run.data.metrics["gate/ppl_ratio/wiki"] == pytest.approx(1.2)
     assert run.data.metrics["pruned/ppl/wiki/ppl"] == pytest.approx(12.0)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import load_documents, make_windows
+from ..data import load_documents, make_windows, tokens_sha256
 from ..errors import GhostedError
 
 
@@ -48,4 +48,5 @@ def perplexity(model: torch.nn.Module, tokenizer, source: str, seq_len: int = 51
         ids = ids[:windows]
     nll = mean_nll(model, ids, batch_size, progress, desc=f"ppl {source}")
     return {"ppl": math.exp(nll), "nll": nll, "windows": int(ids.shape[0]), "seq_len": seq_len,
-            "tokens_scored": int(ids.shape[0] * (ids.shape[1] - 1))}
+            "tokens_scored": int(ids.shape[0] * (ids.shape[1] - 1)),
+            "sha256": tokens_sha256(ids)}  # the exact windows scored, as for calibration

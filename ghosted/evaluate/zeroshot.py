@@ -141,6 +141,15 @@ def export_task_data(task: str, cache_dir: Path) -> Path:
     return path
 
 
+def items_sha256(data_file: Path, n: int) -> str:
+    """sha256 of the first n lines of a task's JSONL: the items lm-eval scored (`limit` takes them in order)."""
+    h = hashlib.sha256()
+    with open(data_file, "rb") as f:
+        for _, line in zip(range(n), f):
+            h.update(line)
+    return h.hexdigest()
+
+
 def stock_yaml_override(task: str, data_file: Path, name: str | None = None) -> dict[str, Any]:
     """A task config for stock lm-eval: its own YAML for `task` through `include:`, only the data moved to `data_file`.
 
@@ -242,7 +251,7 @@ def evaluate_zeroshot(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     configs = task_configs(names, cache_dir)
-    data_files = {c["task"]: Path(c["dataset_kwargs"]["data_files"]["validation"]).name for c in configs}
+    data_files = {c["task"]: Path(c["dataset_kwargs"]["data_files"]["validation"]) for c in configs}
     lm = _make_lm(model, tokenizer, int(batch_size), progress)
     raw = lm_eval.simple_evaluate(
         model=lm,
@@ -262,16 +271,18 @@ def evaluate_zeroshot(
     per_task: dict[str, dict[str, Any]] = {}
     for name in names:
         res = raw["results"][name]
+        n = int(raw["n-samples"][name]["effective"])
         per_task[name] = {
             "acc": _metric(res, "acc"),
             "acc_stderr": _metric(res, "acc_stderr"),
             "acc_norm": _metric(res, "acc_norm"),
             "acc_norm_stderr": _metric(res, "acc_norm_stderr"),
-            "n": int(raw["n-samples"][name]["effective"]),
+            "n": n,
             "n_available": int(raw["n-samples"][name]["original"]),
             "version": raw["versions"][name],
             "split": "validation",
-            "data_file": data_files[name],  # content-addressed: the digest pins the exact items
+            "data_file": data_files[name].name,  # content-addressed: the digest pins the whole split
+            "sha256": items_sha256(data_files[name], n),  # the n items scored
         }
     accs = [t["acc"] for t in per_task.values()]
     norms = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in per_task.values()]
