@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ghosted.errors import GhostedError
 
-SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep")
+SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep", "search")
 RETRY_DELAYS = [10, 60]
 PROGRESS_EVERY_S = 15.0  # a progress bar becomes one log line this often (plus its final state)
 ERROR_PREFIX = "ghosted: error: "

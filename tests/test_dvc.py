@@ -2,88 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
 import pytest
 import yaml
 
-from .dvc_repo import ROOT, STAGES, dvc, make_repo, run, save_tiny, set_params
+from .dvc_repo import ROOT, dvc, make_repo, run
 
 pytest.importorskip("dvc")
 pytest.importorskip("mlflow")
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
-def _ran(out: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in out]
-
-
-def _versions(repo) -> list[tuple[str, str, bool]]:
-    listed = json.loads(run(repo, "ghosted", "registry", "list", "--json", "--config", "params.yaml").stdout)
-    return [(r["version"], r["gate"], r["champion"]) for r in listed]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return make_repo(tmp_path_factory.mktemp("dvc") / "repo")
-
-
-def test_repro_noop_compact_metrics_experiments_and_base_model_changes(repo):
-    out = dvc(repo, "repro")
-    assert _ran(out) == list(STAGES), out[-3000:]
-    assert "--quiet" not in (ROOT / "dvc.yaml").read_text()
-    assert "ppl text.txt" in out or "ppl base/text.txt" in out  # progress of the evaluation reaches the log
-    base = json.loads((repo / "data" / "base_model.json").read_text())
-    assert base["model"] == "base/tiny-llama" and base["fingerprint"].startswith("sha256:")
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == set(STAGES)
-    assert set(lock["stages"]["evaluate_pruned"]["params"]["params.yaml"]) == {"eval"}  # only its own section
-    assert _versions(repo) == [("1", "pass", True)]
-
-    assert "Data and pipelines are up to date." in dvc(repo, "repro")
-    assert dvc(repo, "status").strip().endswith("Data and pipelines are up to date.")
-    run(repo, "git", "add", "-A")  # dvc.lock and the small outputs: what an experiment starts from
-    run(repo, "git", "commit", "-q", "-m", "repro")
-
-    # `dvc metrics show`: one small file with the decisive numbers, nothing else.
-    metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
-    files = next(iter(metrics.values()))["data"]
-    assert list(files) == ["reports/pipeline/metrics.json"]
-    m = files["reports/pipeline/metrics.json"]["data"]
-    assert set(m) == {"gate_passed", "ppl"} and m["gate_passed"] is True
-    assert set(m["ppl"]["text"]) == {"pruned", "dense", "ratio"}
-    assert m["ppl"]["text"]["ratio"] == pytest.approx(m["ppl"]["text"]["pruned"] / m["ppl"]["text"]["dense"])
-    dvc(repo, "plots", "show", "-o", "plots_html")
-    assert (repo / "plots_html" / "index.html").is_file()
-
-    # The remote beside the repository takes the cached outputs.
-    assert "pushed" in dvc(repo, "push")
-    assert any((repo.parent / "ghosted-dvc-remote").rglob("*"))
-
-    # An experiment reruns only what prune.remove feeds, and registers nothing (registry.experiments: false).
-    out = dvc(repo, "exp", "run", "-S", "prune.remove=3")
-    assert _ran(out) == ["score", "solve", "fuse", "evaluate_pruned", "register"], out[-3000:]
-    assert _versions(repo) == [("1", "pass", True)]
-    shown = json.loads(dvc(repo, "exp", "show", "--json"))
-    ws = shown[0]["data"]
-    assert set(ws["metrics"]) == {"reports/pipeline/metrics.json"}
-
-    # registry.register: false on a plain repro: the register stage writes its reports, no version.
-    set_params(repo, registry={"register": False})
-    out = dvc(repo, "repro")
-    assert _ran(out) == ["register"]
-    assert _versions(repo) == [("1", "pass", True)]
-    assert "not registered: registry.register: false" in (repo / "reports" / "pipeline" / "summary.md").read_text()
-
-    # A changed base model: refreshing the fingerprint makes every stage that reads the model stale.
-    save_tiny(repo / "base" / "tiny-llama", seed=1)
-    assert "Data and pipelines are up to date." in dvc(repo, "status")  # DVC cannot see the model by itself
-    out = dvc(repo, "repro", "--force", "--single-item", "fingerprint")
-    assert json.loads((repo / "data" / "base_model.json").read_text())["fingerprint"] != base["fingerprint"]
-    assert set(json.loads(dvc(repo, "status", "--json"))) == {"calibrate", "score", "solve", "fuse",
-                                                               "evaluate_dense"}
+# The whole pipeline (a Prefect flow run of the stages, then `dvc repro`, metrics, push, an experiment, the
+# register switch and a changed base model) is one test in test_flows.py: one pipeline run serves both.
 
 
 def test_check_dvc_lock_tells_a_stale_lock_from_a_fresh_one(tmp_path):

@@ -80,9 +80,28 @@ def _versions(repo: Path) -> int:
     return len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name='ghosted-tiny-llama'"))
 
 
-def test_compress_runs_the_dvc_stages_then_nothing(tmp_path):
-    """One task per DVC stage; afterwards DVC is clean, `dvc repro` is a no-op and a rerun registers nothing."""
-    from .dvc_repo import STAGES, dvc
+def _ran(out: str) -> list[str]:
+    from .dvc_repo import STAGES
+
+    return [s for s in STAGES if f"Running stage '{s}'" in out]
+
+
+def _registry(repo: Path) -> list[tuple[str, str, bool]]:
+    from .dvc_repo import run
+
+    listed = json.loads(run(repo, "ghosted", "registry", "list", "--json", "--config", "params.yaml").stdout)
+    return [(r["version"], r["gate"], r["champion"]) for r in listed]
+
+
+def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
+    """The project's real dvc.yaml in a throwaway git repo, one pipeline run for all of it: the flow runs one task
+    per DVC stage; afterwards DVC is clean, `dvc repro` is a no-op and a flow rerun registers nothing; `dvc metrics
+    show` holds the decisive numbers only; the remote takes the cache; `dvc exp run -S prune.remove=3` reruns only
+    what prune.remove feeds (with progress in its log) and registers nothing; registry.register: false reruns
+    register alone without a version; a changed base model makes every stage that reads it stale."""
+    import yaml
+
+    from .dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
 
     repo = _flow_repo(tmp_path)
     state = compress_mod.compress(repo=str(repo), return_state=True)
@@ -93,18 +112,60 @@ def test_compress_runs_the_dvc_stages_then_nothing(tmp_path):
     assert not (repo / "out").exists()  # no second cache beside DVC's
     assert dvc(repo, "status").strip().endswith("Data and pipelines are up to date.")
     assert "Data and pipelines are up to date." in dvc(repo, "repro")
-    assert json.loads((repo / "reports" / "pipeline" / "metrics.json").read_text())["gate_passed"] is True
+    assert "--quiet" not in (ROOT / "dvc.yaml").read_text()
+    base = json.loads((repo / "data" / "base_model.json").read_text())
+    assert base["model"] == "base/tiny-llama" and base["fingerprint"].startswith("sha256:")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    assert set(lock["stages"]["evaluate_pruned"]["params"]["params.yaml"]) == {"eval"}  # only its own section
 
     state = compress_mod.compress(repo=str(repo), return_state=True)
     second = state.result()
     assert second["ran"] == [] and second["registered"] is None
     assert set(_task_states(state.state_details.flow_run_id)) == {"status"}  # one `dvc status`, no stage
     assert _versions(repo) == 1
-
     # recompress with the same base model: the fingerprint file is rewritten identically, nothing else runs.
     again = recompress_mod.recompress(repo=str(repo))
     assert again["ran"] == [] and not again["changed"] and again["fingerprint"] == first["fingerprint"]
-    assert _versions(repo) == 1
+    assert _registry(repo) == [("1", "pass", True)]
+
+    run(repo, "git", "add", "-A")  # dvc.lock and the small outputs: what an experiment starts from
+    run(repo, "git", "commit", "-q", "-m", "repro")
+    # `dvc metrics show`: one small file with the decisive numbers, nothing else.
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
+    files = next(iter(metrics.values()))["data"]
+    assert list(files) == ["reports/pipeline/metrics.json"]
+    m = files["reports/pipeline/metrics.json"]["data"]
+    assert set(m) == {"gate_passed", "ppl"} and m["gate_passed"] is True
+    assert set(m["ppl"]["text"]) == {"pruned", "dense", "ratio"}
+    assert m["ppl"]["text"]["ratio"] == pytest.approx(m["ppl"]["text"]["pruned"] / m["ppl"]["text"]["dense"])
+    dvc(repo, "plots", "show", "-o", "plots_html")
+    assert (repo / "plots_html" / "index.html").is_file()
+    # The remote beside the repository takes the cached outputs.
+    assert "pushed" in dvc(repo, "push")
+    assert any((repo.parent / "ghosted-dvc-remote").rglob("*"))
+
+    # An experiment reruns only what prune.remove feeds, and registers nothing (registry.experiments: false).
+    out = dvc(repo, "exp", "run", "-S", "prune.remove=3")
+    assert _ran(out) == ["score", "solve", "fuse", "evaluate_pruned", "register"], out[-3000:]
+    assert "ppl base/text.txt" in out or "ppl text.txt" in out  # progress of the evaluation reaches the log
+    assert _registry(repo) == [("1", "pass", True)]
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    assert set(shown[0]["data"]["metrics"]) == {"reports/pipeline/metrics.json"}
+
+    # registry.register: false on a plain repro: the register stage writes its reports, no version.
+    set_params(repo, registry={"register": False})
+    assert _ran(dvc(repo, "repro")) == ["register"]
+    assert _registry(repo) == [("1", "pass", True)]
+    assert "not registered: registry.register: false" in (repo / "reports" / "pipeline" / "summary.md").read_text()
+
+    # A changed base model: refreshing the fingerprint makes every stage that reads the model stale.
+    save_tiny(repo / "base" / "tiny-llama", seed=1)
+    assert "Data and pipelines are up to date." in dvc(repo, "status")  # DVC cannot see the model by itself
+    dvc(repo, "repro", "--force", "--single-item", "fingerprint")
+    assert json.loads((repo / "data" / "base_model.json").read_text())["fingerprint"] != base["fingerprint"]
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"calibrate", "score", "solve", "fuse",
+                                                               "evaluate_dense"}
 
 
 def test_a_bad_param_ends_the_flow_with_one_line_and_no_retry(tmp_path, capsys):
