@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import GhostedError
-from .evaluate.perplexity import mean_nll
+from .evaluate.perplexity import mean_nll, next_token_logits
 from .linalg import F64, Operator
 from .surgery import Pair, ghost_site, temporarily_pruned
 
@@ -76,11 +76,12 @@ def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_
     for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="teacher logits", disable=not progress,
                       unit="batch"):
         ids = input_ids[start:start + batch_size].to(device)
-        logp = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-        v, i = logp.topk(k, dim=-1)
-        vals.append(v.cpu())
-        idx.append(i.cpu())
-    return torch.cat(vals), torch.cat(idx)
+        for logits, _ in next_token_logits(model, ids):  # one chunk of tokens' logits at a time
+            v, i = logits.log_softmax(-1).topk(k, dim=-1)
+            vals.append(v.cpu())
+            idx.append(i.cpu())
+    T1 = input_ids.shape[1] - 1
+    return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
 
 
 def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:

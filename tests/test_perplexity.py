@@ -116,3 +116,17 @@ def test_chunk_rows_bounds_the_logits():
     assert chunk_rows(49152) * 49152 * 4 <= perplexity.LOGIT_CHUNK_BYTES
     assert chunk_rows(128) == perplexity.MAX_CHUNK_ROWS
     assert chunk_rows(262144) == perplexity.MIN_CHUNK_ROWS
+
+
+def test_teacher_topk_in_chunks_equals_full_logits(small_chunks):
+    """Distillation's cached teacher top-k comes from the same chunks: the values of the full log-softmax."""
+    from ghosted.distill import teacher_topk
+
+    model, _ = make_tiny("gemma2")
+    ids = _ids(model.config.vocab_size)
+    v, i = teacher_topk(model, ids, k=5, batch_size=2)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1).topk(5, dim=-1)
+    assert v.shape == i.shape == (5, 22, 5)
+    assert torch.equal(i, full.indices)
+    torch.testing.assert_close(v, full.values, rtol=1e-5, atol=1e-5)
