@@ -130,3 +130,29 @@ def test_teacher_topk_in_chunks_equals_full_logits(small_chunks):
     assert v.shape == i.shape == (5, 22, 5)
     assert torch.equal(i, full.indices)
     torch.testing.assert_close(v, full.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_distill_kl_gradient_in_chunks_equals_full_logits(family, small_chunks):
+    """The distillation step's loss and ghost gradients, head in chunks == one backward through full logits."""
+    from ghosted.distill import kl_backward, teacher_topk, topk_kl
+
+    model, _ = make_tiny(family, num_layers=5)
+    ids = _ids(model.config.vocab_size, n=2)
+    v, i = teacher_topk(model, ids, k=6)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with temporarily_pruned(model, [1, 2], _ghost_ops()) as m:
+        params = list(m.ghosts.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        loss = kl_backward(m, ids, v, i)
+        chunked = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        full = topk_kl(m(input_ids=ids, use_cache=False).logits[:, :-1], v, i)
+        full.backward()
+        assert loss == pytest.approx(float(full.detach()), rel=1e-5, abs=1e-6)
+        assert loss > 0.01
+        for a, p in zip(chunked, params, strict=True):
+            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
