@@ -109,7 +109,8 @@ def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor,
     t_logp, t_idx = t_logp.reshape(-1, k), t_idx.reshape(-1, k)
     n, rows, total = h.shape[0], chunk_rows(head.weight.shape[0]), 0.0
     for r in range(0, n, rows):
-        part = topk_kl(post(model.config, head(h[r:r + rows])), t_logp[r:r + rows], t_idx[r:r + rows])
+        logits = post(model.config, head(h[r:r + rows]))
+        part = topk_kl(logits, t_logp[r:r + rows].to(logits.device), t_idx[r:r + rows].to(logits.device))
         part = part * (min(rows, n - r) / n)  # chunk means -> the mean over all n tokens
         part.backward()
         total += float(part.detach())

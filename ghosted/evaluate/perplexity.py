@@ -101,7 +101,8 @@ def nll_sum(model: torch.nn.Module, ids: torch.Tensor, split: tuple | None = Non
     """Sum of next-token negative log-likelihoods of windows `ids` [B, T] (float64), one logits chunk at a time."""
     total = 0.0
     for logits, targets in next_token_logits(model, ids, split):
-        nll = F.cross_entropy(logits, targets, reduction="none").double().sum()
+        # the head may sit on another device than the embeddings (a model split over GPUs)
+        nll = F.cross_entropy(logits, targets.to(logits.device), reduction="none").double().sum()
         del logits  # the chunk's logits go before the next chunk's are made
         if not torch.isfinite(nll):
             raise GhostedError("the model produced non-finite logits (fp16 overflow?): evaluate in float32 or bfloat16")
