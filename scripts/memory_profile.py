@@ -1,6 +1,7 @@
 """Where the resident memory of `ghosted prune` goes, stage by stage, per calibration size.
 
-    PYTHONPATH=. python scripts/memory_profile.py smollm2-135m --n-seqs 32,128 --seq-len 128 --remove 7 --out reports/memory_profile.md
+    PYTHONPATH=. python scripts/memory_profile.py smollm2-135m --n-seqs 32,128 --seq-len 128 --remove 7 \
+        --out reports/memory_profile.md
 
 Each calibration size runs in a fresh process (`--one`). A sampler thread reads the resident set
 (/proc/self/status VmRSS) and glibc's heap counters (mallinfo2: bytes malloc'd and live, bytes free in the
