@@ -101,9 +101,12 @@ def write_manifest(folder: Path) -> dict:
     return doc
 
 
-def _check_finite(model: torch.nn.Module) -> None:
+def _check_finite(model: torch.nn.Module, chunk: int = 1 << 20) -> None:
+    # chunk by chunk: torch.isfinite of a whole tensor makes an |x| copy and a mask of it (the embedding of
+    # SmolLM2: 113 + 28 MiB, the save's peak before)
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        flat = t.reshape(-1) if t.is_floating_point() else t.new_empty(0)
+        if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
             raise GhostedError(f"not saving: tensor {name} has non-finite values (nan/inf); the fit or the model "
                                "is broken, try a larger --ridge or float32")
 

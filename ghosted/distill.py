@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import GhostedError
-from .evaluate.perplexity import mean_nll
+from .evaluate.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
 from .linalg import F64, Operator
 from .surgery import Pair, ghost_site, temporarily_pruned
 
@@ -76,11 +76,12 @@ def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_
     for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="teacher logits", disable=not progress,
                       unit="batch"):
         ids = input_ids[start:start + batch_size].to(device)
-        logp = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-        v, i = logp.topk(k, dim=-1)
-        vals.append(v.cpu())
-        idx.append(i.cpu())
-    return torch.cat(vals), torch.cat(idx)
+        for logits, _ in next_token_logits(model, ids):  # one chunk of tokens' logits at a time
+            v, i = logits.log_softmax(-1).topk(k, dim=-1)
+            vals.append(v.cpu())
+            idx.append(i.cpu())
+    T1 = input_ids.shape[1] - 1
+    return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
 
 
 def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,34 @@ def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> 
     logq = logits.float().log_softmax(-1).gather(-1, t_idx)
     p = t_logp.exp()
     return (p * (t_logp - logq)).sum(-1).mean()
+
+
+def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> float:
+    """topk_kl of one batch, its gradient accumulated into the trainable parameters; the LM head runs on one
+    chunk of tokens at a time (ghosted.evaluate.perplexity), so no [B, T, V] logits or their gradient are
+    held. Nothing is accumulated when the loss is not finite (the value says so)."""
+    split = split_head(model)
+    if split is None:  # plain forward: full logits
+        loss = topk_kl(model(input_ids=ids, use_cache=False).logits[:, :-1], t_logp, t_idx)
+        if torch.isfinite(loss):
+            loss.backward()
+        return float(loss.detach())
+    decoder, head, post = split
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
+    # the head's part chunk by chunk into h.grad, then one backward through the decoder
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
+    k = t_idx.shape[-1]
+    t_logp, t_idx = t_logp.reshape(-1, k), t_idx.reshape(-1, k)
+    n, rows, total = h.shape[0], chunk_rows(head.weight.shape[0]), 0.0
+    for r in range(0, n, rows):
+        logits = post(model.config, head(h[r:r + rows]))
+        part = topk_kl(logits, t_logp[r:r + rows].to(logits.device), t_idx[r:r + rows].to(logits.device))
+        part = part * (min(rows, n - r) / n)  # chunk means -> the mean over all n tokens
+        part.backward()
+        total += float(part.detach())
+    if math.isfinite(total):
+        hidden.backward(h.grad.view_as(hidden))
+    return total
 
 
 def _ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -151,16 +180,14 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
             for step in range(1, cfg.steps + 1):
                 rows = torch.randint(0, len(fit_rows), (cfg.batch_size,), generator=gen)
                 ids = input_ids[[fit_rows[int(r)] for r in rows]].to(device)
-                logits = m(input_ids=ids, use_cache=False).logits[:, :-1]
-                loss = topk_kl(logits, t_logp[rows].to(device), t_idx[rows].to(device))
-                if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                loss = kl_backward(m, ids, t_logp[rows].to(device), t_idx[rows].to(device))
+                if not math.isfinite(loss):
                     log(f"distill: non-finite loss at step {step}; stopping")
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 opt.step()
                 sched.step()
-                running, seen = running + float(loss.detach()), seen + 1
+                running, seen = running + loss, seen + 1
                 bar.update(1)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     nll = mean_nll(m, held_ids, cfg.batch_size)
@@ -185,4 +212,4 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
     return DistillResult(out, kept, before, best, step, time.perf_counter() - t0, curve)
 
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "teacher_topk", "topk_kl"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "kl_backward", "teacher_topk", "topk_kl"]

@@ -1,6 +1,7 @@
 """Where the resident memory of `ghosted prune` goes, stage by stage, per calibration size.
 
-    PYTHONPATH=. python scripts/memory_profile.py smollm2-135m --n-seqs 8,32 --seq-len 128 --out reports/memory_profile.md
+    PYTHONPATH=. python scripts/memory_profile.py smollm2-135m --n-seqs 32,128 --seq-len 128 --remove 7 \
+        --out reports/memory_profile.md
 
 Each calibration size runs in a fresh process (`--one`). A sampler thread reads the resident set
 (/proc/self/status VmRSS) and glibc's heap counters (mallinfo2: bytes malloc'd and live, bytes free in the
@@ -8,9 +9,9 @@ arenas) every 2 ms and books them to the innermost stage running (capture, selec
 evaluation, checkpoint save). torch's CPU tensors are malloc'd, so `live` counts them; weights loaded from
 safetensors are file pages (RSS, not malloc). The breakdown of the peak is measured, not estimated:
 runtime = RSS before loading, weights = parameter bytes, sums = the distinct float64 tensors the
-capture returned, allocator free = mallinfo2's free bytes at the peak, one batch = the rest of the
-live heap growth over the start of prune; `other` is what is left (file pages beyond the parameters,
-thread stacks).
+capture returned, allocator free = mallinfo2's free bytes at the peak; one batch is the peak stage's
+per-batch formula (stated in the report), `other live` the rest of the live heap growth over the start of
+prune; `rest` is what is left (file pages beyond the parameters, thread stacks).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     for p in loaded.model.parameters():  # page every weight in, as the dense forward of `bench` does
         p.data.sum()
     L, d = int(loaded.model.config.num_hidden_layers), int(loaded.model.config.hidden_size)  # before pruning
+    V = int(loaded.model.get_output_embeddings().weight.shape[0])
     s.start()
     start_rss, (start_live, _) = rss(), heap()
     cfg = prune.PruneConfig(remove=remove, guard=guard, batch_size=batch_size)
@@ -153,8 +155,20 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
             "capture_passes": sol.meta["capture_passes"], "runtime": runtime, "params": params,
             "start_rss": start_rss, "start_live": start_live, "peak_stage": stage, "peak": peak,
             "peak_live": live, "peak_free": free, "sums": sum(seen.values()),
-            "one_batch_states": (L + 1) * batch_size * seq_len * d * 4,
+            "one_batch_states": (L + 1) * batch_size * seq_len * d * 4, "vocab": V,
+            "chunk_rows": perplexity.chunk_rows(V),
+            "logit_chunk": 2 * min(perplexity.chunk_rows(V), batch_size * (seq_len - 1)) * V * 4,
+            "split_head": perplexity.split_head(loaded.model) is not None,
             "stages": {k: list(v) for k, v in s.peaks.items()}, "torch_threads": torch.get_num_threads()}
+
+
+def _batch_term(r: dict) -> int:
+    """The per-batch bytes the peak stage holds by its formula (to_markdown states them)."""
+    if r["peak_stage"] == "capture":
+        return r["one_batch_states"]
+    if r["peak_stage"] == "held-out evaluation":
+        return r["batch_size"] * r["seq_len"] * r["hidden"] * 4 + r["logit_chunk"]
+    return 0
 
 
 def to_markdown(runs: list[dict], command: str, note: str) -> str:
@@ -175,15 +189,29 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
     row("runtime before loading (interpreter, torch, transformers)", [r["runtime"] for r in runs])
     row("weights (parameter bytes)", [r["params"] for r in runs])
     row("float64 sums kept by the capture (grams, crosses, score tables)", [r["sums"] for r in runs])
-    row("one batch of hidden states, L+1 states of B x T x d float32", [r["one_batch_states"] for r in runs])
+    row("one batch by the peak stage's formula (below): capture (L+1) B T d b, held-out B T d b + 2 R V 4",
+        [_batch_term(r) for r in runs])
     row("other live heap growth at the peak (layer activations, operators)",
-        [r["peak_live"] - r["start_live"] - r["sums"] - r["one_batch_states"] for r in runs])
+        [r["peak_live"] - r["start_live"] - r["sums"] - _batch_term(r) for r in runs])
     row("allocator free lists at the peak (glibc arenas)", [r["peak_free"] for r in runs])
     row("rest (file pages beyond the weights, heap before prune, stacks)",
         [r["peak"] - r["runtime"] - r["params"] - (r["peak_live"] - r["start_live"]) - r["peak_free"] for r in runs])
     out += ["", "Peak / parameter bytes, net of the runtime (the `ghosted bench` measure): " +
             ", ".join(f"{r['n_seqs']} windows {(r['peak'] - r['runtime']) / r['params']:.2f}" for r in runs) +
             f"; peak stage: " + ", ".join(f"{r['n_seqs']}: {r['peak_stage']}" for r in runs) + ".", "",
+            "Where the peak of each stage comes from (bytes; W = parameter bytes, b = 4 for float32, B = batch "
+            f"= {r0['batch_size']}, T = {r0['seq_len']}, L = {r0['layers']}, d = {r0['hidden']}, V = {r0['vocab']}, "
+            f"R = {r0['chunk_rows']} tokens per LM-head chunk (`perplexity.chunk_rows`: 32 MiB of float32 logits, "
+            "64..1024 tokens), G token groups, S start boundaries and C cuts whose sums are kept):", "",
+            "    capture              W + (L+1) B T d b + 8 d^2 G (S + C) + 16 (L+1)^2 + one layer's activations",
+            "    held-out evaluation  W + B T d b + 2 R V 4 + one layer's activations + the sums",
+            "    checkpoint save      W + 1M elements of the finiteness check (safetensors writes from the tensors)",
+            "",
+            "The loss never holds a batch's logits (B T V 4 bytes, " +
+            ", ".join(f"{r['batch_size'] * r['seq_len'] * r['vocab'] * 4 / MiB:.0f} MiB" for r in runs[:1]) +
+            " here); " + ("the LM head runs on R tokens at a time." if r0.get("split_head") else
+                          "THIS MODEL'S HEAD IS NOT IN perplexity.HEAD_POST: the plain forward with full logits ran."),
+            "",
             "## Peak RSS per stage (MiB: rss / live / free at that stage's peak)", "",
             "| stage | " + " | ".join(f"{r['n_seqs']} windows" for r in runs) + " |",
             "|---|" + "---|" * len(runs)]

@@ -141,3 +141,17 @@ def test_bench_layerwise_with_offload(tmp_path, run):
     assert lw["layerwise"] and lw["runs"][0]["layerwise"] and lw["runs"][0]["offload_budget"] == 0
     assert lw["runs"][0]["removed"] == reports["memory"]["runs"][0]["removed"]
     assert "--layerwise" in (tmp_path / "layerwise.md").read_text()
+
+
+def test_save_finiteness_check_reads_every_chunk():
+    """The checkpoint's finiteness check, chunk by chunk, still finds one inf in a tensor's last chunk."""
+    from ghosted.checkpoint import _check_finite
+    from ghosted.errors import GhostedError
+
+    model, _ = make_tiny("llama")
+    _check_finite(model, chunk=7)
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embed.view(-1)[-1] = float("inf")
+    with pytest.raises(GhostedError, match="embed_tokens"):
+        _check_finite(model, chunk=7)
