@@ -287,8 +287,6 @@ def _searched_solution(args: argparse.Namespace, loaded, calib, settings):
     from ..search import run_search, write_report_files
 
     prune, search, evaluation, gate = settings
-    if not evaluation.ppl and not evaluation.tasks:
-        raise GhostedError("search.enabled needs an evaluation for the gate: the eval: section has no ppl and no tasks")
     _log(args, "search.enabled: searching for the most layers that pass the gate (prune.remove is not used)")
     outcome = run_search(loaded, calib, prune, search, evaluation, gate, progress=not args.quiet,
                          log=lambda m: _log(args, m))

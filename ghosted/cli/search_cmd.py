@@ -23,7 +23,10 @@ def search_settings(args: argparse.Namespace):
     template = {k: v for k, v in params.raw.get("prune", {}).items() if k not in ("remove", "layers")}
     prune = build(PruneConfig, {**template, "remove": 1}, "prune")  # each plan sets its own layers
     search = merged(params.search, {f: getattr(args, f, None) for f in SEARCH_FLAGS}, "search")
-    return prune, search, eval_settings(args), params.gate
+    evaluation = eval_settings(args)
+    if not evaluation.ppl and not evaluation.tasks:
+        raise GhostedError("search needs an evaluation for the gate: the eval: section has no ppl and no tasks")
+    return prune, search, evaluation, params.gate
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -33,8 +36,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     prune, search, evaluation, gate = search_settings(args)
     _check_out(args.out, args.force)
     _refuse_ghost_model(args.model)
-    if not evaluation.ppl and not evaluation.tasks:
-        raise GhostedError("search needs an evaluation for the gate: the eval: section has no ppl and no tasks")
     loaded = _load(args)
     calib = _calibration(args, loaded)
     _log(args, f"calibration: {calib.n} x {calib.seq_len} tokens from {calib.source} (sha256 {calib.sha256[:12]})")
