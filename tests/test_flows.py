@@ -152,6 +152,8 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     assert _registry(repo) == [("1", "pass", True)]
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     assert set(shown[0]["data"]["metrics"]) == {"reports/pipeline/metrics.json"}
+    # the code is one dependency (one column), not a column per module
+    assert [d for d in shown[0]["data"]["deps"] if d.startswith("ghosted")] == ["ghosted"]
 
     # registry.register: false on a plain repro: the register stage writes its reports, no version.
     set_params(repo, registry={"register": False})
