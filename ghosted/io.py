@@ -9,6 +9,8 @@ marker existed) is ever replaced, and only with `force`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -17,7 +19,9 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +35,29 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None off glibc (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory(collect: bool = True) -> None:
+    """Free unreachable objects (`collect`: a full gc, ~0.3 s with transformers imported) and hand the C heap's
+    free pages back to the system.
+
+    glibc keeps freed memory in its arenas (resident) until the top of the heap is free; a load or a pass leaves
+    its temporaries there, in the resident high-water mark of everything after it. Off glibc only the gc runs."""
+    if collect:
+        gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
 
 MARKER = ".ghosted-output"
 # Outputs of versions that wrote no marker, by the files they always hold (checkpoint, calibration, solution, model

@@ -18,6 +18,7 @@ import torch
 
 from .errors import GhostedError
 from .io import file_sha256  # noqa: F401  (re-exported: models.file_sha256)
+from .io import release_memory
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {
@@ -226,6 +227,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     model.eval()
     if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
+    # the tokenizer's and the loader's temporaries (tens of MiB) would stay resident in glibc's free lists
+    release_memory()
     return Loaded(model, tok, ref)
 
 

@@ -8,8 +8,9 @@ Each calibration size runs in a fresh process (`--one`). A sampler thread reads 
 arenas) every 2 ms and books them to the innermost stage running (capture, selection, fit, guard, held-out
 evaluation, checkpoint save). torch's CPU tensors are malloc'd, so `live` counts them; weights loaded from
 safetensors are file pages (RSS, not malloc). The breakdown of the peak is measured, not estimated:
-runtime = RSS before loading, weights = parameter bytes, sums = the distinct float64 tensors the
-capture returned, allocator free = mallinfo2's free bytes at the peak; one batch is the peak stage's
+runtime = RSS before loading (`bench.runtime_baseline`, as `ghosted bench` takes it: before and after importing
+the architecture's transformers modeling code, both reported), weights = parameter bytes, sums = the distinct
+float64 tensors the capture returned, allocator free = mallinfo2's free bytes at the peak; one batch is the peak stage's
 per-batch formula (stated in the report), `other live` the rest of the live heap growth over the start of
 prune; `rest` is what is left (file pages beyond the parameters, thread stacks).
 """
@@ -99,7 +100,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     from ghosted import bench, checkpoint, prune
     from ghosted.evaluate import perplexity
 
-    runtime = rss()
+    base = bench.runtime_baseline(model)
     s = Sampler()
     captured = []
     s.wrap(prune, "capture", "capture")
@@ -152,7 +153,8 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     stage, (peak, live, free) = max(s.peaks.items(), key=lambda kv: kv[1][0])
     return {"model": model, "n_seqs": n, "seq_len": seq_len, "batch_size": batch_size, "remove": remove,
             "guard": guard, "layers": L, "hidden": d, "removed": sol.removed,
-            "capture_passes": sol.meta["capture_passes"], "runtime": runtime, "params": params,
+            "capture_passes": sol.meta["capture_passes"], "runtime": base["runtime_bytes"],
+            "preload": base["preload_bytes"], "model_code": base["model_code"], "params": params,
             "start_rss": start_rss, "start_live": start_live, "peak_stage": stage, "peak": peak,
             "peak_live": live, "peak_free": free, "sums": sum(seen.values()),
             "one_batch_states": (L + 1) * batch_size * seq_len * d * 4, "vocab": V,
@@ -186,7 +188,9 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
         out.append(f"| {label} | " + " | ".join(f"{v / MiB:.0f}" for v in vals) + " |")
 
     row("peak RSS of prune + fit + save", [r["peak"] for r in runs])
-    row("runtime before loading (interpreter, torch, transformers)", [r["runtime"] for r in runs])
+    row("runtime before loading (interpreter, torch, ghosted, transformers' core)", [r["preload"] for r in runs])
+    row(f"the architecture's modeling code imported ({r0['model_code'] or 'none without loading'})",
+        [r["runtime"] - r["preload"] for r in runs])
     row("weights (parameter bytes)", [r["params"] for r in runs])
     row("float64 sums kept by the capture (grams, crosses, score tables)", [r["sums"] for r in runs])
     row("one batch by the peak stage's formula (below): capture (L+1) B T d b, held-out B T d b + 2 R V 4",
@@ -196,8 +200,12 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
     row("allocator free lists at the peak (glibc arenas)", [r["peak_free"] for r in runs])
     row("rest (file pages beyond the weights, heap before prune, stacks)",
         [r["peak"] - r["runtime"] - r["params"] - (r["peak_live"] - r["start_live"]) - r["peak_free"] for r in runs])
-    out += ["", "Peak / parameter bytes, net of the runtime (the `ghosted bench` measure): " +
+    out += ["", "Peak / parameter bytes, net of the runtime with the modeling code imported (the `ghosted bench` "
+            "measure, `peak_over_model`): " +
             ", ".join(f"{r['n_seqs']} windows {(r['peak'] - r['runtime']) / r['params']:.2f}" for r in runs) +
+            "; net of the RSS before the modeling code was imported (the earlier definition, "
+            "`peak_over_model_preload`): " +
+            ", ".join(f"{r['n_seqs']} windows {(r['peak'] - r['preload']) / r['params']:.2f}" for r in runs) +
             f"; peak stage: " + ", ".join(f"{r['n_seqs']}: {r['peak_stage']}" for r in runs) + ".", "",
             "Where the peak of each stage comes from (bytes; W = parameter bytes, b = 4 for float32, B = batch "
             f"= {r0['batch_size']}, T = {r0['seq_len']}, L = {r0['layers']}, d = {r0['hidden']}, V = {r0['vocab']}, "
