@@ -577,7 +577,7 @@ class _Parking:
 
 
 def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: int, cos_sum: torch.Tensor,
-                       ang_sum: torch.Tensor, chunk: int = 512) -> int:
+                       ang_sum: torch.Tensor, chunk: int = 128) -> int:
     """Add per-token cosines over the HIDDEN axis for every boundary pair (i, j)."""
     # rows of the kept tokens, gathered one chunk at a time: a boolean index of every state at once would
     # copy all L+1 states of the batch (as much again as the states themselves)
@@ -587,7 +587,7 @@ def _accumulate_scores(states: dict[int, torch.Tensor], mask: torch.Tensor, L: i
     for c in range(0, n, chunk):  # unit vectors of one chunk of tokens at a time: O(L * chunk * d) memory
         rows = idx[c:c + chunk]
         u = torch.stack([f[rows].float() for f in flat])  # [L+1, n_c, d]
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        u.div_(u.norm(dim=-1, keepdim=True).clamp_min_(1e-12))  # in place: one [L+1, chunk, d] buffer
         cos = torch.einsum("and,bnd->nab", u, u).clamp(-1.0, 1.0).to(F64)  # [n_c, L+1, L+1]
         cos_sum += cos.sum(0)
         ang_sum += (torch.arccos(cos) / torch.pi).sum(0)
