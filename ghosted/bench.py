@@ -1,9 +1,9 @@
 """`ghosted bench`: how close prune+fit sits to its physical limit (a benchmark, not a test).
 
 Reports, as ratios against their targets:
-- prune+fit wall time / one dense forward over the same calibration set (target <= 1.3);
-- peak memory / model size, per calibration size (target <= 1.2 + O(d^2) sums, flat in N);
-- pruned+ghost prefill and decode throughput / the ideal L / (L - k) speed-up (target >= 0.98).
+- prune+fit wall time / one dense forward over the same calibration set (TARGETS below: <= 1.1 on a quiet machine);
+- peak memory / model size, per calibration size (<= 1.5, and the largest size within 10% of the smallest);
+- pruned+ghost prefill and decode throughput / the ideal L / (L - k) speed-up (>= 0.98).
 Each calibration size runs in its own process so peak memory is that run's alone. Peak memory is
 the device's allocator peak on a GPU; on the CPU the process's resident high-water mark, reset after
 loading and after the timed dense forward (/proc/self/clear_refs), net of the runtime's own memory
@@ -40,6 +40,10 @@ from .models import Loaded, ModelRef, load_model
 from .prune import PruneConfig, solve
 from .surgery import temporarily_pruned
 
+
+# The benchmark's targets (issue 17): prune+fit / one dense forward on a quiet machine, peak / parameter bytes,
+# pruned+ghost throughput / the ideal speed-up.
+TARGETS = {"fit_over_forward": 1.1, "peak_over_model": 1.5, "throughput_over_ideal": 0.98}
 
 # Real configurations for random-weight runs (bench only).
 PRESETS: dict[str, dict] = {
@@ -258,10 +262,11 @@ def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: 
     return {"model": model_name, "device": name, "dtype": dtype, "torch_threads": torch.get_num_threads(),
             "layerwise": layerwise, "offload_budget": offload_budget,
             "runs": runs, "speed": speed,
-            "targets": {"fit_over_forward": 1.3, "peak_over_model": 1.2, "throughput_over_ideal": 0.98}}
+            "targets": dict(TARGETS)}
 
 
 def to_markdown(r: dict) -> str:
+    t = {**TARGETS, **r.get("targets", {})}
     lw = "" if not r.get("layerwise") else f", --layerwise, offload budget {r.get('offload_budget')} bytes"
     lines = [f"# ghosted bench: {r['model']} on {r['device']} ({r['dtype']}{lw})", "",
              "Peak memory: " + ("the GPU allocator's peak" if "CPU" not in r["device"] else
@@ -269,7 +274,8 @@ def to_markdown(r: dict) -> str:
                                 f"{r['runs'][0].get('runtime_includes', 'the libraries')} imported, before any "
                                 "weight or tokenizer is read); `net of pre-load RSS`: the same peak net of the RSS "
                                 "before the modeling code was imported") + "; model size = parameter bytes.", "",
-             "| calibration | dense forward s | prune+fit s | ratio (target <= 1.3) | peak / model size (target <= 1.2) "
+             f"| calibration | dense forward s | prune+fit s | ratio (target <= {t['fit_over_forward']}) "
+             f"| peak / model size (target <= {t['peak_over_model']}) "
              "| net of pre-load RSS |",
              "|---|---|---|---|---|---|"]
     for x in r["runs"]:
@@ -278,7 +284,7 @@ def to_markdown(r: dict) -> str:
                      f"{x['fit_over_forward']:.2f} | {x['peak_over_model']:.2f} | "
                      f"{'-' if pre is None else f'{pre:.2f}'} |")
     s = r["speed"]
-    lines += ["", f"Throughput, pruned + ghost vs dense (ideal speed-up L/(L-k) = {s['ideal_speedup']:.3f}, target >= 0.98 of it):", "",
+    lines += ["", f"Throughput, pruned + ghost vs dense (ideal speed-up L/(L-k) = {s['ideal_speedup']:.3f}, target >= {t['throughput_over_ideal']} of it):", "",
               "| | dense tok/s | pruned+ghost tok/s | pruned, no ghost tok/s | speed-up | / ideal | ghost overhead |",
               "|---|---|---|---|---|---|---|"]
     for key, label in (("prefill_tok_s", f"prefill ({s['prompt']} tokens, batch 1)"), ("decode_tok_s", f"decode ({s['new_tokens']} tokens, batch 1)")):
