@@ -64,20 +64,26 @@ def random_spec(name: str) -> str:
     return spec
 
 
+def random_config(spec: str):
+    """The transformers config of a preset name or a config.json path (see random_spec)."""
+    from transformers import AutoConfig
+
+    if spec in PRESETS:
+        cfg = dict(PRESETS[spec])
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoConfig.from_pretrained(spec)
+
+
 def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
     """A real model (any name `ghosted prune` takes) or `random:PRESET|config.json` with random weights."""
     if not name.startswith("random:"):
         return load_model(name, dtype=dtype, device=device)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .models import parse_dtype
 
     spec = random_spec(name)
-    if spec in PRESETS:
-        cfg = dict(PRESETS[spec])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    else:
-        config = AutoConfig.from_pretrained(spec)
+    config = random_config(spec)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
@@ -102,12 +108,7 @@ def import_model_code(name: str) -> str | None:
     from .models import SHIPPED, cache_dir, resolve
 
     if name.startswith("random:"):
-        spec = random_spec(name)
-        if spec in PRESETS:
-            cfg = dict(PRESETS[spec])
-            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        else:
-            config = AutoConfig.from_pretrained(spec)
+        config = random_config(random_spec(name))
     else:
         if name in SHIPPED and not (cache_dir() / "models" / name / "config.json").is_file():
             return None  # resolve() would convert the GGUF first
