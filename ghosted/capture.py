@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import arch
 from .errors import GhostedError
 from .io import file_sha256  # noqa: F401  (re-exported: capture.file_sha256)
+from .io import release_memory
 from .linalg import F64, GramStore, PairSums, orthonormal_mixer
 from .policies import TokenPolicy, get_policy
 
@@ -367,6 +368,11 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
             if missing:
                 raise GhostedError(f"capture did not see hidden states {sorted(missing)}: unsupported layer layout")
             sums.add(states, mlp_out, ids, am, start)
+            states.clear()
+            mlp_out.clear()
+            # the batch's states are freed; hand glibc's free pages back, or the holes they leave between
+            # longer-lived blocks add up over the batches (the peak grew with the calibration size without it)
+            release_memory(collect=False)
             bar.update(ids.shape[0])
         bar.close()
     finally:
@@ -500,6 +506,7 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
                 handle.remove()
             if device != home:
                 layer.to(home)
+        release_memory(collect=False)  # the layer's freed activations (as after every batch of the other path)
         bar.update(1)
     bar.close()
     for b, (start, ids, am, _) in enumerate(batches):
@@ -511,6 +518,7 @@ def _capture_layerwise(model, input_ids, attention_mask, plan, sums, needed, bat
         waiting[b].clear()
         mlp_wait[b].clear()
         del states, mlp
+        release_memory(collect=False)
 
 
 # States the layer-major pass keeps in memory before it spills the rest to files (ghosted prune --offload-budget).

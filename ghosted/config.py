@@ -436,7 +436,7 @@ class SearchConfig:
 
     min_remove: int | None = None  # smallest k searched (default: a fifth of the layers)
     max_remove: int | None = None  # largest k searched (default: half of the layers)
-    shortlist: int = 3  # single blocks per k screened by held-out loss (best boundary errors + the angular pick)
+    shortlist: int = 3  # single blocks per k screened by held-out loss: the best by angular distance (+ the best boundary error)
     split_shortlist: int = 2  # two-cut plans per k screened by held-out loss (best summed angular distance)
     max_cuts: int = 2  # 1: contiguous blocks only
     distill: int = 0  # > 0: each evaluated plan also gets a distilled row (this many steps)

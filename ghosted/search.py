@@ -2,8 +2,8 @@
 
 One shared calibration capture (prune.shared_capture) holds the sums of every contiguous block for every k in
 the searched range. For a given k, candidate plans are screened cheaply by held-out next-token loss on the
-held-out calibration windows (the ghost fitted on the fit windows): the single blocks with the best held-out
-boundary error (from the sums, no forward pass) plus the angular pick, and two-cut plans (the best by summed
+held-out calibration windows (the ghost fitted on the fit windows): the single blocks with the lowest angular
+distance, the one with the best held-out boundary error (from the sums, no forward pass), and two-cut plans (the best by summed
 angular distance), each cut with its own operator fitted progressively. Only the best plan of a k is
 evaluated in full (the `eval:` section: test-set perplexity and zero-shot tasks, never calibration windows) and
 judged by the gate (gate.apply_gate); a binary search over k needs about log2(range) full evaluations, the dense
@@ -145,11 +145,13 @@ def screen(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: SearchCon
     if not starts:
         raise GhostedError("search needs held-out calibration windows: set prune.holdout > 0")
     ang = block_scores(res, k)["angular"]
-    ang_pick = min(range(len(ang)), key=lambda s: ang[s])
+    by_angle = sorted(range(len(ang)), key=lambda s: (ang[s], s))
     plans: dict[tuple[int, ...], str] = {}
-    for s in starts[:scfg.shortlist]:
-        plans[tuple(range(s, s + k))] = "boundary error"
-    plans.setdefault(tuple(range(ang_pick, ang_pick + k)), "angular")
+    for s in by_angle[:scfg.shortlist]:
+        plans[tuple(range(s, s + k))] = "angular"
+    # one block by the other cheap score: its picks sit at the model's ends and lose on held-out loss (every k
+    # of the SmolLM2 search), so one candidate keeps the diversity without spending the screen on them
+    plans.setdefault(tuple(range(starts[0], starts[0] + k)), "boundary error")
     if scfg.max_cuts >= 2:
         for removed in split_plans(res, k, scfg.split_shortlist):
             plans.setdefault(tuple(removed), "two cuts")

@@ -104,6 +104,29 @@ def test_screening_prefers_two_short_cuts_when_held_out_loss_says_so():
     assert all(c.loss > best[0].loss + 1e-2 for c in single)
 
 
+def test_screen_shortlists_the_best_angular_blocks_and_one_boundary_error_pick():
+    """Singles screened per k: the `shortlist` blocks of lowest angular distance, plus the block of lowest held-out
+    boundary error (unless it is one of them); nothing else."""
+    from ghosted.search import _screen_choice
+    from ghosted.selection import block_scores, ghost_block_errors
+
+    loaded = _loaded(6)
+    calib = _own_text(loaded.model)
+    cfg = PruneConfig(remove=2, holdout=0.25)
+    res = shared_capture(loaded, calib, cfg, [2], ["ghost"], progress=False)
+    ang = block_scores(res, 2)["angular"]
+    by_angle = sorted(range(len(ang)), key=lambda s: (ang[s], s))
+    errs = ghost_block_errors(res, 2, _screen_choice(cfg)[1])
+    boundary = min((s for s in range(len(errs)) if errs[s] is not None), key=lambda s: errs[s])
+    for m in (1, 2):
+        got = screen(loaded, calib, cfg, SearchConfig(shortlist=m, max_cuts=1), res, 2)
+        singles = {c.removed[0]: c.source for c in got}
+        expect = {s: "angular" for s in by_angle[:m]}
+        expect.setdefault(boundary, "boundary error")
+        assert singles == expect
+        assert [c.loss for c in got] == sorted(c.loss for c in got)
+
+
 def test_k_range_defaults_and_errors():
     assert k_range(30, SearchConfig()) == list(range(6, 16))
     assert k_range(6, SearchConfig(min_remove=2, max_remove=3)) == [2, 3]
