@@ -42,7 +42,8 @@ class CapturePlan:
     scores: bool = False  # cosine / angular tables over all boundary pairs
     heldout: frozenset[int] = frozenset()  # window indices whose sums go to the held-out group
     # (metric, k, m): keep the sums of only the m blocks of length k that the score `metric` (angular |
-    # cosine) ranks best after the first batch; the others' sums are never accumulated (needs scores=True)
+    # cosine) ranks best after the first forward (capture_batch windows); the others' sums are never
+    # accumulated (needs scores=True)
     shortlist: tuple[str, int, int] | None = None
 
 
@@ -276,6 +277,21 @@ class _Sums:
                              seconds, only(self.fit_lo), only(self.held_lo))
 
 
+# The boundary states one capture forward holds at once: a batch is cut to fewer windows (never under one)
+# when its states, len(needed) * B * T * d * bytes, would be more than this. On a CPU a forward over one
+# 512-token window is as fast per token as over four; the states of four were 146 MiB for SmolLM2 (L = 30).
+CAPTURE_STATE_BUDGET = 64 * 2**20
+
+
+def capture_batch(batch_size: int, n_states: int, seq_len: int, d: int, element_size: int,
+                  budget: int | None = None) -> int:
+    """Windows per capture forward: batch_size, or as many as keep n_states boundary states of that many
+    windows within `budget` bytes (default CAPTURE_STATE_BUDGET), and at least one."""
+    budget = CAPTURE_STATE_BUDGET if budget is None else budget
+    per_window = max(1, n_states * seq_len * d * element_size)
+    return max(1, min(int(batch_size), budget // per_window))
+
+
 def _needed(plan: CapturePlan, L: int) -> set[int]:
     needed: set[int] = set()
     for s, b in plan.pairs:
@@ -298,7 +314,8 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
     layerwise=True: layer by layer; each decoder layer is moved to `device` (default: where the model
     lives), run on every calibration batch, and moved back, carrying the calibration hidden states
     forward, so the device holds one layer plus the states (for models larger than the device). Both
-    paths feed the same accumulator and give the same sums. The states the layer-major pass carries
+    paths feed the same accumulator and give the same sums. A forward takes batch_size windows, or fewer
+    (capture_batch) when their boundary states would exceed CAPTURE_STATE_BUDGET. The states the layer-major pass carries
     (N x T x d per parked layer) stay in memory up to offload_budget bytes (default
     DEFAULT_OFFLOAD_BUDGET), beyond it in files of a temporary folder that is removed afterwards.
     """
@@ -314,6 +331,8 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, plan: CapturePlan, 
     policy = get_policy(policy)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    batch_size = capture_batch(batch_size, len(needed), input_ids.shape[1], d,
+                               next(model.parameters()).element_size())
     sums = _Sums(plan, policy, L, d, device, bos_id)
     if layerwise:
         park = _Parking(DEFAULT_OFFLOAD_BUDGET if offload_budget is None else int(offload_budget))

@@ -33,7 +33,7 @@ OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift")
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30
 # Angular / cosine selection: blocks whose sums the one pass keeps, the best by the scores after the first
-# batch (a final pick outside them costs a second pass for its cut alone; the result is the same).
+# forward (a final pick outside them costs a second pass for its cut alone; the result is the same).
 SHORTLIST_BLOCKS = 4
 
 

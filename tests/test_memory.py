@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ghosted import prune
-from ghosted.capture import CapturePlan, capture
+from ghosted import capture as capture_module
+from ghosted.capture import CapturePlan, capture, capture_batch
 from ghosted.data import Calibration, tokens_sha256
 from ghosted.models import Loaded, ModelRef
 from ghosted.prune import PruneConfig, candidate_sums_bytes, solve
@@ -120,6 +122,47 @@ def test_shortlist_keeps_only_its_blocks():
     for c in short.fit:
         assert torch.equal(short.fit[c].gram, full.fit[c].gram)
         assert torch.equal(short.fit[c].cross, full.fit[c].cross)
+
+
+def test_capture_batch_keeps_the_states_within_the_budget():
+    # 31 boundary states of 512 x 576 float32 = 36.6 MiB a window: one window under 64 MiB, never zero
+    assert capture_batch(8, 31, 512, 576, 4, budget=64 * 2**20) == 1
+    assert capture_batch(8, 31, 512, 576, 2, budget=64 * 2**20) == 3  # 18.3 MiB a window in 16 bits
+    assert capture_batch(8, 31, 512, 576, 4, budget=128 * 2**20) == 3
+    assert capture_batch(8, 31, 512, 576, 4, budget=1) == 1  # one window is the least a forward can take
+    assert capture_batch(4, 3, 12, 16, 4, budget=2**30) == 4  # never more than asked
+    assert capture_batch(4, 3, 12, 16, 4) == 4  # the default budget: tiny models keep their batch
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_capture_under_a_state_budget_gives_the_same_statistics(layerwise, monkeypatch):
+    """A budget of one window's states: every forward sees one window, and the sums and the score tables are
+    those of whole batches (float64 sums: to rounding). A shortlist is ranked after the first forward, so on
+    the first window's scores."""
+    model, _ = make_tiny("llama", num_layers=6)
+    ids = _ids(model.config.vocab_size, 6, 12)
+    am = torch.ones_like(ids)
+    am[2, :4] = 0
+    cuts = [(s, s + 2) for s in range(5)]
+    plan = CapturePlan(pairs=cuts, scores=True, heldout=frozenset({5}))
+    kw = dict(attention_mask=am, batch_size=4, progress=False, layerwise=layerwise)
+    whole = capture(model, ids, plan, "auto", **kw)
+    seen: list[int] = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    d = model.config.hidden_size
+    monkeypatch.setattr(capture_module, "CAPTURE_STATE_BUDGET", 7 * 12 * d * 4)  # L+1 = 7 states of one window
+    try:
+        one = capture(model, ids, plan, "auto", **kw)
+        short = capture(model, ids, replace(plan, shortlist=("angular", 2, 3)), "auto", **kw)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {1}
+    _assert_same_capture(whole, one)
+    first = capture(model, ids[:1], CapturePlan(scores=True), "auto", attention_mask=am[:1], progress=False)
+    best = sorted(sorted(cuts, key=lambda p: (float(first.ang_sum[p]), p[0]))[:3])
+    assert sorted(short.fit) == best
+    for c in best:
+        assert torch.allclose(short.fit[c].cross, whole.fit[c].cross, rtol=1e-6, atol=1e-6)
 
 
 def test_bench_layerwise_with_offload(tmp_path, run):
