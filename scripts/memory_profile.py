@@ -98,6 +98,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     import torch
 
     from ghosted import bench, checkpoint, prune
+    from ghosted.capture import capture_batch
     from ghosted.evaluate import perplexity
 
     base = bench.runtime_baseline(model)
@@ -157,7 +158,9 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
             "preload": base["preload_bytes"], "model_code": base["model_code"], "params": params,
             "start_rss": start_rss, "start_live": start_live, "peak_stage": stage, "peak": peak,
             "peak_live": live, "peak_free": free, "sums": sum(seen.values()),
-            "one_batch_states": (L + 1) * batch_size * seq_len * d * 4, "vocab": V,
+            "capture_batch": capture_batch(batch_size, L + 1, seq_len, d, 4),
+            "one_batch_states": (L + 1) * capture_batch(batch_size, L + 1, seq_len, d, 4) * seq_len * d * 4,
+            "vocab": V,
             "chunk_rows": perplexity.chunk_rows(V),
             "logit_chunk": 2 * min(perplexity.chunk_rows(V), batch_size * (seq_len - 1)) * V * 4,
             "split_head": perplexity.split_head(loaded.model) is not None,
@@ -193,7 +196,7 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
         [r["runtime"] - r["preload"] for r in runs])
     row("weights (parameter bytes)", [r["params"] for r in runs])
     row("float64 sums kept by the capture (grams, crosses, score tables)", [r["sums"] for r in runs])
-    row("one batch by the peak stage's formula (below): capture (L+1) B T d b, held-out B T d b + 2 R V 4",
+    row("one batch by the peak stage's formula (below): capture (L+1) B' T d b, held-out B T d b + 2 R V 4",
         [_batch_term(r) for r in runs])
     row("other live heap growth at the peak (layer activations, operators)",
         [r["peak_live"] - r["start_live"] - r["sums"] - _batch_term(r) for r in runs])
@@ -208,10 +211,12 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
             ", ".join(f"{r['n_seqs']} windows {(r['peak'] - r['preload']) / r['params']:.2f}" for r in runs) +
             f"; peak stage: " + ", ".join(f"{r['n_seqs']}: {r['peak_stage']}" for r in runs) + ".", "",
             "Where the peak of each stage comes from (bytes; W = parameter bytes, b = 4 for float32, B = batch "
-            f"= {r0['batch_size']}, T = {r0['seq_len']}, L = {r0['layers']}, d = {r0['hidden']}, V = {r0['vocab']}, "
+            f"= {r0['batch_size']}, B' = {r0.get('capture_batch', r0['batch_size'])} windows per capture forward "
+            "(`capture.capture_batch`: as many as keep (L+1) B' T d b within 64 MiB, at least one), "
+            f"T = {r0['seq_len']}, L = {r0['layers']}, d = {r0['hidden']}, V = {r0['vocab']}, "
             f"R = {r0['chunk_rows']} tokens per LM-head chunk (`perplexity.chunk_rows`: 32 MiB of float32 logits, "
             "64..1024 tokens), G token groups, S start boundaries and C cuts whose sums are kept):", "",
-            "    capture              W + (L+1) B T d b + 8 d^2 G (S + C) + 16 (L+1)^2 + one layer's activations",
+            "    capture              W + (L+1) B' T d b + 8 d^2 G (S + C) + 16 (L+1)^2 + one layer's activations",
             "    held-out evaluation  W + B T d b + 2 R V 4 + one layer's activations + the sums",
             "    checkpoint save      W + 1M elements of the finiteness check (safetensors writes from the tensors)",
             "",

@@ -756,7 +756,7 @@ def _prune_argv(world: dict[str, Path], out: Path) -> list[object]:
     return ["prune", world["tiny"], "--remove", 2, "--calib-source", world["text"], *FAST, "--out", out]
 
 
-def _wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float = 240) -> bool:
+def _wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float = 600) -> bool:
     end = time.time() + timeout
     while time.time() < end:
         if pred():
@@ -765,6 +765,14 @@ def _wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float =
             return False
         time.sleep(0.02)
     return False
+
+
+def _marked(marker: Path) -> bool:
+    """The wrapper below has written its marker whole (it exists from the open on, before the write)."""
+    try:
+        return bool(marker.read_text())
+    except OSError:
+        return False
 
 
 # Runs a CLI command in a real process with one function wrapped: once the wrapped call returns, the wrapper
@@ -811,7 +819,7 @@ def test_kill_9_during_prune_leaves_no_output(point, world, kill_root):
     marker = kill_root / "marker"
     proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, _KILL_POINTS[point], *map(str, argv)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reached = _wait_for(marker.exists, proc)
+    reached = _wait_for(lambda: _marked(marker), proc)
     marker.unlink(missing_ok=True)
     proc.kill()
     proc.wait()
@@ -844,8 +852,12 @@ def test_sigint_during_prune_is_one_line_and_leaves_nothing(world, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, _KILL_POINTS["after-model-load"],
                              *map(str, _prune_argv(world, out))],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reached = _wait_for(marker.exists, proc)
+    reached = _wait_for(lambda: _marked(marker), proc)
     marker.unlink(missing_ok=True)
+    if not reached:  # a signal sent before the pause could land anywhere: do not send it, fail instead
+        proc.kill()
+        proc.wait()
+        pytest.fail("the run never reached the pause after the model load")
     proc.send_signal(signal.SIGINT)
     code, _, err = _finish(proc)
     left = sorted(p.name for p in tmp_path.iterdir())
