@@ -211,7 +211,7 @@ class PruneConfig:
     shortlist: int = 4
     batch_size: int = 4
     distill: int = 0  # steps of ghost distillation after the training-free solve (0: training-free, the default)
-    distill_lr: float = 1e-4
+    distill_lr: float = 2e-5  # SmolLM2-135M: 1e-4 overfits the 24 fit windows (see README, distillation)
 
     def __post_init__(self) -> None:
         _typed(self, "prune")

@@ -29,12 +29,12 @@ class DistillConfig:
     """How the recovery parameters are trained (steps = 0: no distillation, the training-free default)."""
 
     steps: int = 0
-    lr: float = 1e-4
+    lr: float = 2e-5
     top_k: int = 32  # teacher log-probs cached per token
     batch_size: int = 2  # windows per step
     warmup: float = 0.05  # fraction of steps with a linear warm-up
     weight_decay: float = 0.0  # toward zero would pull W away from identity: off by default
-    eval_every: int = 20  # steps between held-out evaluations
+    eval_every: int = 10  # steps between held-out evaluations
     patience: int = 3  # evaluations without improvement before stopping
     seed: int = 0
 
@@ -169,7 +169,10 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
             for p in params:
                 p.requires_grad_(True)
             before = mean_nll(m, held_ids, cfg.batch_size)
-            best, best_ops, since_best = before, _read_operators(m, removed, trainable), 0
+            best, best_ops = before, _read_operators(m, removed, trainable)
+            # early stopping watches the training's own best: a run that starts above the training-free loss
+            # (the warm-up's first steps) and is still improving is not cut off for that
+            trained_best, since_best = math.inf, 0
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             warm = max(1, int(cfg.warmup * cfg.steps))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
@@ -195,7 +198,9 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
                     bar.set_postfix(kl=f"{running / seen:.4f}", heldout=f"{nll:.4f}")
                     running, seen = 0.0, 0
                     if nll < best:
-                        best, best_ops, since_best = nll, _read_operators(m, removed, trainable), 0
+                        best, best_ops = nll, _read_operators(m, removed, trainable)
+                    if nll < trained_best:
+                        trained_best, since_best = nll, 0
                     else:
                         since_best += 1
                         if since_best >= cfg.patience:

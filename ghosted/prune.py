@@ -52,6 +52,9 @@ class Solution:
     removed: list[int]
     operators: dict[Pair, Operator]
     meta: dict = field(default_factory=dict)
+    # the same operators fitted on the fit windows only (the held-out windows left out), when a held-out
+    # comparison will follow: distillation starts from these, so its guard compares like with like
+    fit_operators: dict[Pair, Operator] | None = None
 
 
 def heldout_windows(n: int, fraction: float) -> frozenset[int]:
@@ -144,7 +147,7 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
 
 
 def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool = True, log=print,
-          shared: CaptureResult | None = None) -> Solution:
+          shared: CaptureResult | None = None, keep_fit_operators: bool = False) -> Solution:
     """Decide which layers to remove and fit the operators (no change to the model).
 
     `shared`: a capture made once for a whole grid (see shared_plan); used when it holds what this
@@ -208,7 +211,11 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         policy, ridge = choice[:2]
         fit_cfg = replace(cfg, fold=choice[2]) if len(choice) > 2 else cfg  # foldable: the fold the guard chose
         operators = {c: solve_cut(res, c, "total", policy, fit_cfg, ridge) for c in cuts}
-    operators, distill_info = distill_operators(loaded, calib, cfg, removed, operators, progress, log)
+    fit_operators = None
+    if (cfg.distill or keep_fit_operators) and choice is not None and all(res.heldout[c].n for c in cuts):
+        fit_operators = {c: solve_cut(res, c, "fit", policy, fit_cfg, ridge) for c in cuts}
+    operators, distill_info = distill_operators(loaded, calib, cfg, removed, operators, progress, log,
+                                                fit_operators=fit_operators)
     fit_quality = {}
     for c, op in operators.items():
         if method.residual and op.kind != "identity" and res.total(c).gram is not None:
@@ -229,14 +236,19 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     if distill_info is not None:
         meta["distill"] = {key: v for key, v in distill_info.items() if key != "curve"}
         meta["distill_curve"] = distill_info["curve"]
-    return Solution(removed, operators, meta)
+    return Solution(removed, operators, meta, fit_operators)
 
 
 def distill_operators(loaded: Loaded, calib: Calibration, cfg: PruneConfig, removed: list[int],
                       operators: dict[Pair, Operator], progress: bool = True,
-                      log: Callable[[str], None] = print) -> tuple[dict[Pair, Operator], dict | None]:
-    """--distill STEPS: train the ghosts of a training-free solution (ghosted.distill; its held-out guard keeps
-    the training-free operators unless distillation lowers the held-out loss). (operators, None) when off."""
+                      log: Callable[[str], None] = print,
+                      fit_operators: dict[Pair, Operator] | None = None) -> tuple[dict[Pair, Operator], dict | None]:
+    """--distill STEPS: train the ghosts of a training-free solution (ghosted.distill). (operators, None) when off.
+
+    The training starts from `fit_operators`, the training-free operators fitted on the fit windows only, and
+    runs on those windows; its held-out guard compares them with the distilled ones on the held-out windows,
+    which neither has seen. (`operators`, fitted on every window, have seen the held-out windows: comparing
+    against them would favour them.) When distillation does not lower the held-out loss, `operators` are kept."""
     if not cfg.distill:
         return operators, None
     from .distill import DistillConfig, distill
@@ -244,9 +256,12 @@ def distill_operators(loaded: Loaded, calib: Calibration, cfg: PruneConfig, remo
     if not any(op.kind in ("full", "lowrank") for op in operators.values()):
         return operators, {"steps": cfg.distill, "lr": cfg.distill_lr, "kept": "training-free", "steps_run": 0,
                            "reason": "no ghost to train (the guard chose plain removal)", "curve": []}
-    out = distill(loaded.model, calib.input_ids, removed, operators, heldout_windows(calib.n, cfg.holdout),
+    start = operators if fit_operators is None else fit_operators
+    out = distill(loaded.model, calib.input_ids, removed, start, heldout_windows(calib.n, cfg.holdout),
                   DistillConfig(steps=cfg.distill, lr=cfg.distill_lr), progress=progress, log=log)
-    return out.operators, {"steps": cfg.distill, "lr": cfg.distill_lr, **out.as_meta()}
+    kept = out.operators if out.kept == "distilled" else operators
+    return kept, {"steps": cfg.distill, "lr": cfg.distill_lr,
+                  "start": "every window" if fit_operators is None else "fit windows only", **out.as_meta()}
 
 
 def _guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],

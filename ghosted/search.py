@@ -175,15 +175,18 @@ def screen(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: SearchCon
 
 
 def solve_plan(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
-               progress: bool = False, log: Log = _nolog) -> Solution:
+               progress: bool = False, log: Log = _nolog, keep_fit_operators: bool = False) -> Solution:
     """The training-free solution of a screened plan, fitted on every calibration window.
 
     One cut: prune.solve with the explicit layers (its guard picks token policy and ridge on held-out loss).
     Several cuts: fitted progressively with the screening policy and ridge; the guard compares the held-out
-    loss of those ghosts (fit windows only) with plain removal and falls back to removal when they lose."""
+    loss of those ghosts (fit windows only) with plain removal and falls back to removal when they lose.
+    keep_fit_operators: also keep the fit-windows-only operators (Solution.fit_operators), where distillation
+    will start from them."""
     plain_cfg = replace(cfg, remove=None, layers=format_layers(removed), distill=0)
     if len(runs(removed)) == 1:
-        return solve(loaded, calib, plain_cfg, progress=progress, log=log, shared=res)
+        return solve(loaded, calib, plain_cfg, progress=progress, log=log, shared=res,
+                     keep_fit_operators=keep_fit_operators)
     t0 = time.perf_counter()
     policy, ridge = _screen_choice(cfg)
     held = sorted(heldout_windows(calib.n, cfg.holdout))
@@ -212,7 +215,7 @@ def solve_plan(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captur
             "calibration_relative_residual": {}, "capture_passes": passes,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plain_cfg).items()},
             "solve_seconds": time.perf_counter() - t0}
-    return Solution(removed, operators, meta)
+    return Solution(removed, operators, meta, fit_ops if keep_fit_operators and not guard["fallback"] else None)
 
 
 # --------------------------------------------------------------------------- full evaluation of a finalist
@@ -274,12 +277,13 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
         screening[k] = screen(loaded, calib, cfg, scfg, res, k, progress=False, log=log)
         screen_seconds += time.perf_counter() - ts
         best = screening[k][0]
-        sol = solve_plan(loaded, calib, cfg, res, best.removed, progress=False, log=log)
+        sol = solve_plan(loaded, calib, cfg, res, best.removed, progress=False, log=log,
+                         keep_fit_operators=bool(scfg.distill))
         variants = [("ghost", sol, sol.meta["solve_seconds"], None)]
         if scfg.distill:
             td = time.perf_counter()
             ops, info = distill_operators(loaded, calib, replace(cfg, distill=scfg.distill), sol.removed,
-                                          sol.operators, progress, log)
+                                          sol.operators, progress, log, fit_operators=sol.fit_operators)
             meta = {**sol.meta, "distill": {x: v for x, v in info.items() if x != "curve"}}
             variants.append(("ghost+distill", Solution(sol.removed, ops, meta),
                              sol.meta["solve_seconds"], time.perf_counter() - td))

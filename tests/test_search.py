@@ -4,6 +4,7 @@ checkpoint, the no-pass exit, and the --distill hook of the solve."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,28 @@ def test_distill_needs_ghost_recovery():
 
     with pytest.raises(GhostedError, match="needs --recovery ghost"):
         PruneConfig(remove=2, recovery="none", distill=5)
+
+
+def test_distill_starts_from_operators_that_never_saw_the_heldout_windows(tmp_path):
+    """The guard of distillation compares on the held-out windows: its training-free side must be the operators
+    fitted without them (the guard's own candidate), not the shipped ones fitted on every window."""
+    loaded = _loaded(6)
+    calib = _calib(loaded.model)
+    # a large learning rate: whatever the training does, the comparison's training-free side is what is checked
+    cfg = PruneConfig(remove=2, holdout=0.25, distill=3, distill_lr=1e-2, token_policy="all", guard="loss")
+    sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
+    plain = solve(loaded, calib, replace(cfg, distill=0), progress=False, log=lambda m: None)
+    guard = sol.meta["guard"]
+    assert guard["chosen"] != "none"  # the planted setting gives the ghost something to do
+    info = sol.meta["distill"]
+    assert info["start"] == "fit windows only"
+    assert abs(info["heldout_nll_training_free"] - guard["scores"][guard["chosen"]]) < 1e-5
+    cut = next(iter(sol.operators))
+    shipped = plain.operators[cut]
+    if info["kept"] == "training-free":  # the operators fitted on every window are the ones kept
+        assert torch.equal(sol.operators[cut].W, shipped.W)
+    else:
+        assert info["heldout_nll_distilled"] < info["heldout_nll_training_free"]
+        assert not torch.equal(sol.operators[cut].W, shipped.W)
+    assert plain.fit_operators is None and sol.fit_operators is not None
+    assert not torch.equal(sol.fit_operators[cut].W, shipped.W)  # fitted on fewer windows
