@@ -726,7 +726,12 @@ def _cli_cmd(*argv: object) -> list[str]:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # fail with what the process said: did it see the signal, or hang after?
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the process did not end within {timeout:.0f} s (killed); its stderr ends with: {err[-2000:]!r}")
     return proc.returncode, out, err
 
 
