@@ -854,9 +854,13 @@ def test_next_run_after_kills_cleans_stale_temps_and_succeeds(world, kill_root):
 def test_sigint_during_prune_is_one_line_and_leaves_nothing(world, tmp_path):
     out = tmp_path / "ckpt"
     marker = tmp_path.parent / f"{tmp_path.name}.marker"
+    # SIGINT as a terminal gives it: an ignored disposition is inherited across exec, and something earlier in
+    # the same pytest worker can leave SIGINT ignored (then the child never sees the Ctrl-C: the run timed out
+    # in full-suite runs with only "Loading weights" on its stderr)
     proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, _KILL_POINTS["after-model-load"],
                              *map(str, _prune_argv(world, out))],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     reached = _wait_for(lambda: _marked(marker), proc)
     marker.unlink(missing_ok=True)
     if not reached:  # a signal sent before the pause could land anywhere: do not send it, fail instead
