@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ghosted.config import PruneConfig
 from ghosted.data import build_calibration
-from ghosted.distill import DistillConfig, distill
 from ghosted.evaluate.perplexity import perplexity
 from ghosted.models import load_model
-from ghosted.prune import heldout_windows, solve
+from ghosted.prune import distill_operators, solve
 from ghosted.surgery import temporarily_pruned
 
 
@@ -50,10 +50,9 @@ def main() -> None:
         row = {"k": k, "removed": sol.removed, "guard": sol.meta.get("guard"), "seconds_training_free": t_free,
                "training_free": ppl(loaded, sol.removed, sol.operators, a.ppl_windows), "distilled": []}
         for lr in lrs:
-            res = distill(loaded.model, calib.input_ids, sol.removed, sol.fit_operators,
-                          heldout_windows(calib.n, cfg.holdout), DistillConfig(steps=a.steps, lr=lr), progress=True)
-            ops = res.operators if res.kept == "distilled" else sol.operators
-            row["distilled"].append({"lr": lr, **res.as_meta(), "ppl": ppl(loaded, sol.removed, ops, a.ppl_windows)})
+            ops, info = distill_operators(loaded, calib, replace(cfg, distill=a.steps, distill_lr=lr), sol.removed,
+                                          sol.operators, fit_operators=sol.fit_operators)  # what --distill ships
+            row["distilled"].append({**info, "ppl": ppl(loaded, sol.removed, ops, a.ppl_windows)})
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
     lines = [f"# Ghost distillation on {a.model}", "",
