@@ -1,0 +1,68 @@
+"""What the calibration text does to the training-free ghost: wiki/PTB perplexity (and optionally zero-shot
+accuracy) of fixed layer plans, fitted on each calibration of --calib (SOURCE:NxT, SOURCE may be a mixture A+B).
+
+    .venv/bin/python scripts/calibration_study.py smollm2-135m --layers 10-18,13-18 \
+        --calib passages:32x512,passages+ptb-train:32x512,passages+ptb-train:64x512 --out reports/calibration_study.json
+
+One row per (layers, calibration): the plan solved by prune.solve with the default guard (token policy and ridge
+chosen on the held-out windows), then perplexity on --ppl-windows x 512 tokens of `wiki` and `ptb` (the compare
+protocol uses 16) and, with --tasks, lm-eval zero-shot acc_norm on the first --limit items of each task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ghosted.config import PruneConfig
+from ghosted.data import build_calibration
+from ghosted.evaluate.perplexity import perplexity
+from ghosted.models import load_model
+from ghosted.prune import solve
+from ghosted.surgery import temporarily_pruned
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--layers", required=True, help="plans, comma-separated: 10-18,13-18")
+    ap.add_argument("--calib", required=True, help="calibrations, comma-separated SOURCE:NxT")
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy (default: none)")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    loaded = load_model(a.model)
+    tok = loaded.tokenizer
+    rows = []
+    for layers in a.layers.split(","):
+        for spec in a.calib.split(","):
+            source, size = spec.rsplit(":", 1)
+            n, seq_len = (int(x) for x in size.split("x"))
+            calib = build_calibration(tok, source, n, seq_len, 0)
+            t0 = time.perf_counter()
+            sol = solve(loaded, calib, PruneConfig(layers=layers), progress=False, log=lambda m: None)
+            guard = sol.meta.get("guard", {})
+            row = {"layers": layers, "calibration": spec, "sha256": calib.sha256[:12],
+                   "chosen": guard.get("chosen") if isinstance(guard, dict) else None}
+            with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:
+                for s in ("wiki", "ptb"):
+                    row[s] = perplexity(m, tok, s, 512, a.ppl_windows, progress=False)["ppl"]
+                if a.tasks:
+                    from ghosted.evaluate.zeroshot import evaluate_zeroshot
+
+                    z = evaluate_zeroshot(m, tok, a.tasks.split(","), a.limit, progress=False)
+                    row["acc_norm"] = z["average"]["acc_norm"]
+                    row["tasks"] = {t: v.get("acc_norm") for t, v in z["tasks"].items()}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    a.out.write_text(json.dumps({"command": "scripts/calibration_study.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "model"), "model": a.model,
+        "rows": rows}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
