@@ -27,12 +27,14 @@ from ghosted.surgery import temporarily_pruned
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--layers", required=True, help="plans, comma-separated: 10-18,13-18")
-    ap.add_argument("--calib", required=True, help="calibrations, comma-separated SOURCE:NxT")
-    ap.add_argument("--ppl-windows", type=int, default=16)
-    ap.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,arc_easy (default: none)")
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--out", type=Path, required=True)
+    options = {"--layers": {"required": True, "help": "plans, comma-separated: 10-18,13-18"},
+               "--calib": {"required": True, "help": "calibrations, comma-separated SOURCE:NxT"},
+               "--ppl-windows": {"type": int, "default": 16},
+               "--tasks": {"default": "", "help": "zero-shot tasks, e.g. piqa,arc_easy (default: none)"},
+               "--limit": {"type": int, "default": 200},
+               "--out": {"type": Path, "required": True}}
+    for flag, kwargs in options.items():
+        ap.add_argument(flag, **kwargs)
     a = ap.parse_args()
     loaded = load_model(a.model)
     tok = loaded.tokenizer
