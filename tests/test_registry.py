@@ -354,7 +354,11 @@ def test_shipped_pipeline_metrics_are_few_and_measurements(tmp_path):
     assert not any(k.rsplit("/", 1)[-1] in ("windows", "seq_len", "tokens_scored", "n", "limit", "batch_size")
                    for k in metrics)
     params = evaluation_params(dense, pruned)
-    assert params["eval.settings.limit"] == str(pruned["settings"]["limit"]) and "eval.ppl.wiki.windows" in params
+    assert "eval.ppl.wiki.windows" in params
+    limit = pruned["settings"]["limit"]  # an unset limit (every item) is not a param; the items scored always are
+    assert params.get("eval.settings.limit") == (None if limit is None else str(limit))
+    for task, res in pruned["zeroshot"]["tasks"].items():
+        assert params[f"eval.zeroshot.tasks.{task}.n"] == str(res["n"])
 
 
 # --------------------------------------------------------------------------- idempotent registration
