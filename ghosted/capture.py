@@ -45,6 +45,7 @@ class CapturePlan:
     # cosine) ranks best after the first forward (capture_batch windows); the others' sums are never
     # accumulated (needs scores=True)
     shortlist: tuple[str, int, int] | None = None
+    norm: bool = False  # with full: also the norm-feature sums (N = n(X)) of every cut (ghost --norm-features)
 
 
 @dataclass
@@ -251,12 +252,16 @@ class _Sums:
                 full = plan.full and whole
                 Xg = X[gm]
                 gram = self.grams.add((j, s), Xg) if full else None
+                norm = full and plan.norm
+                norm_gram, xn = self.grams.add_norm((j, s), Xg) if norm else (None, None)
                 for b in ends:
                     ps = group[(s, b)]
                     ps.add(Xg, states[b][gm], full=full, hadamard=self.H if whole else None,
-                           mlp=None if Mlp is None or not whole else Mlp[gm], gram=False)
+                           mlp=None if Mlp is None or not whole else Mlp[gm], gram=False, norm=norm)
                     if gram is not None:
                         ps.gram = gram
+                    if norm:
+                        ps.norm_gram, ps.xn = norm_gram, xn
 
     def _shortlist(self) -> list[Pair]:
         """The plan's shortlist: the m best blocks of length k by the running score tables."""

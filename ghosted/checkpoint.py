@@ -38,7 +38,7 @@ MANIFEST = "ghosted_manifest.json"
 VARIANT = modeling_ghosted.WEIGHTS_VARIANT
 AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE[:-3]}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
-_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift)$")
+_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift|norm_weight)$")
 
 
 def _base_classes(base: str) -> tuple[type, type]:
@@ -307,6 +307,10 @@ def _check_tensors(folder: Path, doc: dict, meta: dict, base: str, has_ghosts: b
             want[f"ghosts.{site}.bias"] = (d,)
         if g.get("sink_shift"):
             want[f"ghosts.{site}.sink_shift"] = (d,)
+        if g.get("norm"):
+            if rank is not None:
+                raise GhostedError(f"{folder}: the ghost at site {site} is low-rank and has norm features")
+            want[f"ghosts.{site}.norm_weight"] = (d, d)
     for key, shape in want.items():
         if key not in ghosts:
             raise GhostedError(f"{folder}: ghost tensor {key} is missing from the weights")

@@ -202,6 +202,7 @@ class PruneConfig:
     ridge: float | None = None  # None: chosen on held-out data from ridge_grid (ghost), 1e-6 otherwise
     ridge_grid: tuple[float, ...] = (1e-6, 1e-2)
     affine: bool = False
+    norm_features: bool = False  # ghost: also a d x d map of the scale-free state n(h) (linalg.solve_ghost)
     rank: int | None = None
     variant: str = "rotate"
     fold: str = "auto"  # --recovery foldable: auto (the guard picks) | cq | replaceme | cq+replaceme
@@ -248,6 +249,11 @@ class PruneConfig:
         _whole(self.distill, 0, "--distill (prune.distill)")
         if not self.distill_lr > 0:
             raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {self.distill_lr}")
+        if self.norm_features and self.recovery != "ghost":
+            raise GhostedError(f"--norm-features (prune.norm_features) is a ghost option: it needs --recovery ghost, "
+                               f"not {self.recovery}")
+        if self.norm_features and self.rank is not None:
+            raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
         if self.distill and self.recovery != "ghost":
             raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
 

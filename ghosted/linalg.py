@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ._remote.modeling_ghosted import scale_free
+
 F64 = torch.float64
 
 
@@ -39,12 +41,18 @@ class PairSums:
     mlp_gram: torch.Tensor | None = None  # Mlp^T Mlp      [d, d] (ReplaceMe; Mlp = MLP output of layer s-1)
     mlp_cross: torch.Tensor | None = None  # Mlp^T (Y - A) [d, d], A = X - Mlp
     mlp_x: torch.Tensor | None = None  # Mlp^T X        [d, d] (foldable: ReplaceMe composed with c Q)
+    # norm features (ghost --norm-features): N = n(X), the scale-free state (modeling_ghosted.scale_free)
+    norm_gram: torch.Tensor | None = None  # N^T N [d, d]
+    xn: torch.Tensor | None = None  # X^T N [d, d]
+    norm_cross: torch.Tensor | None = None  # N^T Y [d, d]
+    sum_n: torch.Tensor | None = None  # sum of N [d]
     trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
-            mlp: torch.Tensor | None = None, gram: bool = True) -> None:
+            mlp: torch.Tensor | None = None, gram: bool = True, norm: bool = False) -> None:
         """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device.
-        gram=False leaves X^T X to a GramStore shared by every cut that starts at the same boundary."""
+        gram=False leaves X^T X (and with norm, N^T N and X^T N) to a GramStore shared by every cut that starts
+        at the same boundary. norm: also the sums of the norm features N = n(X) (needs full)."""
         if X.shape[0] == 0:
             return
         X = X.to(F64)
@@ -60,6 +68,13 @@ class PairSums:
             if gram:
                 self._acc("gram", X.T @ X)
             self._acc("cross", X.T @ Y)
+            if norm:
+                N = scale_free(X)
+                if gram:
+                    self._acc("norm_gram", N.T @ N)
+                    self._acc("xn", X.T @ N)
+                self._acc("norm_cross", N.T @ Y)
+                self._acc("sum_n", N.sum(0))
         if hadamard is not None:
             H = hadamard.to(device=X.device, dtype=F64)
             self._acc("abs_xh", (X @ H).abs().sum(0))
@@ -99,8 +114,14 @@ class PairSums:
         out = PairSums(self.d, self.n, gram=self.gram, cross=self.gram, sum_x=self.sum_x, sum_y=self.sum_x,
                        sq_y=None if self.gram is None else torch.trace(self.gram), sq_d=torch.zeros((), dtype=F64),
                        abs_x=self.abs_x, abs_y=self.abs_x, abs_xh=self.abs_xh, abs_yh=self.abs_xh,
-                       mlp_gram=self.mlp_gram, mlp_cross=self.mlp_gram, mlp_x=self.mlp_x)
+                       mlp_gram=self.mlp_gram, mlp_cross=self.mlp_gram, mlp_x=self.mlp_x,
+                       norm_gram=self.norm_gram, xn=self.xn, norm_cross=None if self.xn is None else self.xn.T,
+                       sum_n=self.sum_n)
         return out
+
+    @property
+    def has_norm(self) -> bool:
+        return self.norm_gram is not None and self.norm_cross is not None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("d", "n", "trace_ref")
@@ -120,21 +141,30 @@ class PairSums:
 
 class GramStore:
     """X^T X once per (token group, start boundary s): every cut (s, b) has X = h_s under the same token
-    mask, so cuts of several block lengths that start at s share one float64 gram instead of one each."""
+    mask, so cuts of several block lengths that start at s share one float64 gram instead of one each
+    (with norm features also N^T N and X^T N, which depend on X alone too)."""
 
     def __init__(self) -> None:
         self.grams: dict[tuple, torch.Tensor] = {}
 
-    def add(self, key: tuple, X: torch.Tensor) -> torch.Tensor:
-        """Add X^T X of one batch ([n, d], any dtype) to the gram of `key`; returns that (shared) gram."""
-        X = X.to(F64)
-        g = X.T @ X
+    def _add(self, key: tuple, g: torch.Tensor) -> torch.Tensor:
         cur = self.grams.get(key)
         if cur is None:
             self.grams[key] = cur = g
         else:
             cur.add_(g)
         return cur
+
+    def add(self, key: tuple, X: torch.Tensor) -> torch.Tensor:
+        """Add X^T X of one batch ([n, d], any dtype) to the gram of `key`; returns that (shared) gram."""
+        X = X.to(F64)
+        return self._add(key, X.T @ X)
+
+    def add_norm(self, key: tuple, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add N^T N and X^T N (N = n(X)) of one batch; returns those (shared) sums."""
+        X = X.to(F64)
+        N = scale_free(X)
+        return self._add((*key, "nn"), N.T @ N), self._add((*key, "xn"), X.T @ N)
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grams.values())
@@ -155,6 +185,7 @@ class Operator:
     scale: float | None = None  # kind == "scalar": h <- c h
     T: torch.Tensor | None = None  # kind == "fold_down": ReplaceMe transform of the MLP output [d, d]
     sink_shift: torch.Tensor | None = None  # [d]: position-0 tokens get h <- h + sink_shift instead (see capture)
+    Wn: torch.Tensor | None = None  # [d, d], kind "full": h <- h W + n(h) Wn (+ b), n = scale_free (norm features)
     info: dict = field(default_factory=dict)
 
     def matrix(self, d: int) -> torch.Tensor:
@@ -192,25 +223,43 @@ def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(A, B).solution
 
 
-def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False) -> Operator:
-    """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too."""
+def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bool = False) -> Operator:
+    """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too.
+
+    norm: the regressors are [X, n(X)] (n = scale_free): Y - X = X M + n(X) Wn (+ b). Each removed layer reads
+    its input through an RMSNorm, so what it adds depends on the scale-free state; the extra d columns give
+    the closed form that dependence (SmolLM2-135M, layers 10-18: wiki PPL 44.9 -> 42.4). The n(X) block gets
+    its own relative ridge (lambda_n = ridge * tr(N^T N) / d)."""
     G, C = s.gram, s.cross
     d = s.d
+    dev = G.device
+    eye = torch.eye(d, dtype=F64, device=dev)
     lam = ridge_lambda(G, ridge, s.trace_ref)
     rhs = C - G  # X^T (Y - X)
-    if not affine:
-        M = _solve_spd(G + lam * torch.eye(d, dtype=F64, device=G.device), rhs)
-        return Operator("full", W=torch.eye(d, dtype=F64, device=G.device) + M, info={"lambda": lam})
-    # Augment X with a constant 1 column; the bias is not penalised.
-    Ga = torch.zeros(d + 1, d + 1, dtype=F64, device=G.device)
-    Ga[:d, :d] = G + lam * torch.eye(d, dtype=F64, device=G.device)
-    Ga[:d, d] = s.sum_x
-    Ga[d, :d] = s.sum_x
-    Ga[d, d] = s.n
-    Ra = torch.cat([rhs, (s.sum_y - s.sum_x)[None, :]], dim=0)
+    if not affine and not norm:
+        M = _solve_spd(G + lam * eye, rhs)
+        return Operator("full", W=eye + M, info={"lambda": lam})
+    blocks_g = [[G + lam * eye]]
+    blocks_r = [rhs]
+    info = {"lambda": lam}
+    if norm:
+        if not s.has_norm:
+            raise ValueError("norm features need the norm sums: capture with CapturePlan(norm=True)")
+        lam_n = ridge_lambda(s.norm_gram, ridge)
+        info["lambda_norm"] = lam_n
+        blocks_g[0].append(s.xn)
+        blocks_g.append([s.xn.T, s.norm_gram + lam_n * eye])
+        blocks_r.append(s.norm_cross - s.xn.T)  # N^T (Y - X)
+    Ga = torch.cat([torch.cat(row, dim=1) for row in blocks_g], dim=0)
+    Ra = torch.cat(blocks_r, dim=0)
+    if affine:  # a constant 1 column; the bias is not penalised
+        sums = torch.cat([s.sum_x] + ([s.sum_n] if norm else []))
+        Ga = torch.cat([torch.cat([Ga, sums[:, None]], dim=1),
+                        torch.cat([sums, torch.tensor([float(s.n)], dtype=F64, device=dev)])[None, :]], dim=0)
+        Ra = torch.cat([Ra, (s.sum_y - s.sum_x)[None, :]], dim=0)
     Z = _solve_spd(Ga, Ra)
-    W = torch.eye(d, dtype=F64, device=G.device) + Z[:d]
-    return Operator("full", W=W, bias=Z[d], info={"lambda": lam})
+    return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d] if norm else None, bias=Z[-1] if affine else None,
+                    info=info)
 
 
 def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:
@@ -363,13 +412,21 @@ def solve_rotate_replaceme(s: PairSums, ridge: float = 1e-6, iters: int = 20, to
 # --------------------------------------------------------------------------- residuals from sums
 
 
-def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-    """sum_t |x_t W + b - y_t|^2 computed from the sums alone (no activations)."""
-    W = W.to(F64).to(s.gram.device)
+def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None, Wn: torch.Tensor | None = None) -> float:
+    """sum_t |x_t W + n(x_t) Wn + b - y_t|^2 computed from the sums alone (no activations)."""
+    dev = s.gram.device
+    W = W.to(F64).to(dev)
     r = torch.trace(W.T @ s.gram @ W) - 2 * torch.trace(W.T @ s.cross) + s.sq_y
+    pred_sum = s.sum_x @ W
+    if Wn is not None:
+        if not s.has_norm:
+            raise ValueError("a ghost with norm features needs the norm sums to be scored")
+        V = Wn.to(F64).to(dev)
+        r = r + 2 * torch.trace(W.T @ s.xn @ V) + torch.trace(V.T @ s.norm_gram @ V) - 2 * torch.trace(V.T @ s.norm_cross)
+        pred_sum = pred_sum + s.sum_n @ V
     if bias is not None:
-        b = bias.to(F64).to(s.gram.device)
-        r = r + 2 * (s.sum_x @ W - s.sum_y) @ b + s.n * (b @ b)
+        b = bias.to(F64).to(dev)
+        r = r + 2 * (pred_sum - s.sum_y) @ b + s.n * (b @ b)
     return float(r)
 
 
@@ -378,7 +435,7 @@ def relative_residual(s: PairSums, op: Operator) -> float:
     base = float(s.sq_d)
     if op.kind == "fold_down" or op.T is not None:
         raise ValueError("operators with a fold into layer s-1 act inside a layer; use fold_residual")
-    r = residual(s, op.matrix(s.d), op.bias)
+    r = residual(s, op.matrix(s.d), op.bias, op.Wn)
     return r / max(base, 1e-30)
 
 

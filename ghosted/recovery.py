@@ -17,6 +17,7 @@ from .linalg import (Operator, PairSums, solve_ghost, solve_linearpatch, solve_l
 class SolveOptions:
     ridge: float = 1e-6  # relative: lambda = ridge * tr(X^T X) / d
     affine: bool = False
+    norm: bool = False  # ghost: also regress on the scale-free state n(X) (linalg.solve_ghost)
     rank: int | None = None
     variant: str = "rotate"  # LinearPatch: rotate | diag
     fold: str = "auto"  # foldable: one of FOLDS (auto: cq+replaceme; the guard picks among FOLDS first)
@@ -42,12 +43,13 @@ def _register(method: Method) -> Method:
 
 def _ghost(s: PairSums, o: SolveOptions) -> Operator:
     if o.rank is not None:
-        if o.affine:
+        if o.affine or o.norm:
             from .errors import GhostedError
 
-            raise GhostedError("a ghost is either low-rank or affine, not both: drop --rank or --affine")
+            raise GhostedError("a low-rank ghost has no bias or norm features: drop --rank, or --affine and "
+                               "--norm-features")
         return solve_lowrank(s, o.rank, o.ridge)
-    return solve_ghost(s, o.ridge, affine=o.affine)
+    return solve_ghost(s, o.ridge, affine=o.affine, norm=o.norm)
 
 
 _register(Method("ghost", _ghost, full=True))

@@ -45,11 +45,14 @@ class GhostSpec:
     bias: bool = False
     cut: Pair = (0, 0)
     sink_shift: bool = False
+    norm: bool = False
 
     def as_config(self) -> dict:
         out = {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
         if self.sink_shift:
             out["sink_shift"] = True
+        if self.norm:
+            out["norm"] = True
         return out
 
 
@@ -108,7 +111,7 @@ def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pai
             raise GhostedError(f"cannot apply a {op.kind!r} operator (cut {cut}): not a fold and not a ghost")
         rank = op.U.shape[1] if op.kind == "lowrank" else None
         plan.ghosts.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
-                                      sink_shift=op.sink_shift is not None), op))
+                                      sink_shift=op.sink_shift is not None, norm=op.Wn is not None), op))
     return plan
 
 
@@ -203,6 +206,8 @@ def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operat
             mod.bias.data.copy_(op.bias)
         if op.sink_shift is not None:
             mod.sink_shift.data.copy_(op.sink_shift)
+        if op.Wn is not None:
+            mod.norm_weight.data.copy_(op.Wn)
     return handles
 
 

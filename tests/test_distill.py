@@ -84,3 +84,15 @@ def test_teacher_topk_shapes():
     model, ids, _ = _setup()
     v, i = teacher_topk(model, ids[:3], k=5, batch_size=2)
     assert v.shape == (3, ids.shape[1] - 1, 5) and i.shape == v.shape and i.dtype == torch.int64
+
+
+def test_distillation_trains_the_norm_block_of_a_norm_feature_ghost():
+    model, ids, ops = _setup()
+    d = model.config.hidden_size
+    ops = {(1, 3): Operator("full", W=torch.eye(d, dtype=F64), Wn=torch.zeros(d, d, dtype=F64))}
+    res = distill(model, ids, [1, 2], ops, frozenset({6, 7}), DistillConfig(steps=60, lr=3e-3, eval_every=10,
+                  patience=10, batch_size=2), progress=False, log=lambda m: None)
+    assert res.kept == "distilled" and res.operators[(1, 3)].Wn is not None
+    assert res.operators[(1, 3)].Wn.abs().max() > 0
+    with temporarily_pruned(model, [1, 2], res.operators) as m:
+        assert abs(mean_nll(m, ids[[6, 7]], 2) - res.heldout_nll_after) < 1e-5

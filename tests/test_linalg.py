@@ -127,3 +127,52 @@ def test_replaceme_solution_and_fold():
     Wc, bc = lin.weight.data.T.clone(), lin.bias.data.clone()
     w2, b2 = fold_down_proj(Wc, bc, op.T, conv1d=True)
     assert torch.allclose(act @ w2 + b2, (act @ Wc + bc) @ op.T, atol=1e-10)
+
+
+def _norm_data(n: int = 600, d: int = 16, seed: int = 1):
+    """Y depends on the scale-free state n(X) as well as on X (rows of very different norms)."""
+    from ghosted._remote.modeling_ghosted import scale_free
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=F64) * torch.rand(n, 1, generator=g, dtype=F64) * 8
+    A = torch.randn(d, d, generator=g, dtype=F64) / d**0.5
+    B = torch.randn(d, d, generator=g, dtype=F64)
+    Y = X + X @ A + scale_free(X) @ B + 0.01 * torch.randn(n, d, generator=g, dtype=F64) + 0.3
+    return X, Y, scale_free(X)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_norm_feature_ghost_equals_lstsq_on_x_and_nx(affine):
+    X, Y, N = _norm_data()
+    s = _sums(X, Y, batches=5, norm=True)
+    op = solve_ghost(s, ridge=0.0, affine=affine, norm=True)
+    cols = [X, N] + ([torch.ones(X.shape[0], 1, dtype=F64)] if affine else [])
+    Z = torch.linalg.lstsq(torch.cat(cols, 1), Y - X).solution  # independent: QR on the raw regressors
+    assert torch.allclose(op.W - torch.eye(16, dtype=F64), Z[:16], atol=1e-7)
+    assert torch.allclose(op.Wn, Z[16:32], atol=1e-7)
+    assert (op.bias is not None) == affine and (not affine or torch.allclose(op.bias, Z[32], atol=1e-7))
+    # the residual from sums equals the direct one, and the norm block explains what X alone cannot
+    pred = X @ op.W + N @ op.Wn + (op.bias if affine else 0)
+    assert residual(s, op.W, op.bias, op.Wn) == pytest.approx(float(((pred - Y) ** 2).sum()), rel=1e-7)
+    assert relative_residual(s, op) < 0.2 * relative_residual(s, solve_ghost(s, 0.0, affine=affine))
+
+
+def test_norm_feature_ridge_is_relative_per_block_and_anchor_targets_pin_identity():
+    X, Y, N = _norm_data()
+    s = _sums(X, Y, norm=True)
+    ridge = 0.2
+    op = solve_ghost(s, ridge=ridge, norm=True)
+    lam_x, lam_n = ridge * float((X * X).sum()) / 16, ridge * float((N * N).sum()) / 16
+    F = torch.cat([X, N], 1)
+    reg = torch.diag(torch.tensor([lam_x] * 16 + [lam_n] * 16, dtype=F64))
+    Z = torch.linalg.solve(F.T @ F + reg, F.T @ (Y - X))
+    assert torch.allclose(op.W - torch.eye(16, dtype=F64), Z[:16], atol=1e-8) and torch.allclose(op.Wn, Z[16:], atol=1e-8)
+    # tokens whose target is their own state: the norm-feature fit on them alone is the identity map
+    ident = solve_ghost(s.as_identity_targets(), ridge=0.0, norm=True)
+    assert torch.allclose(ident.W, torch.eye(16, dtype=F64), atol=1e-8) and ident.Wn.abs().max() < 1e-8
+
+
+def test_norm_features_need_their_sums():
+    X, Y = _data()
+    with pytest.raises(ValueError, match="norm sums"):
+        solve_ghost(_sums(X, Y), norm=True)

@@ -525,3 +525,58 @@ def test_ghost_aware_selection_picks_the_planted_repairable_block():
     assert errs[1] < 1e-6 and min(errs[0], errs[2], errs[3]) > 0.5
     assert SELECTION.get("angular")(ctx, 1) == [2]
     assert SELECTION.get("ghost")(ctx, 1) == [1]
+
+
+def test_norm_feature_ghost_captures_exact_sums_saves_and_loads(tmp_path):
+    """--norm-features end to end on a tiny model: the capture's shared sums equal brute force over the kept
+    tokens, the fit beats the plain ghost on its own data, and the saved checkpoint (its verify included)
+    reloads with the hooked logits."""
+    from ghosted._remote.modeling_ghosted import scale_free
+    from ghosted.checkpoint import verify
+    from ghosted.linalg import relative_residual
+
+    loaded = _loaded("llama")
+    calib = _calib(loaded.model)
+    res = capture(loaded.model, calib.input_ids, CapturePlan(pairs=[(1, 3), (1, 2)], norm=True), "all", progress=False)
+    states = {}
+    hooks = [arch.get_layers(loaded.model)[i].register_forward_pre_hook(
+        lambda _m, a, kw, i=i: states.__setitem__(i, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
+        for i in (1, 3)]
+    with torch.no_grad():
+        loaded.model(calib.input_ids)
+    for h in hooks:
+        h.remove()
+    X, Y = states[1].reshape(-1, states[1].shape[-1]).double(), states[3].reshape(-1, states[3].shape[-1]).double()
+    N = scale_free(X)
+    s = res.fit[(1, 3)]
+    for got, want in ((s.norm_gram, N.T @ N), (s.xn, X.T @ N), (s.norm_cross, N.T @ Y), (s.sum_n, N.sum(0))):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert res.fit[(1, 2)].norm_gram is s.norm_gram  # shared by the cuts that start at the same boundary
+    assert relative_residual(s, solve_ghost(s, 1e-6, norm=True)) < relative_residual(s, solve_ghost(s, 1e-6))
+
+    sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0, norm_features=True),
+                progress=False, log=lambda m: None)
+    assert sol.operators[(1, 3)].Wn is not None
+    ids = _ids(loaded.model.config.vocab_size, 2, 10, seed=4)
+    with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:
+        hooked = _logits(m, ids)
+    with temporarily_pruned(loaded.model, sol.removed, {c: Operator("full", W=op.W) for c, op in sol.operators.items()}) as m:
+        assert not torch.allclose(_logits(m, ids), hooked, atol=1e-4)  # the norm block is applied
+    build_checkpoint(loaded, sol, calib.sha256, tmp_path / "nf")
+    assert verify(tmp_path / "nf")["ghosts"] == 1  # raises on a missing or misshapen norm_weight
+    cfg = json.loads((tmp_path / "nf" / "config.json").read_text())
+    assert [g.get("norm") for g in cfg["ghosted"]["ghosts"]] == [True]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nf", trust_remote_code=True).eval()
+    assert torch.allclose(_logits(back, ids), hooked, atol=1e-5)
+    # the solution round-trips through save_solution / load_solution
+    save_solution(sol, tmp_path / "sol")
+    assert torch.equal(load_solution(tmp_path / "sol").operators[(1, 3)].Wn, sol.operators[(1, 3)].Wn)
+
+
+@pytest.mark.parametrize("kw, reason", [({"recovery": "linearpatch"}, "needs --recovery ghost"),
+                                        ({"rank": 4}, "low-rank ghost has no norm features")])
+def test_norm_features_refuse_other_methods(kw, reason):
+    from ghosted.errors import GhostedError
+
+    with pytest.raises(GhostedError, match=reason):
+        PruneConfig(layers="1-2", norm_features=True, **kw)

@@ -9,7 +9,8 @@
 # refuses the folder instead of loading the base model without its ghosts.
 #
 # A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
-# h <- h + (h U) V^T for a low-rank ghost. A ghost with a sink shift maps the first token of a
+# h <- h + (h U) V^T for a low-rank ghost. A ghost with norm features also reads the scale-free state
+# n(h) = h / sqrt(mean(h^2) + NORM_EPS): h <- h W + n(h) W_n (+ b). A ghost with a sink shift maps the first token of a
 # sequence (position id 0, the attention sink) by h <- h + sink_shift instead. It runs as a forward
 # pre-hook on the first kept layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
 # in the state dict as `ghosts.<site>.*`, <site> being that kept layer's index in the pruned
@@ -20,12 +21,19 @@ import torch
 from torch import nn
 
 WEIGHTS_VARIANT = "ghosted"
+NORM_EPS = 1e-6
+
+
+def scale_free(h: torch.Tensor) -> torch.Tensor:
+    """n(h) = h / sqrt(mean(h^2) + NORM_EPS) over the hidden axis: what an RMSNorm computes before its gain."""
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)
 
 
 class Ghost(nn.Module):
     """One boundary operator on the residual stream (row vectors)."""
 
-    def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False) -> None:
+    def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False,
+                 norm: bool = False) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.rank = rank
@@ -36,12 +44,15 @@ class Ghost(nn.Module):
             self.U = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
             self.V = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.norm_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if norm else None  # [d, d]
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.rank is None:
             out = h @ self.weight.to(h.dtype)
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
+        if self.norm_weight is not None:
+            out = out + scale_free(h) @ self.norm_weight.to(h.dtype)
         if self.bias is not None:
             out = out + self.bias.to(h.dtype)
         if self.sink_shift is not None:
@@ -78,7 +89,7 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
     for g in ghosts:
         site = int(g["site"])
         module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
-                       sink_shift=bool(g.get("sink_shift", False)))
+                       sink_shift=bool(g.get("sink_shift", False)), norm=bool(g.get("norm", False)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
         handles.append(target.register_forward_pre_hook(_make_hook(module), with_kwargs=True))
