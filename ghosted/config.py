@@ -445,6 +445,9 @@ class SearchConfig:
     shortlist: int = 3  # single blocks per k screened by held-out loss: the best by angular distance (+ the best boundary error)
     split_shortlist: int = 2  # two-cut plans per k screened by held-out loss (best summed angular distance)
     max_cuts: int = 2  # 1: contiguous blocks only
+    # screened plans of a k evaluated in full, best held-out loss first, until one passes: k passes when one of
+    # them does (SmolLM2-135M at 9 layers: the best-screened 11-19 fails at wiki x2.003, the next, 10-18, passes)
+    finalists: int = 2
     distill: int = 0  # > 0: each evaluated plan also gets a distilled row (this many steps)
     # The pipeline (`dvc repro`, flows.compress): the solve stage searches for the plan (the gate: and eval:
     # sections decide) instead of removing prune.remove layers; fuse, evaluate and register then run on it.
@@ -462,6 +465,7 @@ class SearchConfig:
         _whole(self.split_shortlist, 0, "search.split_shortlist")
         if self.max_cuts not in (1, 2):
             raise GhostedError(f"search.max_cuts must be 1 or 2, got {self.max_cuts!r}")
+        _whole(self.finalists, 1, "--finalists (search.finalists)")
         _whole(self.distill, 0, "--distill (search.distill)")
 
     @classmethod

@@ -4,11 +4,13 @@ One shared calibration capture (prune.shared_capture) holds the sums of every co
 the searched range. For a given k, candidate plans are screened cheaply by held-out next-token loss on the
 held-out calibration windows (the ghost fitted on the fit windows): the single blocks with the lowest angular
 distance, the one with the best held-out boundary error (from the sums, no forward pass), and two-cut plans (the best by summed
-angular distance), each cut with its own operator fitted progressively. Only the best plan of a k is
-evaluated in full (the `eval:` section: test-set perplexity and zero-shot tasks, never calibration windows) and
-judged by the gate (gate.apply_gate); a binary search over k needs about log2(range) full evaluations, the dense
-model is evaluated once. The search assumes that passing is monotone in k (fewer layers removed never fails
-where more passed); the frontier in search.json shows every evaluated point, so a violation is visible.
+angular distance), each cut with its own operator fitted progressively. The finalists of a k (the `search.finalists` best
+screened plans) are evaluated in full, best first, until one passes (the `eval:` section: test-set perplexity and
+zero-shot tasks, never calibration windows), each judged by the gate (gate.apply_gate); k passes when one of them
+does. A binary search over k needs about log2(range) visits: one full evaluation for a k that passes at its
+best-screened plan, up to `finalists` for one that fails; the dense model is evaluated once. The search assumes
+that passing is monotone in k (fewer layers removed never fails where more passed); the frontier in search.json
+shows every evaluated point, so a violation is visible.
 
 Progressive fit (multi-cut plans): the cuts are fitted upstream first; each downstream cut's X/Y sums are
 captured on the model with the upstream cuts already removed and their ghosts installed
@@ -272,11 +274,17 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
     screen_seconds = 0.0
 
     def visit(k: int) -> bool:
-        nonlocal full_evals, screen_seconds
+        nonlocal screen_seconds
         ts = time.perf_counter()
         screening[k] = screen(loaded, calib, cfg, scfg, res, k, progress=False, log=log)
         screen_seconds += time.perf_counter() - ts
-        best = screening[k][0]
+        for rank, cand in enumerate(screening[k][:scfg.finalists], start=1):
+            if evaluate_finalist(k, rank, cand):
+                return True
+        return False
+
+    def evaluate_finalist(k: int, rank: int, best: Candidate) -> bool:
+        nonlocal full_evals
         sol = solve_plan(loaded, calib, cfg, res, best.removed, progress=False, log=log,
                          keep_fit_operators=bool(scfg.distill))
         variants = [("ghost", sol, sol.meta["solve_seconds"], None)]
@@ -289,17 +297,18 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
                              sol.meta["solve_seconds"], time.perf_counter() - td))
         passed = False
         for name, s, solve_s, distill_s in variants:
-            log(f"k={k} {name}: full evaluation of layers {format_layers(s.removed)}")
+            log(f"k={k} {name}: full evaluation of layers {format_layers(s.removed)} (finalist {rank} of "
+                f"{min(scfg.finalists, len(screening[k]))})")
             row = evaluate_solution(loaded, s, evaluation, dense, gate, progress)
             full_evals += 1
             row = {"k": k, "removed": s.removed, "layers": format_layers(s.removed),
-                   "cuts": [list(c) for c in runs(s.removed)], "recovery": name,
+                   "cuts": [list(c) for c in runs(s.removed)], "recovery": name, "finalist": rank,
                    "guard": s.meta["guard"].get("chosen"), "screen_heldout_loss": best.loss,
                    "solve_seconds": solve_s, "distill_seconds": distill_s, **row}
             if "distill" in s.meta:
                 row["distill"] = s.meta["distill"]
             frontier.append(row)
-            solutions[(k, name)] = s
+            solutions[(k, name, rank)] = s
             passed = passed or row["passed"]
             ratios = ", ".join(f"{src} x{r:.3f}" for src, r in row["ppl_ratio"].items())
             log(f"k={k} {name}: {'PASS' if row['passed'] else 'fail'} ({ratios}, retained "
@@ -318,8 +327,8 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
     if lo >= ks[0]:
         rows = [r for r in frontier if r["k"] == lo and r["passed"]]
         chosen_row = min(rows, key=lambda r: (r["rank_value"] if r["rank_value"] is not None else math.inf))
-        chosen_sol = solutions[(lo, chosen_row["recovery"])]
-    frontier.sort(key=lambda r: (r["k"], r["recovery"]))
+        chosen_sol = solutions[(lo, chosen_row["recovery"], chosen_row["finalist"])]
+    frontier.sort(key=lambda r: (r["k"], r["recovery"], r["finalist"]))
     doc = {
         "kind": "search", "model": loaded.ref.name, "num_layers": L, "searched": ks,
         "chosen": None if chosen_row is None else {
@@ -396,12 +405,14 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         ppl = [f"{r['ppl'][s]:.2f} (x{_f(r['ppl_ratio'].get(s))})" for s in sources]
         dist = "-" if r["distill_seconds"] is None else (
             f"{duration(r['distill_seconds'])} ({r['distill']['kept']})")
-        lines.append(f"| {r['k']} | {r['layers']} | {r['recovery']} | " + " | ".join(ppl) +
+        layers = r["layers"] if r.get("finalist", 1) == 1 else f"{r['layers']} (finalist {r['finalist']})"
+        lines.append(f"| {r['k']} | {layers} | {r['recovery']} | " + " | ".join(ppl) +
                      f" | {_f(r['average'])} ({_f(r['retained_acc'])}) | {r['screen_heldout_loss']:.4f} | "
                      f"{duration(r['solve_seconds'])} | {dist} | {duration(r['eval_seconds'])} | "
                      f"{'pass' if r['passed'] else 'fail'} |")
     lines += ["", "Held-out loss: next-token loss on the held-out calibration windows of the screened plan "
-              "(training-free ghost fitted on the fit windows); the gate uses the `eval:` data only.", ""]
+              "(training-free ghost fitted on the fit windows); the gate uses the `eval:` data only. A k's "
+              "finalists (its best screened plans) are evaluated best first until one passes.", ""]
     lines.append("Screening (held-out calibration loss of every candidate, best first):")
     lines.append("")
     for k, cands in doc["screening"]["by_k"].items():
@@ -429,11 +440,20 @@ def plot_frontier(doc: dict[str, Any], path: Path) -> bool:
     chosen = doc["chosen"]
     for ax, (src, label, threshold) in zip(axes, panels):
         for name in dict.fromkeys(r["recovery"] for r in rows):
-            pts = sorted((r["k"], r["ppl_ratio"].get(src) if src else r["retained_acc"]) for r in rows
-                         if r["recovery"] == name)
-            pts = [p for p in pts if p[1] is not None]
+            # the line runs through each k's deciding plan (the one that passed, else its best-screened);
+            # the other finalists are unconnected markers
+            mine = [r for r in rows if r["recovery"] == name]
+            lead = {}
+            for r in sorted(mine, key=lambda r: (not r["passed"], r.get("finalist", 1))):
+                lead.setdefault(r["k"], r)
+            value = (lambda r: r["ppl_ratio"].get(src)) if src else (lambda r: r["retained_acc"])
+            pts = sorted((k, value(r)) for k, r in lead.items() if value(r) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)[0]
+                others = [(r["k"], value(r)) for r in mine if r is not lead[r["k"]] and value(r) is not None]
+                if others:
+                    ax.scatter([p[0] for p in others], [p[1] for p in others], marker="x", color=line.get_color(),
+                               label=f"{name}, other finalists")
         if threshold is not None:
             ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label="gate")
         if chosen is not None:

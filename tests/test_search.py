@@ -180,7 +180,15 @@ def test_search_exits_1_with_chosen_null_when_nothing_passes(tiny_folder, tmp_pa
     assert doc["chosen"] is None and "no plan of 1..3 layers passes the gate" in doc["message"]
     assert json.loads(stdout)["chosen"] is None
     assert not (out / "checkpoint").exists()
-    assert [r["k"] for r in doc["frontier"]] == [1, 2] and not any(r["passed"] for r in doc["frontier"])
+    assert not any(r["passed"] for r in doc["frontier"])
+    # a failing k has its finalists (search.finalists, default 2) evaluated in screening order: k=2, then k=1
+    for k in (1, 2):
+        rows = [r for r in doc["frontier"] if r["k"] == k]
+        screened = doc["screening"]["by_k"][str(k)]
+        assert [r["finalist"] for r in rows] == [1, 2]
+        assert [r["layers"] for r in rows] == [c["layers"] for c in screened[:2]]
+    assert doc["full_evaluations"] == 1 + 4
+    assert "(finalist 2)" in (out / "search.md").read_text()
 
 
 def test_solve_with_search_enabled_writes_the_chosen_plan_and_its_report(tiny_folder, tmp_path, run):

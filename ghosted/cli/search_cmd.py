@@ -11,7 +11,7 @@ from ..errors import GhostedError
 from .core import _calib_args, _calibration, _check_out, _load, _log, _model_args, _refuse_ghost_model, params_file
 
 # CLI flag -> SearchConfig field (None-defaulted so the YAML `search:` section can fill in; CLI wins).
-SEARCH_FLAGS = ("min_remove", "max_remove", "shortlist", "split_shortlist", "max_cuts", "distill")
+SEARCH_FLAGS = ("min_remove", "max_remove", "shortlist", "split_shortlist", "max_cuts", "finalists", "distill")
 
 
 def search_settings(args: argparse.Namespace):
@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
     g.add_argument("--split-shortlist", type=int,
                    help=f"two-cut plans screened per k (default {default(S, 'split_shortlist')})")
     g.add_argument("--max-cuts", type=int, help=f"1: contiguous blocks only (default {default(S, 'max_cuts')})")
+    g.add_argument("--finalists", type=int,
+                   help=f"screened plans per k evaluated in full, best first, until one passes "
+                        f"(default {default(S, 'finalists')})")
     g.add_argument("--distill", type=int, metavar="STEPS",
                    help="also distill each evaluated plan's ghosts this many steps and report both rows (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder (search.json, report, checkpoint)")
