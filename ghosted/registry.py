@@ -305,15 +305,24 @@ def _locked(exc: BaseException) -> bool:
     return False
 
 
+def _dataset_race(exc: BaseException) -> bool:
+    """Whether exc is a concurrent writer's insert of the same dataset row: MLflow's log_inputs looks the dataset
+    up, then inserts it, in one transaction; of two processes that both found it missing, one fails with a
+    UNIQUE constraint and is rolled back, and its retry finds the row and links it."""
+    text = str(exc)
+    return "UNIQUE constraint failed: datasets." in text or "UNIQUE constraint failed: inputs." in text
+
+
 def _retry(fn: Callable[[], T], where: str, timeout: float) -> T:
-    """fn(), retried with exponential backoff while the database is locked, then one line."""
+    """fn(), retried with exponential backoff while the database is locked (or a concurrent register inserted
+    the same dataset row first), then one line."""
     start, delay, tries = time.monotonic(), 0.2, 0
     while True:
         tries += 1
         try:
             return fn()
         except Exception as exc:
-            if not _locked(exc):
+            if not (_locked(exc) or _dataset_race(exc)):
                 raise
             waited = time.monotonic() - start
             if waited + delay > timeout:

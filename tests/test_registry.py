@@ -467,6 +467,29 @@ def test_eight_concurrent_registers_keep_the_champion_consistent(ckpt, tmp_path)
     assert sum(r["champion_moved"] for r in results) == len(state["history"])
 
 
+def test_a_concurrent_insert_of_the_same_dataset_is_retried_and_other_integrity_errors_are_not():
+    """MLflow's log_inputs looks a dataset up and inserts it in one transaction: of two registers that both found
+    it missing, one fails on the UNIQUE constraint (seen in the test above under load); its retry links the row."""
+    from ghosted.registry import _retry
+
+    calls = []
+
+    def log_inputs():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                               "datasets.name, datasets.digest")
+        return "linked"
+
+    assert _retry(log_inputs, "db", timeout=5.0) == "linked" and len(calls) == 2
+
+    def other():
+        raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: model_versions.name")
+
+    with pytest.raises(RuntimeError, match="model_versions"):
+        _retry(other, "db", timeout=5.0)
+
+
 # --------------------------------------------------------------------------- locked database, missing stores
 
 
