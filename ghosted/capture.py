@@ -253,11 +253,11 @@ class _Sums:
                 Xg = X[gm]
                 gram = self.grams.add((j, s), Xg) if full else None
                 norm = full and plan.norm
-                norm_gram, xn = self.grams.add_norm((j, s), Xg) if norm else (None, None)
+                norm_gram, xn, Ng = self.grams.add_norm((j, s), Xg) if norm else (None, None, None)
                 for b in ends:
                     ps = group[(s, b)]
                     ps.add(Xg, states[b][gm], full=full, hadamard=self.H if whole else None,
-                           mlp=None if Mlp is None or not whole else Mlp[gm], gram=False, norm=norm)
+                           mlp=None if Mlp is None or not whole else Mlp[gm], gram=False, norm=norm, N=Ng)
                     if gram is not None:
                         ps.gram = gram
                     if norm:

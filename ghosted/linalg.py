@@ -49,10 +49,12 @@ class PairSums:
     trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
-            mlp: torch.Tensor | None = None, gram: bool = True, norm: bool = False) -> None:
+            mlp: torch.Tensor | None = None, gram: bool = True, norm: bool = False,
+            N: torch.Tensor | None = None) -> None:
         """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device.
         gram=False leaves X^T X (and with norm, N^T N and X^T N) to a GramStore shared by every cut that starts
-        at the same boundary. norm: also the sums of the norm features N = n(X) (needs full)."""
+        at the same boundary. norm: also the sums of the norm features N = n(X) (needs full); N: n(X) already
+        computed (GramStore.add_norm returns it), so cuts that share X do not recompute it."""
         if X.shape[0] == 0:
             return
         X = X.to(F64)
@@ -69,7 +71,7 @@ class PairSums:
                 self._acc("gram", X.T @ X)
             self._acc("cross", X.T @ Y)
             if norm:
-                N = scale_free(X)
+                N = scale_free(X) if N is None else N.to(F64)
                 if gram:
                     self._acc("norm_gram", N.T @ N)
                     self._acc("xn", X.T @ N)
@@ -160,11 +162,11 @@ class GramStore:
         X = X.to(F64)
         return self._add(key, X.T @ X)
 
-    def add_norm(self, key: tuple, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add N^T N and X^T N (N = n(X)) of one batch; returns those (shared) sums."""
+    def add_norm(self, key: tuple, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add N^T N and X^T N (N = n(X)) of one batch; returns those (shared) sums and N (float64)."""
         X = X.to(F64)
         N = scale_free(X)
-        return self._add((*key, "nn"), N.T @ N), self._add((*key, "xn"), X.T @ N)
+        return self._add((*key, "nn"), N.T @ N), self._add((*key, "xn"), X.T @ N), N
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grams.values())

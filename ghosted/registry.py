@@ -326,7 +326,9 @@ def _retry(fn: Callable[[], T], where: str, timeout: float) -> T:
                 raise
             waited = time.monotonic() - start
             if waited + delay > timeout:
-                raise GhostedError(f"the MLflow database {where} is locked by another process (tried {tries} times "
+                why = "is locked by another process" if _locked(exc) else \
+                    "keeps rejecting a dataset row that another register inserts at the same time"
+                raise GhostedError(f"the MLflow database {where} {why} (tried {tries} times "
                                    f"over {waited:.0f} s); retry when the other writer is done") from None
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
