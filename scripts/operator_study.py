@@ -1,0 +1,225 @@
+"""How much more can a per-token operator recover? Richer regressors on top of the norm-feature ghost, one cut.
+
+    python scripts/operator_study.py smollm2-135m --layers 10-18 --layers 13-18 \
+        --out reports/operator_study_smollm2-135m.json
+
+For each block, the shipped ghost (`--norm-features`, sink policy, the guard's ridge) is fitted on the fit windows
+only, and so is every variant below, by one ridge least-squares fit of the block's output on
+
+- `neurons:M`: [h, n(h), F(h)], F the M removed-MLP neurons (SwiGLU of the RMSNorm'd input, gain folded in) with the
+  largest mean |activation| x |down-projection column|, evaluated on the block's *input* state;
+- `random:M`: [h, n(h), silu(n(h) R)], R a fixed Gaussian d x M (random features);
+- `prev`: [h, n(h), n(h_{t-1})], the previous token's scale-free state (a token shift: what a previous-token
+  attention head reads); `prev+mean`: also the running mean of n(h) over the window.
+
+The sink (position 0) keeps the shipped sink shift and is not a context token. Held-out loss is on the held-out
+calibration windows; perplexity on 8 x 512 windows of wiki and PTB (the gate's protocol). This is a study, not a
+product option: `prev` needs the previous token's state at decode time, which a stateless hook does not have.
+Numbers are float64 fits of float32 states; the capture keeps the fit windows' block input and output in memory
+(48 x 511 x d x 4 bytes each for SmolLM2), which is fine for this model and not meant for large ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghosted import arch  # noqa: E402
+from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
+from ghosted.config import PruneConfig  # noqa: E402
+from ghosted.data import build_calibration  # noqa: E402
+from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
+from ghosted.models import load_model  # noqa: E402
+from ghosted.prune import heldout_windows, solve  # noqa: E402
+from ghosted.surgery import temporarily_pruned  # noqa: E402
+
+F64 = torch.float64
+
+
+def block_states(model, ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of layer `start` and of layer `end` (the block's output) for every window, float32 [n, T, d]."""
+    layers = arch.get_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(i):
+        def hook(_m, args, kwargs):
+            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (start, end)]
+    xs, ys = [], []
+    try:
+        with torch.no_grad():
+            for w in range(ids.shape[0]):
+                model(ids[w:w + 1])
+                xs.append(seen[start][0])
+                ys.append(seen[end][0])
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(xs), torch.stack(ys)
+
+
+def shifted(n: torch.Tensor) -> torch.Tensor:
+    """n(h_{t-1}) for t >= 1 of [B, T, d] states of tokens 1.. (the first gets zeros)."""
+    out = torch.zeros_like(n)
+    out[:, 1:] = n[:, :-1]
+    return out
+
+
+def running_mean(n: torch.Tensor) -> torch.Tensor:
+    count = torch.arange(1, n.shape[1] + 1, dtype=n.dtype, device=n.device).view(1, -1, 1)
+    return n.cumsum(1) / count
+
+
+class Features:
+    """The regressors of one variant as a function of [B, T, d] states of tokens 1.. (the sink excluded)."""
+
+    def __init__(self, name: str, model, start: int, end: int, d: int, seed: int = 0) -> None:
+        self.name = name
+        kind, _, m = name.partition(":")
+        self.kind = kind
+        if kind == "neurons":
+            layers = arch.get_layers(model)
+            gates, ups, downs = [], [], []
+            for i in range(start, end):
+                layer = layers[i]
+                gain = layer.post_attention_layernorm.weight.detach()
+                gates.append(layer.mlp.gate_proj.weight.detach() * gain)
+                ups.append(layer.mlp.up_proj.weight.detach() * gain)
+                downs.append(layer.mlp.down_proj.weight.detach().norm(dim=0))
+            self.gate, self.up, self.down_norm = torch.cat(gates), torch.cat(ups), torch.cat(downs)
+            self.m = int(m)
+            self.sel = None
+        elif kind == "random":
+            g = torch.Generator().manual_seed(seed)
+            self.R = torch.randn(d, int(m), generator=g) * (2.0 / math.sqrt(d))
+        elif kind not in ("prev", "prev+mean"):
+            raise SystemExit(f"unknown variant {name}")
+
+    def choose_neurons(self, n_fit: torch.Tensor) -> None:
+        acts = torch.nn.functional.silu(n_fit @ self.gate.T) * (n_fit @ self.up.T)
+        importance = acts.abs().mean(0) * self.down_norm
+        self.sel = torch.argsort(importance, descending=True)[:self.m]
+
+    def __call__(self, n: torch.Tensor) -> list[torch.Tensor]:
+        if self.kind == "neurons":
+            return [torch.nn.functional.silu(n @ self.gate[self.sel].T) * (n @ self.up[self.sel].T)]
+        if self.kind == "random":
+            return [torch.nn.functional.silu(n @ self.R)]
+        if self.kind == "prev":
+            return [shifted(n)]
+        return [shifted(n), running_mean(n)]
+
+
+class Extended(torch.nn.Module):
+    """h <- [h, n(h), features] W at tokens 1.., h + sink shift at position 0."""
+
+    def __init__(self, feats: Features, W: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.feats, self.W, self.shift = feats, W, shift
+
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        n = scale_free(h)
+        rest = torch.zeros(*h.shape[:2], self.W.shape[0] - 2 * h.shape[-1], dtype=h.dtype)
+        if h.shape[1] > 1:
+            rest[:, 1:] = torch.cat(self.feats(n[:, 1:]), -1)
+        out = torch.cat([h, n, rest], -1) @ self.W
+        return torch.where(first_positions(h, position_ids)[..., None], h + self.shift, out)
+
+
+def fit(Z: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge least squares in float64, the ridge relative to the mean diagonal of Z^T Z."""
+    G = Z.T @ Z
+    G.diagonal().add_(ridge * float(G.diagonal().mean()))
+    return torch.linalg.solve(G, Z.T @ Y).float()
+
+
+def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], log) -> dict:
+    model = loaded.model
+    d = model.config.hidden_size
+    cfg = PruneConfig(layers=layers, norm_features=True)
+    sol = solve(loaded, calib, cfg, progress=False, log=log, keep_fit_operators=True)
+    removed = sol.removed
+    (cut, op), = sol.fit_operators.items()
+    held = sorted(heldout_windows(calib.n, cfg.holdout))
+    fit_w = [i for i in range(calib.n) if i not in held]
+    X, Y = block_states(model, calib.input_ids[fit_w], cut[0], cut[1])
+    X, Y = X[:, 1:], Y[:, 1:]  # the sink keeps its shift
+    N = scale_free(X)
+    shift = op.sink_shift.float() if op.sink_shift is not None else torch.zeros(d)
+    ids_held = calib.input_ids[held]
+
+    def measure(ghost=None) -> dict:
+        with temporarily_pruned(model, removed, {cut: op}) as m:
+            (site, module), = m.ghosts.items()
+            saved = module.forward
+            if ghost is not None:
+                module.forward = ghost.forward
+            try:
+                with torch.no_grad():
+                    row = {"heldout_loss": mean_nll(m, ids_held, 4)}
+                    for src in ("wiki", "ptb"):
+                        row[f"{src}_ppl"] = perplexity(m, loaded.tokenizer, src, 512, 8, 4, progress=False)["ppl"]
+            finally:
+                module.forward = saved
+        return row
+
+    rows = [{"variant": "norm-feature ghost (shipped, fit windows)", "extra_params": 0, **measure()}]
+    log(f"{layers}: {rows[-1]}")
+    for name in variants:
+        feats = Features(name, model, cut[0], cut[1], d)
+        if feats.kind == "neurons":
+            feats.choose_neurons(N.reshape(-1, d)[::7])
+        Z = torch.cat([X, N, *feats(N)], -1)
+        Z = Z.reshape(-1, Z.shape[-1]).to(F64)
+        target = Y.reshape(-1, d).to(F64)
+        for ridge in ridges:
+            W = fit(Z, target, ridge)
+            # beyond the shipped ghost's W and W_n: the features' output rows, and their own input weights
+            extra = (W.shape[0] - 2 * d) * d + {"neurons": 2 * d * getattr(feats, "m", 0),
+                                                "random": d * getattr(feats, "R", torch.empty(0, 0)).shape[-1]
+                                                }.get(feats.kind, 0)
+            row = {"variant": name, "ridge": ridge, "extra_params": extra,
+                   **measure(Extended(feats, W, shift))}
+            rows.append(row)
+            log(f"{layers}: {row}")
+        del Z
+    return {"layers": layers, "removed": removed, "token_policy": sol.meta["token_policy"],
+            "ridge": sol.meta["ridge"], "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--layers", action="append", required=True, help="a block, e.g. 10-18 (repeatable)")
+    ap.add_argument("--variants", default="neurons:1024,random:1024,prev,prev+mean")
+    ap.add_argument("--ridges", default="1e-4")
+    ap.add_argument("--calib-source", default="passages+ptb-train")
+    ap.add_argument("--n-seqs", type=int, default=64)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    loaded = load_model(a.model)
+    calib = build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
+    blocks = [study(loaded, calib, layers, a.variants.split(","), [float(r) for r in a.ridges.split(",")],
+                    lambda s: print(s, flush=True)) for layers in a.layers]
+    out = {"model": a.model, "calibration": {"source": a.calib_source, "n": a.n_seqs, "seq_len": 512},
+           "blocks": blocks, "seconds": time.perf_counter() - t0,
+           "command": "python scripts/operator_study.py " + " ".join(sys.argv[1:])}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out} in {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
