@@ -129,7 +129,7 @@ class Extended(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = scale_free(h)
-        rest = torch.zeros(*h.shape[:2], self.W.shape[0] - 2 * h.shape[-1], dtype=h.dtype)
+        rest = h.new_zeros(*h.shape[:2], self.W.shape[0] - 2 * h.shape[-1])
         if h.shape[1] > 1:
             rest[:, 1:] = torch.cat(self.feats(n[:, 1:]), -1)
         out = torch.cat([h, n, rest], -1) @ self.W
