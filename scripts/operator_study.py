@@ -87,6 +87,7 @@ class Features:
         self.name = name
         kind, _, m = name.partition(":")
         self.kind = kind
+        self.input_params = 0  # the features' own weights (what they cost beyond their output rows)
         if kind == "neurons":
             layers = arch.get_layers(model)
             gates, ups, downs = [], [], []
@@ -99,9 +100,11 @@ class Features:
             self.gate, self.up, self.down_norm = torch.cat(gates), torch.cat(ups), torch.cat(downs)
             self.m = int(m)
             self.sel = None
+            self.input_params = 2 * d * self.m  # gate and up rows
         elif kind == "random":
             g = torch.Generator().manual_seed(seed)
             self.R = torch.randn(d, int(m), generator=g) * (2.0 / math.sqrt(d))
+            self.input_params = d * int(m)
         elif kind not in ("prev", "prev+mean"):
             raise SystemExit(f"unknown variant {name}")
 
@@ -185,9 +188,7 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
         for ridge in ridges:
             W = fit(Z, target, ridge)
             # beyond the shipped ghost's W and W_n: the features' output rows, and their own input weights
-            extra = (W.shape[0] - 2 * d) * d + {"neurons": 2 * d * getattr(feats, "m", 0),
-                                                "random": d * getattr(feats, "R", torch.empty(0, 0)).shape[-1]
-                                                }.get(feats.kind, 0)
+            extra = (W.shape[0] - 2 * d) * d + feats.input_params
             row = {"variant": name, "ridge": ridge, "extra_params": extra,
                    **measure(Extended(feats, W, shift))}
             rows.append(row)
