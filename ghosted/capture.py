@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import arch
+from ._remote.modeling_ghosted import previous_states, scale_free
 from .errors import GhostedError
 from .io import file_sha256  # noqa: F401  (re-exported: capture.file_sha256)
 from .io import release_memory
@@ -46,6 +47,7 @@ class CapturePlan:
     # accumulated (needs scores=True)
     shortlist: tuple[str, int, int] | None = None
     norm: bool = False  # with full: also the norm-feature sums (N = n(X)) of every cut (ghost --norm-features)
+    shift: bool = False  # with norm: N = [n(X), the previous token's n(X)] (ghost --token-shift)
 
 
 @dataclass
@@ -196,6 +198,14 @@ def validate_pairs(pairs: list[Pair], num_layers: int) -> None:
             raise GhostedError(f"cut ({s}, {b}) is outside the model's {num_layers} layers")
 
 
+def _shift_features(X: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+    """[B, T, 2d] float64: n(X) and the previous token's n(X) as a token-shift ghost reads it at inference, with
+    the position ids transformers derives from the attention mask."""
+    X = X.to(F64)
+    pid = (am.long().cumsum(-1) - 1).clamp_min(0)
+    return torch.cat([scale_free(X), previous_states(X, pid)], -1)
+
+
 class _Sums:
     """Everything one capture accumulates; fed one batch of states at a time (either capture path)."""
 
@@ -240,6 +250,8 @@ class _Sums:
         for s, ends in by_start.items():
             X = states[s]
             m = self.policy.cut_mask(base, X)  # depends on X = h_s only: the same tokens for every cut from s
+            # the token shift's features need each token's predecessor: computed on whole windows, then selected
+            feats = _shift_features(X, am) if plan.full and plan.norm and plan.shift else None
             Mlp = mlp_out[s - 1].to(device) if plan.mlp and s >= 1 else None
             groups = [(self.fit, m & ~is_held), (self.held, m & is_held)]
             if self.keep_left_out:
@@ -253,7 +265,8 @@ class _Sums:
                 Xg = X[gm]
                 gram = self.grams.add((j, s), Xg) if full else None
                 norm = full and plan.norm
-                norm_gram, xn, Ng = self.grams.add_norm((j, s), Xg) if norm else (None, None, None)
+                norm_gram, xn, Ng = self.grams.add_norm((j, s), Xg, None if feats is None else feats[gm]) \
+                    if norm else (None, None, None)
                 for b in ends:
                     ps = group[(s, b)]
                     ps.add(Xg, states[b][gm], full=full, hadamard=self.H if whole else None,

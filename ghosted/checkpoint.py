@@ -38,7 +38,7 @@ MANIFEST = "ghosted_manifest.json"
 VARIANT = modeling_ghosted.WEIGHTS_VARIANT
 AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE[:-3]}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
-_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift|norm_weight)$")
+_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift|norm_weight|shift_weight)$")
 
 
 def _base_classes(base: str) -> tuple[type, type]:
@@ -311,6 +311,10 @@ def _check_tensors(folder: Path, doc: dict, meta: dict, base: str, has_ghosts: b
             if rank is not None:
                 raise GhostedError(f"{folder}: the ghost at site {site} is low-rank and has norm features")
             want[f"ghosts.{site}.norm_weight"] = (d, d)
+        if g.get("shift"):
+            if rank is not None:
+                raise GhostedError(f"{folder}: the ghost at site {site} is low-rank and has a token shift")
+            want[f"ghosts.{site}.shift_weight"] = (d, d)
     for key, shape in want.items():
         if key not in ghosts:
             raise GhostedError(f"{folder}: ghost tensor {key} is missing from the weights")

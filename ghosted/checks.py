@@ -245,7 +245,7 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
     for (s, b), op in sol.operators.items():
         if op.kind not in ("full", "lowrank", "scalar", "fold_down", "identity"):
             raise GhostedError(f"{where}: operator {s}-{b} has unknown kind {op.kind!r}: solve again")
-        for name in ("W", "bias", "U", "V", "T", "sink_shift", "Wn"):
+        for name in ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp"):
             t = getattr(op, name)
             if t is None:
                 continue

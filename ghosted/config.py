@@ -203,6 +203,7 @@ class PruneConfig:
     ridge_grid: tuple[float, ...] = (1e-6, 1e-2)
     affine: bool = False
     norm_features: bool = False  # ghost: also a d x d map of the scale-free state n(h) (linalg.solve_ghost)
+    token_shift: bool = False  # with norm_features: also a d x d map of the previous token's n(h)
     rank: int | None = None
     variant: str = "rotate"
     fold: str = "auto"  # --recovery foldable: auto (the guard picks) | cq | replaceme | cq+replaceme
@@ -254,6 +255,8 @@ class PruneConfig:
                                f"not {self.recovery}")
         if self.norm_features and self.rank is not None:
             raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
+        if self.token_shift and not self.norm_features:
+            raise GhostedError("--token-shift (prune.token_shift) extends the norm features: add --norm-features")
         if self.distill and self.recovery != "ghost":
             raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
 

@@ -136,6 +136,7 @@ def _read_operators(model: torch.nn.Module, removed: list[int], start: dict[Pair
             new = Operator("full", W=grab(g.weight))
         new.bias, new.sink_shift = grab(g.bias), grab(g.sink_shift)
         new.Wn = grab(getattr(g, "norm_weight", None))
+        new.Wp = grab(getattr(g, "shift_weight", None))
         new.info = {**op.info, "distilled": True}
         out[cut] = new
     return out

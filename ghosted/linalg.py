@@ -41,11 +41,12 @@ class PairSums:
     mlp_gram: torch.Tensor | None = None  # Mlp^T Mlp      [d, d] (ReplaceMe; Mlp = MLP output of layer s-1)
     mlp_cross: torch.Tensor | None = None  # Mlp^T (Y - A) [d, d], A = X - Mlp
     mlp_x: torch.Tensor | None = None  # Mlp^T X        [d, d] (foldable: ReplaceMe composed with c Q)
-    # norm features (ghost --norm-features): N = n(X), the scale-free state (modeling_ghosted.scale_free)
-    norm_gram: torch.Tensor | None = None  # N^T N [d, d]
-    xn: torch.Tensor | None = None  # X^T N [d, d]
-    norm_cross: torch.Tensor | None = None  # N^T Y [d, d]
-    sum_n: torch.Tensor | None = None  # sum of N [d]
+    # norm features (ghost --norm-features): N = n(X), the scale-free state (modeling_ghosted.scale_free); with
+    # --token-shift N = [n(X), P], P the previous token's n(X) (modeling_ghosted.previous_states), so m = 2d
+    norm_gram: torch.Tensor | None = None  # N^T N [m, m], m = d (or 2d with the token shift)
+    xn: torch.Tensor | None = None  # X^T N [d, m]
+    norm_cross: torch.Tensor | None = None  # N^T Y [m, d]
+    sum_n: torch.Tensor | None = None  # sum of N [m]
     trace_ref: float | None = None  # tr(X^T X) the relative ridge refers to (None: this gram's own trace)
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, *, full: bool = True, hadamard: torch.Tensor | None = None,
@@ -53,8 +54,10 @@ class PairSums:
             N: torch.Tensor | None = None) -> None:
         """Accumulate one batch of selected tokens. X, Y: [n, d] in any dtype/device.
         gram=False leaves X^T X (and with norm, N^T N and X^T N) to a GramStore shared by every cut that starts
-        at the same boundary. norm: also the sums of the norm features N = n(X) (needs full); N: n(X) already
-        computed (GramStore.add_norm returns it), so cuts that share X do not recompute it."""
+        at the same boundary. norm: also the sums of the norm features N = n(X) (needs full); N: the features
+        already computed (GramStore.add_norm returns them; [n(X), P] with the token shift, whose P needs the
+        windows' token order and so cannot be computed from the selected rows X), so cuts that share X do not
+        recompute them."""
         if X.shape[0] == 0:
             return
         X = X.to(F64)
@@ -162,10 +165,12 @@ class GramStore:
         X = X.to(F64)
         return self._add(key, X.T @ X)
 
-    def add_norm(self, key: tuple, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add N^T N and X^T N (N = n(X)) of one batch; returns those (shared) sums and N (float64)."""
+    def add_norm(self, key: tuple, X: torch.Tensor, N: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add N^T N and X^T N of one batch (N = n(X), or the features given); returns those (shared) sums and
+        N (float64)."""
         X = X.to(F64)
-        N = scale_free(X)
+        N = scale_free(X) if N is None else N.to(F64)
         return self._add((*key, "nn"), N.T @ N), self._add((*key, "xn"), X.T @ N), N
 
     def nbytes(self) -> int:
@@ -188,6 +193,7 @@ class Operator:
     T: torch.Tensor | None = None  # kind == "fold_down": ReplaceMe transform of the MLP output [d, d]
     sink_shift: torch.Tensor | None = None  # [d]: position-0 tokens get h <- h + sink_shift instead (see capture)
     Wn: torch.Tensor | None = None  # [d, d], kind "full": h <- h W + n(h) Wn (+ b), n = scale_free (norm features)
+    Wp: torch.Tensor | None = None  # [d, d], token shift: + n(h_{t-1}) Wp (modeling_ghosted.previous_states)
     info: dict = field(default_factory=dict)
 
     def matrix(self, d: int) -> torch.Tensor:
@@ -225,19 +231,25 @@ def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(A, B).solution
 
 
-def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bool = False) -> Operator:
+def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bool = False,
+                shift: bool = False) -> Operator:
     """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too.
 
     norm: the regressors are [X, n(X)] (n = scale_free): Y - X = X M + n(X) Wn (+ b). Each removed layer reads
     its input through an RMSNorm, so what it adds depends on the scale-free state; the extra d columns give
     the closed form that dependence (SmolLM2-135M, layers 10-18: wiki PPL 44.9 -> 42.4). The n(X) block gets
-    its own relative ridge (lambda_n = ridge * tr(N^T N) / d)."""
+    its own relative ridge (lambda_n = ridge * tr(N^T N) / d).
+
+    shift (token shift, needs norm): the features are [n(X), P], P the previous token's n(X), captured as one
+    2d-wide block with one relative ridge; the operator gets Wn and Wp."""
     G, C = s.gram, s.cross
     d = s.d
     dev = G.device
     eye = torch.eye(d, dtype=F64, device=dev)
     lam = ridge_lambda(G, ridge, s.trace_ref)
     rhs = C - G  # X^T (Y - X)
+    if shift and not norm:
+        raise ValueError("the token shift is a norm-feature option: solve with norm=True")
     if not affine and not norm:
         M = _solve_spd(G + lam * eye, rhs)
         return Operator("full", W=eye + M, info={"lambda": lam})
@@ -247,10 +259,14 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bo
     if norm:
         if not s.has_norm:
             raise ValueError("norm features need the norm sums: capture with CapturePlan(norm=True)")
+        m = d * (2 if shift else 1)
+        if s.norm_gram.shape[0] != m:
+            raise ValueError(f"the sums hold {s.norm_gram.shape[0] // d} feature block(s) of width d; "
+                             f"this fit needs {m // d} (capture with CapturePlan(shift={shift}))")
         lam_n = ridge_lambda(s.norm_gram, ridge)
         info["lambda_norm"] = lam_n
         blocks_g[0].append(s.xn)
-        blocks_g.append([s.xn.T, s.norm_gram + lam_n * eye])
+        blocks_g.append([s.xn.T, s.norm_gram + lam_n * torch.eye(m, dtype=F64, device=dev)])
         blocks_r.append(s.norm_cross - s.xn.T)  # N^T (Y - X)
     Ga = torch.cat([torch.cat(row, dim=1) for row in blocks_g], dim=0)
     Ra = torch.cat(blocks_r, dim=0)
@@ -260,8 +276,8 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bo
                         torch.cat([sums, torch.tensor([float(s.n)], dtype=F64, device=dev)])[None, :]], dim=0)
         Ra = torch.cat([Ra, (s.sum_y - s.sum_x)[None, :]], dim=0)
     Z = _solve_spd(Ga, Ra)
-    return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d] if norm else None, bias=Z[-1] if affine else None,
-                    info=info)
+    return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d] if norm else None,
+                    Wp=Z[2 * d:3 * d] if norm and shift else None, bias=Z[-1] if affine else None, info=info)
 
 
 def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:
@@ -414,8 +430,9 @@ def solve_rotate_replaceme(s: PairSums, ridge: float = 1e-6, iters: int = 20, to
 # --------------------------------------------------------------------------- residuals from sums
 
 
-def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None, Wn: torch.Tensor | None = None) -> float:
-    """sum_t |x_t W + n(x_t) Wn + b - y_t|^2 computed from the sums alone (no activations)."""
+def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None, Wn: torch.Tensor | None = None,
+             Wp: torch.Tensor | None = None) -> float:
+    """sum_t |x_t W + n(x_t) Wn + p_t Wp + b - y_t|^2 computed from the sums alone (no activations)."""
     dev = s.gram.device
     W = W.to(F64).to(dev)
     r = torch.trace(W.T @ s.gram @ W) - 2 * torch.trace(W.T @ s.cross) + s.sq_y
@@ -423,7 +440,9 @@ def residual(s: PairSums, W: torch.Tensor, bias: torch.Tensor | None = None, Wn:
     if Wn is not None:
         if not s.has_norm:
             raise ValueError("a ghost with norm features needs the norm sums to be scored")
-        V = Wn.to(F64).to(dev)
+        V = (Wn if Wp is None else torch.cat([Wn, Wp])).to(F64).to(dev)
+        if V.shape[0] != s.norm_gram.shape[0]:
+            raise ValueError("the operator's feature blocks do not match the captured sums (token shift or not)")
         r = r + 2 * torch.trace(W.T @ s.xn @ V) + torch.trace(V.T @ s.norm_gram @ V) - 2 * torch.trace(V.T @ s.norm_cross)
         pred_sum = pred_sum + s.sum_n @ V
     if bias is not None:
@@ -437,7 +456,7 @@ def relative_residual(s: PairSums, op: Operator) -> float:
     base = float(s.sq_d)
     if op.kind == "fold_down" or op.T is not None:
         raise ValueError("operators with a fold into layer s-1 act inside a layer; use fold_residual")
-    r = residual(s, op.matrix(s.d), op.bias, op.Wn)
+    r = residual(s, op.matrix(s.d), op.bias, op.Wn, op.Wp)
     return r / max(base, 1e-30)
 
 

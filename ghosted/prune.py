@@ -28,7 +28,7 @@ from .recovery import RECOVERY, SolveOptions
 from .selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from .surgery import Pair, apply, runs, temporarily_pruned
 
-OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn")
+OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp")
 
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30
@@ -37,14 +37,16 @@ ONE_PASS_BUDGET_BYTES = 6 * 2**30
 SHORTLIST_BLOCKS = 4
 
 
-def candidate_sums_bytes(d: int, cuts: list[Pair], groups: int, mlp: bool = False, norm: bool = False) -> int:
+def candidate_sums_bytes(d: int, cuts: list[Pair], groups: int, mlp: bool = False, norm: bool = False,
+                         shift: bool = False) -> int:
     """Float64 bytes of the d x d sums one capture keeps: one X^T X per distinct start boundary (shared by
     the cuts that start there) plus one X^T Y per cut, per token group; the MLP-output sums (ReplaceMe, foldable)
     add three per cut: Mlp^T Mlp, Mlp^T (Y - A), Mlp^T X; norm features two per start (N^T N, X^T N) and one
-    per cut (N^T Y)."""
+    per cut (N^T Y); with the token shift N is twice as wide (N^T N four times the size, X^T N and N^T Y twice)."""
     starts = len({s for s, _ in cuts})
-    per_start = 3 if norm else 1
-    per_cut = (4 if mlp else 1) + (1 if norm else 0)
+    w = 2 if norm and shift else 1
+    per_start = 1 + (w * w + w if norm else 0)
+    per_cut = (4 if mlp else 1) + (w if norm else 0)
     return (starts * per_start + len(cuts) * per_cut) * d * d * 8 * groups
 
 
@@ -80,7 +82,7 @@ def run_capture(loaded: Loaded, calib: Calibration, cfg: PruneConfig, pairs: lis
     needs_full = method.full or cfg.select == "ghost"
     plan = CapturePlan(pairs=pairs, full=needs_full, hadamard=method.hadamard and cfg.variant == "rotate",
                        mlp=method.mlp, scores=scores, heldout=heldout_windows(calib.n, cfg.holdout),
-                       shortlist=shortlist, norm=cfg.norm_features)
+                       shortlist=shortlist, norm=cfg.norm_features, shift=cfg.token_shift)
     return capture(loaded.model, calib.input_ids, plan, cfg.token_policy, batch_size=cfg.batch_size,
                    bos_id=_bos(loaded.tokenizer), progress=progress, layerwise=loaded.layerwise,
                    offload_budget=loaded.offload_budget,
@@ -124,17 +126,18 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
 
 
 def _opts(cfg: PruneConfig, ridge: float) -> SolveOptions:
-    return SolveOptions(ridge=ridge, affine=cfg.affine, norm=cfg.norm_features, rank=cfg.rank, variant=cfg.variant,
+    return SolveOptions(ridge=ridge, affine=cfg.affine, norm=cfg.norm_features, shift=cfg.token_shift, rank=cfg.rank,
+                        variant=cfg.variant,
                         fold=cfg.fold)
 
 
 def shared_plan(num_layers: int, hidden: int, ks: list[int], methods: list[str], heldout: frozenset[int],
-                variant: str = "rotate", norm: bool = False) -> CapturePlan:
+                variant: str = "rotate", norm: bool = False, shift: bool = False) -> CapturePlan:
     """One capture that serves every (k, method) of a grid: scores plus the sums of every candidate block."""
     ms = [RECOVERY.get(m) for m in methods]
     pairs = sorted({(s, s + k) for k in ks for s in range(num_layers - k + 1)})
     return CapturePlan(pairs=pairs, full=True, hadamard=any(m.hadamard for m in ms) and variant == "rotate",
-                       mlp=any(m.mlp for m in ms), scores=True, heldout=heldout, norm=norm)
+                       mlp=any(m.mlp for m in ms), scores=True, heldout=heldout, norm=norm, shift=shift)
 
 
 def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: list[int], methods: list[str],
@@ -142,7 +145,8 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
     """The one calibration pass that serves a whole grid (ghosted compare, flows/sweep.py)."""
     model = loaded.model
     plan = shared_plan(arch.num_layers(model), int(model.config.hidden_size), sorted(ks), list(methods),
-                       heldout_windows(calib.n, template.holdout), template.variant, template.norm_features)
+                       heldout_windows(calib.n, template.holdout), template.variant, template.norm_features,
+                       template.token_shift)
     if log is not None:
         log(f"shared calibration pass: {calib.n} x {calib.seq_len} tokens, {len(plan.pairs)} candidate blocks")
     return capture(model, calib.input_ids, plan, template.token_policy, batch_size=template.batch_size,
@@ -179,7 +183,8 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         groups = 2 if cfg.holdout > 0 else 1
         short = (cfg.select, k, SHORTLIST_BLOCKS) if cfg.select in ("angular", "cosine") else None
         kept = candidates if short is None else candidates[:SHORTLIST_BLOCKS]
-        one_pass_bytes = candidate_sums_bytes(d, kept, groups, method.mlp, cfg.norm_features) + 2 * (L + 1) ** 2 * 8
+        one_pass_bytes = candidate_sums_bytes(d, kept, groups, method.mlp, cfg.norm_features,
+                                              cfg.token_shift) + 2 * (L + 1) ** 2 * 8
         if shared is not None and shared.cos_sum is not None and all(c in shared.fit for c in candidates):
             res = shared
         elif cfg.select in CONTIGUOUS and (method.full or cfg.select == "ghost") and one_pass_bytes <= ONE_PASS_BUDGET_BYTES:

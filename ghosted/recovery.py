@@ -18,6 +18,7 @@ class SolveOptions:
     ridge: float = 1e-6  # relative: lambda = ridge * tr(X^T X) / d
     affine: bool = False
     norm: bool = False  # ghost: also regress on the scale-free state n(X) (linalg.solve_ghost)
+    shift: bool = False  # with norm: also on the previous token's n(X) (the token shift)
     rank: int | None = None
     variant: str = "rotate"  # LinearPatch: rotate | diag
     fold: str = "auto"  # foldable: one of FOLDS (auto: cq+replaceme; the guard picks among FOLDS first)
@@ -49,7 +50,7 @@ def _ghost(s: PairSums, o: SolveOptions) -> Operator:
             raise GhostedError("a low-rank ghost has no bias or norm features: drop --rank, or --affine and "
                                "--norm-features")
         return solve_lowrank(s, o.rank, o.ridge)
-    return solve_ghost(s, o.ridge, affine=o.affine, norm=o.norm)
+    return solve_ghost(s, o.ridge, affine=o.affine, norm=o.norm, shift=o.shift)
 
 
 _register(Method("ghost", _ghost, full=True))

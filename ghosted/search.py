@@ -87,7 +87,8 @@ def fit_progressive(loaded: Loaded, calib: Calibration, cfg: PruneConfig, remove
             ops[cut] = solve_cut(shared, cut, group, policy, cfg, ridge)
         else:
             local = _pruned_cut(cut, upstream)
-            plan = CapturePlan(pairs=[local], full=True, scores=False, heldout=heldout, norm=cfg.norm_features)
+            plan = CapturePlan(pairs=[local], full=True, scores=False, heldout=heldout, norm=cfg.norm_features,
+                               shift=cfg.token_shift)
             with temporarily_pruned(loaded.model, upstream, ops) as m:
                 res = capture(m, calib.input_ids, plan, cfg.token_policy, batch_size=cfg.batch_size,
                               bos_id=_bos(loaded.tokenizer), progress=progress, desc=f"capture for cut {cut}",

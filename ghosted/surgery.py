@@ -46,6 +46,7 @@ class GhostSpec:
     cut: Pair = (0, 0)
     sink_shift: bool = False
     norm: bool = False
+    shift: bool = False  # token shift (modeling_ghosted.previous_states)
 
     def as_config(self) -> dict:
         out = {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
@@ -53,6 +54,8 @@ class GhostSpec:
             out["sink_shift"] = True
         if self.norm:
             out["norm"] = True
+        if self.shift:
+            out["shift"] = True
         return out
 
 
@@ -111,7 +114,8 @@ def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pai
             raise GhostedError(f"cannot apply a {op.kind!r} operator (cut {cut}): not a fold and not a ghost")
         rank = op.U.shape[1] if op.kind == "lowrank" else None
         plan.ghosts.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
-                                      sink_shift=op.sink_shift is not None, norm=op.Wn is not None), op))
+                                      sink_shift=op.sink_shift is not None, norm=op.Wn is not None,
+                                      shift=op.Wp is not None), op))
     return plan
 
 
@@ -208,6 +212,8 @@ def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operat
             mod.sink_shift.data.copy_(op.sink_shift)
         if op.Wn is not None:
             mod.norm_weight.data.copy_(op.Wn)
+        if op.Wp is not None:
+            mod.shift_weight.data.copy_(op.Wp)
     return handles
 
 

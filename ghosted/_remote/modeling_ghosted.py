@@ -10,7 +10,11 @@
 #
 # A ghost sits where removed layers used to be and maps the residual stream h <- h W (+ b), or
 # h <- h + (h U) V^T for a low-rank ghost. A ghost with norm features also reads the scale-free state
-# n(h) = h / sqrt(mean(h^2) + NORM_EPS): h <- h W + n(h) W_n (+ b). A ghost with a sink shift maps the first token of a
+# n(h) = h / sqrt(mean(h^2) + NORM_EPS): h <- h W + n(h) W_n (+ b). A token-shift ghost also reads the previous
+# token's scale-free state, h_t <- ... + n(h_{t-1}) W_p, for tokens whose previous token sits at position >= 1 (the
+# sink at position 0 is never read; its state is an outlier). At decode time the previous token's n(h) comes from a
+# small table kept on the generation cache (one d-vector per token and ghost; beam search reorders it through
+# model._reorder_cache, and a cropped cache is followed). A ghost with a sink shift maps the first token of a
 # sequence (position id 0, the attention sink) by h <- h + sink_shift instead. It runs as a forward
 # pre-hook on the first kept layer after the cut (or on the final norm when the cut reaches the end). Its parameters live
 # in the state dict as `ghosts.<site>.*`, <site> being that kept layer's index in the pruned
@@ -33,7 +37,7 @@ class Ghost(nn.Module):
     """One boundary operator on the residual stream (row vectors)."""
 
     def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False,
-                 norm: bool = False) -> None:
+                 norm: bool = False, shift: bool = False) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.rank = rank
@@ -45,14 +49,20 @@ class Ghost(nn.Module):
             self.V = nn.Parameter(torch.zeros(hidden_size, rank))  # [d, r]
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         self.norm_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if norm else None  # [d, d]
+        self.shift_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if shift else None  # [d, d]
 
-    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
+                prev: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+        """prev, past: for a token-shift ghost that continues a cached sequence, n(h) of the token before h's first
+        ([B, 1, d]; None: a sequence that starts here) and the number of tokens before this call."""
         if self.rank is None:
             out = h @ self.weight.to(h.dtype)
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
         if self.norm_weight is not None:
             out = out + scale_free(h) @ self.norm_weight.to(h.dtype)
+        if self.shift_weight is not None:
+            out = out + previous_states(h, position_ids, prev, past) @ self.shift_weight.to(h.dtype)
         if self.bias is not None:
             out = out + self.bias.to(h.dtype)
         if self.sink_shift is not None:
@@ -60,6 +70,23 @@ class Ghost(nn.Module):
             if bool(first.any()):
                 out = torch.where(first[..., None], h + self.sink_shift.to(h.dtype), out)
         return out
+
+
+def previous_states(h: torch.Tensor, position_ids: torch.Tensor | None, prev: torch.Tensor | None = None,
+                    past: int = 0) -> torch.Tensor:
+    """[B, T, d]: n(h_{t-1}) where the previous token is at position >= 1, zeros elsewhere (the sink and the token
+    after it, and a token with no previous one). prev: n(h) of the token before h's first ([B, 1, d]) or None;
+    without position ids, positions count from `past` (the tokens before this call)."""
+    n = scale_free(h)
+    before = prev.to(n.dtype) if prev is not None else n.new_zeros(n.shape[0], 1, n.shape[-1])
+    shifted = torch.cat([before, n[:, :-1]], 1)
+    B, T = h.shape[:2]
+    if position_ids is not None:
+        pid = position_ids if position_ids.dim() == 2 else position_ids[None]
+        reads = (pid >= 2).to(h.device).expand(B, T)
+    else:
+        reads = (torch.arange(T, device=h.device) + past >= 2)[None].expand(B, T)
+    return shifted * reads[..., None].to(n.dtype)
 
 
 def first_positions(h: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -89,20 +116,65 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
     for g in ghosts:
         site = int(g["site"])
         module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
-                       sink_shift=bool(g.get("sink_shift", False)), norm=bool(g.get("norm", False)))
+                       sink_shift=bool(g.get("sink_shift", False)), norm=bool(g.get("norm", False)),
+                       shift=bool(g.get("shift", False)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
-        handles.append(target.register_forward_pre_hook(_make_hook(module), with_kwargs=True))
+        handles.append(target.register_forward_pre_hook(_make_hook(module, site), with_kwargs=True))
+    if any(g.get("shift") for g in ghosts):
+        model._reorder_cache = _reorder_cache  # beam search: generate() reorders the cache through this
+    elif "_reorder_cache" in vars(model):
+        del model._reorder_cache
     return handles
 
 
-def _make_hook(ghost: Ghost):
+SHIFT_TABLE = "_ghosted_shift"  # attribute of a generation cache: {site: n(h) of every cached token [B, T, d]}
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the name differs across transformers versions
+
+
+def _reorder_cache(cache, beam_idx: torch.Tensor):
+    cache.reorder_cache(beam_idx)
+    table = getattr(cache, SHIFT_TABLE, None) or {}
+    for site, states in table.items():
+        table[site] = states.index_select(0, beam_idx.to(states.device))
+    return cache
+
+
+def _shifted_input(ghost: Ghost, site: int, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A token-shift ghost's output, reading (and extending) the cache's table of earlier tokens' n(h)."""
+    pos = kwargs.get("position_ids")
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None:  # some layers (GPT-2's blocks) take the cache as a positional argument
+        cache = next((a for a in args[1:] if hasattr(a, "get_seq_length")), None)
+    if cache is None:
+        return ghost(h, pos)
+    T = h.shape[1]
+    # the kept layers before this site have already cached this call's tokens (none do before site 0)
+    past = int(cache.get_seq_length()) - (T if site > 0 else 0)
+    table = getattr(cache, SHIFT_TABLE, None)
+    if table is None:
+        table = {}
+        setattr(cache, SHIFT_TABLE, table)
+    seen = table.get(site)
+    if past > 0 and (seen is None or seen.shape[1] < past or seen.shape[0] != h.shape[0]):
+        raise RuntimeError(f"ghosted: the cache holds {past} earlier tokens but no token-shift state for them "
+                           f"(ghost at layer {site}): run the prompt through this model with this cache")
+    prev = seen[:, past - 1:past] if past > 0 else None
+    out = ghost(h, pos, prev, past)
+    n = scale_free(h).detach()
+    table[site] = n if past == 0 else torch.cat([seen[:, :past], n], 1)  # a cropped cache drops the rest
+    return out
+
+
+def _make_hook(ghost: Ghost, site: int):
     def hook(_module, args, kwargs):
-        pos = kwargs.get("position_ids")
+        h = args[0] if args else kwargs["hidden_states"]
+        out = _shifted_input(ghost, site, h, args, kwargs) if ghost.shift_weight is not None \
+            else ghost(h, kwargs.get("position_ids"))
         if args:
-            return (ghost(args[0], pos), *args[1:]), kwargs
+            return (out, *args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = ghost(kwargs["hidden_states"], pos)
+        kwargs["hidden_states"] = out
         return args, kwargs
 
     return hook

@@ -12,7 +12,7 @@ from ..errors import GhostedError
 from ..policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
-PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "norm_features", "rank",
+PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "norm_features", "token_shift", "rank",
                "variant", "fold", "token_policy", "holdout", "guard", "shortlist", "batch_size", "distill", "distill_lr")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
 
@@ -75,6 +75,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--affine", action="store_true", default=None, help="ghost with a bias term")
     r.add_argument("--norm-features", action="store_true", default=None,
                    help="ghost that also maps the scale-free state h/rms(h) (one more d x d matrix per cut)")
+    r.add_argument("--token-shift", action="store_true", default=None,
+                   help="with --norm-features: also map the previous token's scale-free state (one more d x d "
+                        "matrix per cut; generation keeps one d-vector per token and cut on its cache)")
     r.add_argument("--rank", type=int, help="low-rank ghost I + U V^T of this rank")
     r.add_argument("--variant", help=f"LinearPatch variant: {', '.join(VARIANTS)} (default {default(P, 'variant')})")
     r.add_argument("--token-policy", help=policy_help())
