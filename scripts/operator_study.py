@@ -10,7 +10,8 @@ only, and so is every variant below, by one ridge least-squares fit of the block
   largest mean |activation| x |down-projection column|, evaluated on the block's *input* state;
 - `random:M`: [h, n(h), silu(n(h) R)], R a fixed Gaussian d x M (random features);
 - `prev`: [h, n(h), n(h_{t-1})], the previous token's scale-free state (a token shift: what a previous-token
-  attention head reads); `prev+mean`: also the running mean of n(h) over the window.
+  attention head reads; the product's `--token-shift`); `prev:K`: the K previous tokens' states, one matrix each
+  (a short causal convolution); `prev+mean`: also the running mean of n(h) over the window.
 
 The sink (position 0) keeps the shipped sink shift and is not a context token. Held-out loss is on the held-out
 calibration windows; perplexity on 8 x 512 windows of wiki and PTB (the gate's protocol). This is a study, not a
@@ -68,10 +69,10 @@ def block_states(model, ids: torch.Tensor, start: int, end: int) -> tuple[torch.
     return torch.stack(xs), torch.stack(ys)
 
 
-def shifted(n: torch.Tensor) -> torch.Tensor:
-    """n(h_{t-1}) for t >= 1 of [B, T, d] states of tokens 1.. (the first gets zeros)."""
+def shifted(n: torch.Tensor, lag: int = 1) -> torch.Tensor:
+    """n(h_{t-lag}) of [B, T, d] states of tokens 1.. (the first `lag` get zeros)."""
     out = torch.zeros_like(n)
-    out[:, 1:] = n[:, :-1]
+    out[:, lag:] = n[:, :-lag]
     return out
 
 
@@ -88,6 +89,7 @@ class Features:
         kind, _, m = name.partition(":")
         self.kind = kind
         self.input_params = 0  # the features' own weights (what they cost beyond their output rows)
+        self.lags = int(m) if kind == "prev" and m else 1  # prev:K reads the K previous tokens
         if kind == "neurons":
             layers = arch.get_layers(model)
             gates, ups, downs = [], [], []
@@ -119,7 +121,7 @@ class Features:
         if self.kind == "random":
             return [torch.nn.functional.silu(n @ self.R)]
         if self.kind == "prev":
-            return [shifted(n)]
+            return [shifted(n, lag) for lag in range(1, self.lags + 1)]
         return [shifted(n), running_mean(n)]
 
 

@@ -128,15 +128,17 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
     return handles
 
 
-SHIFT_TABLE = "_ghosted_shift"  # attribute of a generation cache: {site: n(h) of every cached token [B, T, d]}
+# attribute of a generation cache: {site: (buffer [B, capacity, d], length)}, the n(h) of every cached token; the
+# buffer grows by doubling, so decoding one token at a time costs amortised O(1) copies per token
+SHIFT_TABLE = "_ghosted_shift"
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the name differs across transformers versions
 
 
 def _reorder_cache(cache, beam_idx: torch.Tensor):
     cache.reorder_cache(beam_idx)
     table = getattr(cache, SHIFT_TABLE, None) or {}
-    for site, states in table.items():
-        table[site] = states.index_select(0, beam_idx.to(states.device))
+    for site, (buf, length) in table.items():
+        table[site] = (buf.index_select(0, beam_idx.to(buf.device)), length)
     return cache
 
 
@@ -155,14 +157,21 @@ def _shifted_input(ghost: Ghost, site: int, h: torch.Tensor, args: tuple, kwargs
     if table is None:
         table = {}
         setattr(cache, SHIFT_TABLE, table)
-    seen = table.get(site)
-    if past > 0 and (seen is None or seen.shape[1] < past or seen.shape[0] != h.shape[0]):
+    B, end = h.shape[0], past + T
+    buf, length = table.get(site, (None, 0))
+    if past > 0 and (buf is None or length < past or buf.shape[0] != B):
         raise RuntimeError(f"ghosted: the cache holds {past} earlier tokens but no token-shift state for them "
                            f"(ghost at layer {site}): run the prompt through this model with this cache")
-    prev = seen[:, past - 1:past] if past > 0 else None
+    prev = buf[:, past - 1:past] if past > 0 else None
     out = ghost(h, pos, prev, past)
     n = scale_free(h).detach()
-    table[site] = n if past == 0 else torch.cat([seen[:, :past], n], 1)  # a cropped cache drops the rest
+    if buf is None or buf.shape[0] != B or buf.shape[1] < end or buf.dtype != n.dtype or buf.device != n.device:
+        grown = n.new_empty(B, max(end, 2 * (0 if buf is None else buf.shape[1])), n.shape[-1])
+        if past > 0:
+            grown[:, :past] = buf[:, :past]
+        buf = grown
+    buf[:, past:end] = n
+    table[site] = (buf, end)  # after a crop, the dropped tokens' states are overwritten from `past` on
     return out
 
 
