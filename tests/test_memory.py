@@ -69,19 +69,23 @@ def test_cuts_from_one_boundary_share_one_gram():
         assert torch.equal(sums[(1, 4)].cross, getattr(alone, group)[(1, 4)].cross)
 
 
-def test_candidate_sums_bytes_is_what_a_capture_keeps():
-    """The stated formula (one gram per start boundary + one cross per cut, per group) counts the real tensors."""
+@pytest.mark.parametrize("norm, shift", [(False, False), (True, False), (True, True)])
+def test_candidate_sums_bytes_is_what_a_capture_keeps(norm, shift):
+    """The stated formula (one gram per start boundary + one cross per cut, per group; the norm features' sums,
+    twice as wide with the token shift) counts the real tensors."""
     model, _ = make_tiny("llama", num_layers=6)
     d = model.config.hidden_size
     cuts = [(s, s + k) for k in (2, 3) for s in range(6 - k + 1)]
-    res = capture(model, _ids(model.config.vocab_size, 6, 12), CapturePlan(pairs=cuts, heldout=frozenset({5})),
+    res = capture(model, _ids(model.config.vocab_size, 6, 12),
+                  CapturePlan(pairs=cuts, heldout=frozenset({5}), norm=norm, shift=shift),
                   "sink", batch_size=4, progress=False)
     seen: dict[int, int] = {}
     for group in (res.fit, res.heldout):
         for ps in group.values():
-            for t in (ps.gram, ps.cross):
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-    assert sum(seen.values()) == candidate_sums_bytes(d, cuts, groups=2)
+            for t in (ps.gram, ps.cross, ps.norm_gram, ps.xn, ps.norm_cross):
+                if t is not None:
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+    assert sum(seen.values()) == candidate_sums_bytes(d, cuts, groups=2, norm=norm, shift=shift)
 
 
 def _calib(model, n: int = 8, t: int = 16) -> Calibration:
