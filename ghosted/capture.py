@@ -201,9 +201,9 @@ def validate_pairs(pairs: list[Pair], num_layers: int) -> None:
 def _shift_features(X: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
     """[B, T, 2d] float64: n(X) and the previous token's n(X) as a token-shift ghost reads it at inference, with
     the position ids transformers derives from the attention mask."""
-    X = X.to(F64)
+    N = scale_free(X.to(F64))
     pid = (am.long().cumsum(-1) - 1).clamp_min(0)
-    return torch.cat([scale_free(X), previous_states(X, pid)], -1)
+    return torch.cat([N, previous_states(N, pid)], -1)
 
 
 class _Sums:

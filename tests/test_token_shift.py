@@ -34,17 +34,17 @@ def _states(model, ids, layers):
 
 def test_previous_states_reads_the_token_before_from_position_two_on():
     h = torch.randn(2, 5, 8)
-    p = previous_states(h, None)
     n = scale_free(h)
+    p = previous_states(n, None)
     assert torch.equal(p[:, :2], torch.zeros(2, 2, 8))  # nothing before token 0; token 1 would read the sink
     assert torch.allclose(p[:, 2:], n[:, 1:4])
     # a continuation: the state handed in is read from position 2 on, never the sink's
     prev = torch.randn(2, 1, 8)
-    assert torch.allclose(previous_states(h[:, :1], None, prev, past=4)[:, 0], prev[:, 0])
-    assert torch.equal(previous_states(h[:, :1], None, prev, past=1), torch.zeros(2, 1, 8))
+    assert torch.allclose(previous_states(n[:, :1], None, prev, past=4)[:, 0], prev[:, 0])
+    assert torch.equal(previous_states(n[:, :1], None, prev, past=1), torch.zeros(2, 1, 8))
     # left padding: position ids decide, not the index
     pid = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
-    q = previous_states(h, pid)
+    q = previous_states(n, pid)
     assert torch.equal(q[0, :4], torch.zeros(4, 8)) and torch.allclose(q[0, 4], n[0, 3])
 
 
@@ -54,21 +54,22 @@ def test_token_shift_capture_sums_are_exact_and_the_fit_beats_norm_features():
     res = capture(loaded.model, calib.input_ids, CapturePlan(pairs=[(1, 3), (1, 2)], norm=True, shift=True), "all",
                   progress=False)
     st = _states(loaded.model, calib.input_ids, (1, 3))
-    X3, Y3 = states_x, states_y = st[1].double(), st[3].double()
-    F = torch.cat([scale_free(X3), previous_states(X3, None)], -1).reshape(-1, 2 * X3.shape[-1])
-    X, Y = states_x.reshape(-1, X3.shape[-1]), states_y.reshape(-1, Y3.shape[-1])
+    X3, Y3 = st[1].double(), st[3].double()  # [B, T, d]: the windows' token order gives each predecessor
+    d = X3.shape[-1]
+    N3 = scale_free(X3)
+    F = torch.cat([N3, previous_states(N3, None)], -1).reshape(-1, 2 * d)
+    X, Y = X3.reshape(-1, d), Y3.reshape(-1, d)
     s = res.fit[(1, 3)]
     for got, want in ((s.norm_gram, F.T @ F), (s.xn, X.T @ F), (s.norm_cross, F.T @ Y), (s.sum_n, F.sum(0))):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     op = solve_ghost(s, 1e-6, norm=True, shift=True)
     assert op.Wp is not None and op.Wn is not None
     # residual from the sums equals the brute-force one
-    pred = X @ op.W + F[:, :X.shape[-1]] @ op.Wn + F[:, X.shape[-1]:] @ op.Wp
+    pred = X @ op.W + F[:, :d] @ op.Wn + F[:, d:] @ op.Wp
     assert residual(s, op.W, None, op.Wn, op.Wp) == pytest.approx(float(((pred - Y) ** 2).sum()), rel=1e-6)
-    plain = res.fit[(1, 3)]
     # the norm-only fit cannot use these sums, and says so
     with pytest.raises(ValueError, match="feature block"):
-        solve_ghost(plain, 1e-6, norm=True)
+        solve_ghost(s, 1e-6, norm=True)
     norm_only = capture(loaded.model, calib.input_ids, CapturePlan(pairs=[(1, 3)], norm=True), "all", progress=False)
     assert relative_residual(s, op) < relative_residual(norm_only.fit[(1, 3)],
                                                         solve_ghost(norm_only.fit[(1, 3)], 1e-6, norm=True))

@@ -59,10 +59,11 @@ class Ghost(nn.Module):
             out = h @ self.weight.to(h.dtype)
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
+        n = scale_free(h) if self.norm_weight is not None or self.shift_weight is not None else None
         if self.norm_weight is not None:
-            out = out + scale_free(h) @ self.norm_weight.to(h.dtype)
+            out = out + n @ self.norm_weight.to(h.dtype)
         if self.shift_weight is not None:
-            out = out + previous_states(h, position_ids, prev, past) @ self.shift_weight.to(h.dtype)
+            out = out + previous_states(n, position_ids, prev, past) @ self.shift_weight.to(h.dtype)
         if self.bias is not None:
             out = out + self.bias.to(h.dtype)
         if self.sink_shift is not None:
@@ -72,20 +73,20 @@ class Ghost(nn.Module):
         return out
 
 
-def previous_states(h: torch.Tensor, position_ids: torch.Tensor | None, prev: torch.Tensor | None = None,
+def previous_states(n: torch.Tensor, position_ids: torch.Tensor | None, prev: torch.Tensor | None = None,
                     past: int = 0) -> torch.Tensor:
     """[B, T, d]: n(h_{t-1}) where the previous token is at position >= 1, zeros elsewhere (the sink and the token
-    after it, and a token with no previous one). prev: n(h) of the token before h's first ([B, 1, d]) or None;
-    without position ids, positions count from `past` (the tokens before this call)."""
-    n = scale_free(h)
+    after it, and a token with no previous one); n = scale_free(h) of the call's tokens [B, T, d]. prev: n(h) of
+    the token before h's first ([B, 1, d]) or None; without position ids, positions count from `past` (the tokens
+    before this call)."""
     before = prev.to(n.dtype) if prev is not None else n.new_zeros(n.shape[0], 1, n.shape[-1])
     shifted = torch.cat([before, n[:, :-1]], 1)
-    B, T = h.shape[:2]
+    B, T = n.shape[:2]
     if position_ids is not None:
         pid = position_ids if position_ids.dim() == 2 else position_ids[None]
-        reads = (pid >= 2).to(h.device).expand(B, T)
+        reads = (pid >= 2).to(n.device).expand(B, T)
     else:
-        reads = (torch.arange(T, device=h.device) + past >= 2)[None].expand(B, T)
+        reads = (torch.arange(T, device=n.device) + past >= 2)[None].expand(B, T)
     return shifted * reads[..., None].to(n.dtype)
 
 
