@@ -385,18 +385,38 @@ def _load_legacy(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.M
     return cls.from_pretrained(str(folder), config=config, dtype=dtype, variant=None).eval()
 
 
+def _older_code(folder: Path, doc: dict, meta: dict) -> bool:
+    """A ghost checkpoint in the current format whose code files are this package's files in name but not in
+    text: written by another ghosted version."""
+    if meta.get("format") != FORMAT or not meta.get("ghosts"):
+        return False
+    if doc.get("model_type") != MODEL_TYPE or doc.get("auto_map") != AUTO_MAP:
+        return False
+    try:
+        expected = remote_sources(meta.get("base_architecture"))
+    except GhostedError:
+        return False
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+    return present == sorted(expected) and any(
+        (folder / name).read_text(encoding="utf-8") != text for name, text in expected.items())
+
+
 def upgrade(path: str | Path) -> dict:
     """Rewrite a checkpoint of an older format (or without a manifest) in the current format, in place.
 
     Only this package's code reads the old folder, so upgrading never runs the folder's code. A folder with a
-    manifest is only verified: a failing one is refused, never rewritten."""
+    manifest is rewritten only when its files are exactly what its manifest lists and its code files are another
+    ghosted version's (an intact checkpoint written before the ghost code changed); otherwise it is verified, and
+    a failing one is refused, never rewritten."""
     folder = Path(path)
     doc = _read_config(folder)
     meta = dict(doc["ghosted"])
     if not _is_legacy(doc):
         if (folder / MANIFEST).exists():
             # Never re-bless a folder whose own manifest disagrees with it: that is what tampering looks like.
-            return {**verify(folder), "upgraded": False}
+            _check_manifest(folder)
+            if not _older_code(folder, doc, meta):
+                return {**verify(folder), "upgraded": False}
         # Current format without a manifest (e.g. re-saved with save_pretrained): nothing contradicts it.
     has_ghosts = bool(meta.get("ghosts"))
     if _is_legacy(doc):

@@ -300,6 +300,28 @@ def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_upgrade_rewrites_the_code_of_an_intact_checkpoint_from_another_version(llama_ck, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """A checkpoint written before the ghost code changed: its files match its manifest, its code is not this
+    version's. verify and load say to upgrade; upgrade rewrites it (same logits); an edited code file whose
+    manifest was not rewritten stays refused."""
+    ck, ids, hooked, _ = llama_ck
+    old = _copy(ck, tmp_path / "old")
+    modeling = old / "modeling_ghosted.py"
+    modeling.write_text(modeling.read_text() + "\n# written by an older ghosted\n")
+    checkpoint.write_manifest(old)  # as that version wrote it: intact
+    with pytest.raises(GhostedError, match="ghosted upgrade"):
+        checkpoint.verify(old)
+    tampered = _copy(old, tmp_path / "tampered")
+    (tampered / "modeling_ghosted.py").write_text(modeling.read_text() + "import os\n")
+    assert main(["upgrade", str(old)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["upgraded"] is True
+    assert checkpoint.verify(old)["ghosts"] == 1
+    assert torch.allclose(_logits(ghosted.load(str(old)), ids), hooked, atol=1e-5)
+    assert main(["upgrade", str(tampered)]) == 2
+    assert "modified after it was written" in capsys.readouterr().err
+
+
 def test_upgrade_never_reblesses_a_tampered_checkpoint(llama_ck, tmp_path: Path, capsys) -> None:
     ck, *_ = llama_ck
     bad = _copy(ck, tmp_path / "bad")
