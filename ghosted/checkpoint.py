@@ -232,8 +232,17 @@ def _base_config(doc: dict, base: str):
         raise GhostedError(f"config.json does not make a valid {config_cls.__name__}: {why}") from exc
 
 
+def _code_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+
+
+def _stale_code(folder: Path, expected: dict[str, str]) -> list[str]:
+    """The expected code files whose text is not what this ghosted writes."""
+    return [name for name, text in expected.items() if (folder / name).read_text(encoding="utf-8") != text]
+
+
 def _check_code(folder: Path, doc: dict, base: str, has_ghosts: bool) -> None:
-    code = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+    code = _code_files(folder)
     for tok_cfg in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
         f = folder / tok_cfg
         if f.is_file() and "auto_map" in json.loads(f.read_text(encoding="utf-8")):
@@ -251,10 +260,10 @@ def _check_code(folder: Path, doc: dict, base: str, has_ghosts: bool) -> None:
     expected = remote_sources(base)
     if code != sorted(expected):
         raise GhostedError(f"{folder}: code files {code} differ from ghosted's {sorted(expected)}")
-    for name, text in expected.items():
-        if (folder / name).read_text(encoding="utf-8") != text:
-            raise GhostedError(f"{folder}: {name} is not the code this ghosted writes (modified, or from another "
-                               f"version: {_upgrade_hint(folder)})")
+    stale = _stale_code(folder, expected)
+    if stale:
+        raise GhostedError(f"{folder}: {stale[0]} is not the code this ghosted writes (modified, or from another "
+                           f"version: {_upgrade_hint(folder)})")
 
 
 def _check_tensors(folder: Path, doc: dict, meta: dict, base: str, has_ghosts: bool) -> None:
@@ -396,9 +405,7 @@ def _older_code(folder: Path, doc: dict, meta: dict) -> bool:
         expected = remote_sources(meta.get("base_architecture"))
     except GhostedError:
         return False
-    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
-    return present == sorted(expected) and any(
-        (folder / name).read_text(encoding="utf-8") != text for name, text in expected.items())
+    return _code_files(folder) == sorted(expected) and bool(_stale_code(folder, expected))
 
 
 def upgrade(path: str | Path) -> dict:

@@ -234,6 +234,7 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
     import torch
 
     from . import arch
+    from .linalg import OPERATOR_TENSORS
 
     L, d = arch.num_layers(model), int(model.config.hidden_size)
     removed = sol.removed
@@ -245,7 +246,7 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
     for (s, b), op in sol.operators.items():
         if op.kind not in ("full", "lowrank", "scalar", "fold_down", "identity"):
             raise GhostedError(f"{where}: operator {s}-{b} has unknown kind {op.kind!r}: solve again")
-        for name in ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp"):
+        for name in OPERATOR_TENSORS:
             t = getattr(op, name)
             if t is None:
                 continue

@@ -180,6 +180,10 @@ class GramStore:
 # --------------------------------------------------------------------------- operators
 
 
+# The tensor fields of an Operator (saved by prune.save_solution, checked by checks.check_solution).
+OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp")
+
+
 @dataclass
 class Operator:
     """What a recovery method produced for one cut: W (and optional bias, low-rank factors, scalar)."""

@@ -21,14 +21,12 @@ from .data import Calibration
 from .errors import GhostedError
 from .evaluate.perplexity import mean_nll
 from .fold import allowed_folds, layout_for
-from .linalg import F64, Operator, PairSums, fold_residual, relative_residual
+from .linalg import F64, OPERATOR_TENSORS, Operator, PairSums, fold_residual, relative_residual
 from .models import Loaded, fingerprint
 from .policies import get_policy
 from .recovery import RECOVERY, SolveOptions
 from .selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from .surgery import Pair, apply, runs, temporarily_pruned
-
-OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp")
 
 # Memory budget for keeping the sums of every candidate block in one pass (else: two passes).
 ONE_PASS_BUDGET_BYTES = 6 * 2**30

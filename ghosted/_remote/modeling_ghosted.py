@@ -52,14 +52,16 @@ class Ghost(nn.Module):
         self.shift_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if shift else None  # [d, d]
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
-                prev: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+                prev: torch.Tensor | None = None, past: int = 0, n: torch.Tensor | None = None) -> torch.Tensor:
         """prev, past: for a token-shift ghost that continues a cached sequence, n(h) of the token before h's first
-        ([B, 1, d]; None: a sequence that starts here) and the number of tokens before this call."""
+        ([B, 1, d]; None: a sequence that starts here) and the number of tokens before this call. n: scale_free(h)
+        when the caller has it already."""
         if self.rank is None:
             out = h @ self.weight.to(h.dtype)
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
-        n = scale_free(h) if self.norm_weight is not None or self.shift_weight is not None else None
+        if n is None and (self.norm_weight is not None or self.shift_weight is not None):
+            n = scale_free(h)
         if self.norm_weight is not None:
             out = out + n @ self.norm_weight.to(h.dtype)
         if self.shift_weight is not None:
@@ -164,8 +166,9 @@ def _shifted_input(ghost: Ghost, site: int, h: torch.Tensor, args: tuple, kwargs
         raise RuntimeError(f"ghosted: the cache holds {past} earlier tokens but no token-shift state for them "
                            f"(ghost at layer {site}): run the prompt through this model with this cache")
     prev = buf[:, past - 1:past] if past > 0 else None
-    out = ghost(h, pos, prev, past)
-    n = scale_free(h).detach()
+    n = scale_free(h)
+    out = ghost(h, pos, prev, past, n)
+    n = n.detach()
     if buf is None or buf.shape[0] != B or buf.shape[1] < end or buf.dtype != n.dtype or buf.device != n.device:
         grown = n.new_empty(B, max(end, 2 * (0 if buf is None else buf.shape[1])), n.shape[-1])
         if past > 0:
