@@ -160,6 +160,13 @@ def test_token_shift_checkpoint_generates_greedy_and_beam_like_full_recompute(tm
     assert torch.allclose(_logits(back, ids), hooked, atol=1e-5)
 
 
-def test_token_shift_needs_norm_features():
+def test_token_shift_needs_norm_features(tmp_path, capsys):
+    from ghosted.cli import main
+
     with pytest.raises(GhostedError, match="add --norm-features"):
         PruneConfig(layers="1-2", token_shift=True)
+    # on the command line: one error line, nothing written
+    assert main(["prune", "smollm2-135m", "--layers", "10-18", "--token-shift", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ghosted: error: --token-shift (prune.token_shift) extends the norm features: add --norm-features"]
+    assert list(tmp_path.iterdir()) == []
