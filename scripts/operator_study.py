@@ -11,7 +11,10 @@ only, and so is every variant below, by one ridge least-squares fit of the block
 - `random:M`: [h, n(h), silu(n(h) R)], R a fixed Gaussian d x M (random features);
 - `prev`: [h, n(h), n(h_{t-1})], the previous token's scale-free state (a token shift: what a previous-token
   attention head reads; the product's `--token-shift`); `prev:K`: the K previous tokens' states, one matrix each
-  (a short causal convolution); `prev+mean`: also the running mean of n(h) over the window.
+  (a short causal convolution); `prev+mean`: also the running mean of n(h) over the window;
+- `attn`: [h, n(h), A], A the removed layers' own attention outputs (input norm, causal attention over the whole
+  window, sink included, output projection) evaluated on the block's *input* state: an upper bound on what context
+  read by those heads could add (it keeps the removed attention weights, so it is no compression).
 
 The sink (position 0) keeps the shipped sink shift and is not a context token. Held-out loss is on the held-out
 calibration windows; perplexity on 8 x 512 windows of wiki and PTB (the gate's protocol). This is a study, not a
@@ -107,8 +110,22 @@ class Features:
             g = torch.Generator().manual_seed(seed)
             self.R = torch.randn(d, int(m), generator=g) * (2.0 / math.sqrt(d))
             self.input_params = d * int(m)
+        elif kind == "attn":
+            self.layers = list(arch.get_layers(model))[start:end]
+            self.rotary = model.model.rotary_emb
+            self.input_params = sum(p.numel() for lay in self.layers for p in lay.self_attn.parameters())
         elif kind not in ("prev", "prev+mean"):
             raise SystemExit(f"unknown variant {name}")
+
+    def context(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """`attn` features of every token of [B, T, d] whole-window states (position 0 included)."""
+        T = h.shape[1]
+        pos = torch.arange(T).unsqueeze(0).expand(h.shape[0], -1)
+        mask = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T).to(h.dtype)
+        emb = self.rotary(h, pos)
+        with torch.no_grad():
+            return [lay.self_attn(lay.input_layernorm(h), position_embeddings=emb, attention_mask=mask)[0]
+                    for lay in self.layers]
 
     def choose_neurons(self, n_fit: torch.Tensor) -> None:
         acts = torch.nn.functional.silu(n_fit @ self.gate.T) * (n_fit @ self.up.T)
@@ -135,7 +152,9 @@ class Extended(torch.nn.Module):
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = scale_free(h)
         rest = h.new_zeros(*h.shape[:2], self.W.shape[0] - 2 * h.shape[-1])
-        if h.shape[1] > 1:
+        if h.shape[1] > 1 and self.feats.kind == "attn":  # whole-window context (no cache: a study)
+            rest[:, 1:] = torch.cat(self.feats.context(h), -1)[:, 1:]
+        elif h.shape[1] > 1:
             rest[:, 1:] = torch.cat(self.feats(n[:, 1:]), -1)
         out = torch.cat([h, n, rest], -1) @ self.W
         return torch.where(first_positions(h, position_ids)[..., None], h + self.shift, out)
@@ -158,6 +177,7 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
     held = sorted(heldout_windows(calib.n, cfg.holdout))
     fit_w = [i for i in range(calib.n) if i not in held]
     X, Y = block_states(model, calib.input_ids[fit_w], cut[0], cut[1])
+    X_whole = X
     X, Y = X[:, 1:], Y[:, 1:]  # the sink keeps its shift
     N = scale_free(X)
     shift = op.sink_shift.float() if op.sink_shift is not None else torch.zeros(d)
@@ -184,7 +204,12 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
         feats = Features(name, model, cut[0], cut[1], d)
         if feats.kind == "neurons":
             feats.choose_neurons(N.reshape(-1, d)[::7])
-        Z = torch.cat([X, N, *feats(N)], -1)
+        if feats.kind == "attn":
+            extra_feats = [torch.cat([a[:, 1:] for a in feats.context(X_whole[w:w + 4])], -1)
+                           for w in range(0, X_whole.shape[0], 4)]
+            Z = torch.cat([X, N, torch.cat(extra_feats)], -1)
+        else:
+            Z = torch.cat([X, N, *feats(N)], -1)
         Z = Z.reshape(-1, Z.shape[-1]).to(F64)
         target = Y.reshape(-1, d).to(F64)
         for ridge in ridges:

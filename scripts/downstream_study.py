@@ -1,0 +1,155 @@
+"""Does a second linear correction further downstream recover what the ghost at the cut cannot?
+
+    python scripts/downstream_study.py smollm2-135m --layers 13-18 --sites 22 --sites 25 --sites 22,26 \
+        --out reports/downstream_study_smollm2-135m.json
+
+The shipped ghost (`--norm-features`, the guard's token policy and ridge) is fitted on the fit windows. Then, for each
+site list, corrections are fitted progressively: at each kept layer L of the list (dense index), the patched model's
+input state h^ of layer L (the ghost and earlier corrections installed) is regressed on [h^, n(h^)] onto the DENSE
+model's input state of layer L (ridge least squares in float64, tokens 1.. only: the sink keeps its state), and the
+correction h^ <- [h^, n(h^)] C is installed before the next site is fitted. Each site costs two d x d matrices, as
+much as the norm-feature ghost. Held-out loss is on the held-out calibration windows; perplexity on 8 x 512 windows
+of wiki and PTB (the gate's protocol). A study, not a product option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghosted import arch  # noqa: E402
+from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
+from ghosted.config import PruneConfig  # noqa: E402
+from ghosted.data import build_calibration  # noqa: E402
+from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
+from ghosted.models import load_model  # noqa: E402
+from ghosted.prune import heldout_windows, solve  # noqa: E402
+from ghosted.surgery import temporarily_pruned  # noqa: E402
+
+F64 = torch.float64
+
+
+def layer_inputs(model, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The input state of `layer` for every window, float32 [n, T, d] (one window per forward)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach()[0])
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in range(ids.shape[0]):
+                model(ids[w:w + 1])
+    finally:
+        handle.remove()
+    return torch.stack(seen)
+
+
+def install(layer: torch.nn.Module, C: torch.Tensor):
+    """h <- [h, n(h)] C at tokens after the first position, before `layer` runs."""
+
+    def hook(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        out = torch.cat([h, scale_free(h)], -1) @ C.to(h.dtype)
+        keep = first_positions(h, kwargs.get("position_ids"))[..., None]
+        h2 = torch.where(keep, h, out)
+        if args:
+            return (h2, *args[1:]), kwargs
+        kwargs["hidden_states"] = h2
+        return args, kwargs
+
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def fit(Z: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
+    G = Z.T @ Z
+    G.diagonal().add_(ridge * float(G.diagonal().mean()))
+    return torch.linalg.solve(G, Z.T @ Y).float()
+
+
+def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float, log) -> dict:
+    model = loaded.model
+    d = model.config.hidden_size
+    cfg = PruneConfig(layers=layers, norm_features=True)
+    sol = solve(loaded, calib, cfg, progress=False, log=log, keep_fit_operators=True)
+    removed = sol.removed
+    ops = dict(sol.fit_operators)
+    held = sorted(heldout_windows(calib.n, cfg.holdout))
+    fit_w = [i for i in range(calib.n) if i not in held]
+    dense_layers = list(arch.get_layers(model))
+    ids_fit, ids_held = calib.input_ids[fit_w], calib.input_ids[held]
+
+    def measure(m) -> dict:
+        with torch.no_grad():
+            row = {"heldout_loss": mean_nll(m, ids_held, 4)}
+            for src in ("wiki", "ptb"):
+                row[f"{src}_ppl"] = perplexity(m, loaded.tokenizer, src, 512, 8, 4, progress=False)["ppl"]
+        return row
+
+    with temporarily_pruned(model, removed, ops) as m:
+        rows = [{"sites": [], **measure(m)}]
+    log(f"{layers}: {rows[-1]}")
+    dense_inputs: dict[int, torch.Tensor] = {}
+    for sites in site_lists:
+        # the dense model's states first (nothing installed), then the fits run progressively in the patch
+        for L in sites:
+            if dense_inputs.get(L) is None:
+                dense_inputs[L] = layer_inputs(model, dense_layers[L], ids_fit)[:, 1:]
+        with temporarily_pruned(model, removed, ops) as m:
+            handles = []
+            try:
+                for L in sites:
+                    layer = dense_layers[L]
+                    X = layer_inputs(m, layer, ids_fit)[:, 1:]
+                    Z = torch.cat([X, scale_free(X)], -1).reshape(-1, 2 * d).to(F64)
+                    C = fit(Z, dense_inputs[L].reshape(-1, d).to(F64), ridge)
+                    before = float((X - dense_inputs[L]).pow(2).sum(-1).mean())
+                    after = float((Z.float() @ C - dense_inputs[L].reshape(-1, d)).pow(2).sum(-1).mean())
+                    log(f"site {L}: fit-window squared error per token {before:.3f} -> {after:.3f}")
+                    handles.append(install(layer, C))
+                    del Z, X
+                rows.append({"sites": sites, "extra_params": 2 * d * d * len(sites), **measure(m)})
+                log(f"{layers}: {rows[-1]}")
+            finally:
+                for h in handles:
+                    h.remove()
+    return {"layers": layers, "removed": removed, "token_policy": sol.meta["token_policy"],
+            "ridge": sol.meta["ridge"], "correction_ridge": ridge, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--layers", action="append", required=True, help="a block, e.g. 13-18 (repeatable)")
+    ap.add_argument("--sites", action="append", required=True,
+                    help="dense indices of kept layers whose input gets a correction, e.g. 22 or 22,26 (repeatable)")
+    ap.add_argument("--ridge", type=float, default=1e-4)
+    ap.add_argument("--calib-source", default="passages+ptb-train")
+    ap.add_argument("--n-seqs", type=int, default=64)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    loaded = load_model(a.model)
+    calib = build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
+    site_lists = [[int(s) for s in group.split(",")] for group in a.sites]
+    blocks = [study(loaded, calib, layers, site_lists, a.ridge, lambda s: print(s, flush=True))
+              for layers in a.layers]
+    out = {"model": a.model, "calibration": {"source": a.calib_source, "n": a.n_seqs, "seq_len": 512},
+           "blocks": blocks, "seconds": time.perf_counter() - t0,
+           "command": "python scripts/downstream_study.py " + " ".join(sys.argv[1:])}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out} in {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
