@@ -14,8 +14,6 @@ of wiki and PTB (the gate's protocol). A study, not a product option.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghosted import arch  # noqa: E402
 from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
 from ghosted.config import PruneConfig  # noqa: E402
-from ghosted.data import build_calibration  # noqa: E402
 from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
-from ghosted.models import load_model  # noqa: E402
 from ghosted.prune import heldout_windows, solve  # noqa: E402
 from ghosted.surgery import temporarily_pruned  # noqa: E402
+from operator_study import fit, load_for_study, study_parser, write_report  # noqa: E402  (scripts/ is on the path)
 
 F64 = torch.float64
 
@@ -67,12 +64,6 @@ def install(layer: torch.nn.Module, C: torch.Tensor):
         return args, kwargs
 
     return layer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def fit(Z: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
-    G = Z.T @ Z
-    G.diagonal().add_(ridge * float(G.diagonal().mean()))
-    return torch.linalg.solve(G, Z.T @ Y).float()
 
 
 def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float, log) -> dict:
@@ -126,29 +117,17 @@ def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("--layers", action="append", required=True, help="a block, e.g. 13-18 (repeatable)")
+    ap = study_parser(__doc__, "13-18")
     ap.add_argument("--sites", action="append", required=True,
                     help="dense indices of kept layers whose input gets a correction, e.g. 22 or 22,26 (repeatable)")
     ap.add_argument("--ridge", type=float, default=1e-4)
-    ap.add_argument("--calib-source", default="passages+ptb-train")
-    ap.add_argument("--n-seqs", type=int, default=64)
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    loaded = load_model(a.model)
-    calib = build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
+    loaded, calib = load_for_study(a)
     site_lists = [[int(s) for s in group.split(",")] for group in a.sites]
     blocks = [study(loaded, calib, layers, site_lists, a.ridge, lambda s: print(s, flush=True))
               for layers in a.layers]
-    out = {"model": a.model, "calibration": {"source": a.calib_source, "n": a.n_seqs, "seq_len": 512},
-           "blocks": blocks, "seconds": time.perf_counter() - t0,
-           "command": "python scripts/downstream_study.py " + " ".join(sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out} in {out['seconds']:.0f} s")
+    write_report(a, blocks, t0, "downstream_study.py")
 
 
 if __name__ == "__main__":

@@ -225,28 +225,43 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
             "ridge": sol.meta["ridge"], "rows": rows}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(doc: str, example: str) -> argparse.ArgumentParser:
+    """The arguments every study script shares: the model, the blocks, the calibration and the output."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("--layers", action="append", required=True, help="a block, e.g. 10-18 (repeatable)")
-    ap.add_argument("--variants", default="neurons:1024,random:1024,prev,prev+mean")
-    ap.add_argument("--ridges", default="1e-4")
+    ap.add_argument("--layers", action="append", required=True, help=f"a block, e.g. {example} (repeatable)")
     ap.add_argument("--calib-source", default="passages+ptb-train")
     ap.add_argument("--n-seqs", type=int, default=64)
     ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
-    t0 = time.perf_counter()
+    return ap
+
+
+def load_for_study(a) -> tuple:
+    """The model and the calibration windows every study script starts from (seed 0, 512-token windows)."""
     torch.manual_seed(0)
     loaded = load_model(a.model)
-    calib = build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
-    blocks = [study(loaded, calib, layers, a.variants.split(","), [float(r) for r in a.ridges.split(",")],
-                    lambda s: print(s, flush=True)) for layers in a.layers]
+    return loaded, build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
+
+
+def write_report(a, blocks: list[dict], t0: float, script: str) -> None:
     out = {"model": a.model, "calibration": {"source": a.calib_source, "n": a.n_seqs, "seq_len": 512},
            "blocks": blocks, "seconds": time.perf_counter() - t0,
-           "command": "python scripts/operator_study.py " + " ".join(sys.argv[1:])}
+           "command": f"python scripts/{script} " + " ".join(sys.argv[1:])}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {a.out} in {out['seconds']:.0f} s")
+
+
+def main() -> None:
+    ap = study_parser(__doc__, "10-18")
+    ap.add_argument("--variants", default="neurons:1024,random:1024,prev,prev+mean")
+    ap.add_argument("--ridges", default="1e-4")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    loaded, calib = load_for_study(a)
+    blocks = [study(loaded, calib, layers, a.variants.split(","), [float(r) for r in a.ridges.split(",")],
+                    lambda s: print(s, flush=True)) for layers in a.layers]
+    write_report(a, blocks, t0, "operator_study.py")
 
 
 if __name__ == "__main__":
