@@ -1,7 +1,7 @@
 """Does a second linear correction further downstream recover what the ghost at the cut cannot?
 
-    python scripts/downstream_study.py smollm2-135m --layers 13-18 --sites 22 --sites 25 --sites 22,26 \
-        --out reports/downstream_study_smollm2-135m.json
+    python scripts/downstream_study.py smollm2-135m --layers 13-18 --sites 21 --sites 24 --sites 27 \
+        --sites 21,25 --out reports/downstream_study_smollm2-135m.json
 
 The shipped ghost (`--norm-features`, the guard's token policy and ridge) is fitted on the fit windows. Then, for each
 site list, corrections are fitted progressively: at each kept layer L of the list (dense index), the patched model's

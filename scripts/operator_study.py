@@ -14,7 +14,8 @@ only, and so is every variant below, by one ridge least-squares fit of the block
   (a short causal convolution); `prev+mean`: also the running mean of n(h) over the window;
 - `attn`: [h, n(h), A], A the removed layers' own attention outputs (input norm, causal attention over the whole
   window, sink included, output projection) evaluated on the block's *input* state: an upper bound on what context
-  read by those heads could add (it keeps the removed attention weights, so it is no compression).
+  read by those heads could add (it keeps the removed attention weights, so it is no compression; Llama-style
+  layers only: input_layernorm, self_attn and the model's rotary_emb).
 
 The sink (position 0) keeps the shipped sink shift and is not a context token. Held-out loss is on the held-out
 calibration windows; perplexity on 8 x 512 windows of wiki and PTB (the gate's protocol). This is a study, not a
