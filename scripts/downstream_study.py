@@ -28,26 +28,9 @@ from ghosted.config import PruneConfig  # noqa: E402
 from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
 from ghosted.prune import heldout_windows, solve  # noqa: E402
 from ghosted.surgery import temporarily_pruned  # noqa: E402
-from operator_study import fit, load_for_study, study_parser, write_report  # noqa: E402  (scripts/ is on the path)
+from operator_study import fit, layer_inputs, load_for_study, study_parser, write_report  # noqa: E402 (scripts/)
 
 F64 = torch.float64
-
-
-def layer_inputs(model, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The input state of `layer` for every window, float32 [n, T, d] (one window per forward)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach()[0])
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for w in range(ids.shape[0]):
-                model(ids[w:w + 1])
-    finally:
-        handle.remove()
-    return torch.stack(seen)
 
 
 def install(layer: torch.nn.Module, C: torch.Tensor):
@@ -93,13 +76,13 @@ def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float,
         # the dense model's states first (nothing installed), then the fits run progressively in the patch
         for L in sites:
             if dense_inputs.get(L) is None:
-                dense_inputs[L] = layer_inputs(model, dense_layers[L], ids_fit)[:, 1:]
+                dense_inputs[L] = layer_inputs(model, [dense_layers[L]], ids_fit)[0][:, 1:]
         with temporarily_pruned(model, removed, ops) as m:
             handles = []
             try:
                 for L in sites:
                     layer = dense_layers[L]
-                    X = layer_inputs(m, layer, ids_fit)[:, 1:]
+                    X = layer_inputs(m, [layer], ids_fit)[0][:, 1:]
                     Z = torch.cat([X, scale_free(X)], -1).reshape(-1, 2 * d).to(F64)
                     C = fit(Z, dense_inputs[L].reshape(-1, d).to(F64), ridge)
                     before = float((X - dense_inputs[L]).pow(2).sum(-1).mean())

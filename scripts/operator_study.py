@@ -49,28 +49,32 @@ from ghosted.surgery import temporarily_pruned  # noqa: E402
 F64 = torch.float64
 
 
-def block_states(model, ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of layer `start` and of layer `end` (the block's output) for every window, float32 [n, T, d]."""
-    layers = arch.get_layers(model)
-    seen: dict[int, torch.Tensor] = {}
+def layer_inputs(model, layers: list[torch.nn.Module], ids: torch.Tensor) -> list[torch.Tensor]:
+    """The input state of each of `layers` (modules, so a pruned model works too) for every window, float32
+    [n, T, d] each, one window per forward."""
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def grab(i):
         def hook(_m, args, kwargs):
-            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen[i].append((args[0] if args else kwargs["hidden_states"]).detach()[0])
         return hook
 
-    handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (start, end)]
-    xs, ys = [], []
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             for w in range(ids.shape[0]):
                 model(ids[w:w + 1])
-                xs.append(seen[start][0])
-                ys.append(seen[end][0])
     finally:
         for h in handles:
             h.remove()
-    return torch.stack(xs), torch.stack(ys)
+    return [torch.stack(states) for states in seen]
+
+
+def block_states(model, ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of layer `start` and of layer `end` (the block's output) for every window, float32 [n, T, d]."""
+    layers = arch.get_layers(model)
+    X, Y = layer_inputs(model, [layers[start], layers[end]], ids)
+    return X, Y
 
 
 def shifted(n: torch.Tensor, lag: int = 1) -> torch.Tensor:
