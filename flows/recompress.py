@@ -24,9 +24,8 @@ from typing import Any
 
 from prefect import flow
 
+from flows.compress import BASE_MODEL_FILE, compress
 from ghosted.errors import GhostedError
-
-from .compress import BASE_MODEL_FILE, compress
 
 
 def _fingerprint(repo: Path) -> str | None:

@@ -4,7 +4,7 @@ One task builds the calibration set and captures the shared statistics once (eve
 float64 sums and the layer scores, one forward pass); every configuration is then its own Prefect task
 that solves from those statistics and evaluates the pruned model, on a Dask cluster (prefect-dask): a
 local cluster by default, or a running cluster at `address`. The dense model is evaluated as one more task.
-Every cell is a ghosted.grid.run_cell, as in `ghosted compare`; results go to <out>/sweep.json, sweep.md
+Every cell is a ghosted.solve.grid.run_cell, as in `ghosted compare`; results go to <out>/sweep.json, sweep.md
 and the plots (ghosted/report.py), with the wall time and the summed task times. The shared statistics
 travel to the workers as safetensors with their sha256 (CaptureResult.save/load), never as pickle.
 
@@ -31,10 +31,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.compress import _transient, load_params
 from ghosted.errors import GhostedError
-from ghosted.report import write_report
+from ghosted.reporting.compare_report import write_report
 
-from .compress import _transient, load_params
 
 def sweep_settings(params: dict[str, Any]) -> dict[str, Any]:
     """The `sweep:` section of params.yaml (ghosted.config.SweepConfig) as a dict; every cell's config checked."""
@@ -66,7 +66,7 @@ def _set_threads(n: int) -> None:
 
 def _shared_hit(folder: Path) -> dict[str, Any] | None:
     """The record of a complete shared-statistics folder whose capture file still has the recorded sha256."""
-    from ghosted.capture import file_sha256
+    from ghosted.calibration.capture import file_sha256
 
     record, stats = folder / "shared.json", folder / "stats.safetensors"
     if not (record.is_file() and stats.is_file() and (folder / "calibration").is_dir()):
@@ -87,11 +87,11 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     """Calibration set + one capture serving every configuration, written under workdir/shared/<key>/ as
     safetensors (never pickle) with the file's sha256 recorded beside it; a cache hit is checked against it."""
     from ghosted.config import EvalSettings
-    from ghosted.data import build_calibration, save_calibration
-    from ghosted.grid import grid_header
+    from ghosted.corpora import build_calibration, save_calibration
     from ghosted.io import write_json_atomic
     from ghosted.models import fingerprint, load_model, resolve
-    from ghosted.prune import PruneConfig, shared_capture
+    from ghosted.solve.grid import grid_header
+    from ghosted.solve.solver import PruneConfig, shared_capture
 
     _set_threads(threads)
     key = hashlib.sha256(json.dumps([model, fingerprint(resolve(model)), calibration, prune, sorted(ks), sorted(methods)],
@@ -120,12 +120,12 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
 def sweep_cell(model: str, shared: dict[str, Any], k: int, method: str, prune: dict, evaluation: dict,
                threads: int) -> dict[str, Any]:
     """Solve one configuration from the shared statistics and evaluate it in place (k = 0: the dense model)."""
-    from ghosted.capture import CaptureResult
+    from ghosted.calibration.capture import CaptureResult
     from ghosted.config import EvalSettings
-    from ghosted.data import load_calibration
-    from ghosted.grid import run_cell, run_dense
+    from ghosted.corpora import load_calibration
     from ghosted.models import load_model
-    from ghosted.prune import PruneConfig
+    from ghosted.solve.grid import run_cell, run_dense
+    from ghosted.solve.solver import PruneConfig
 
     _set_threads(threads)
     settings = EvalSettings.from_dict(dict(evaluation))

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ghosted.version import __version__
 
 __all__ = ["__version__", "load", "verify", "GhostedError"]
 
-from .errors import GhostedError
+from ghosted.errors import GhostedError
 
 
 def load(path: str, dtype=None, device: str | None = None):
     """Verify, then load a ghosted checkpoint folder (ghosts included) without running the folder's code."""
     import torch
 
-    from .checkpoint import load as _load
-    from .checks import check_device
+    from ghosted.checkpoint.format import load as _load
+    from ghosted.checks import check_device
 
     if device is not None:
         check_device(device)
@@ -24,6 +24,6 @@ def load(path: str, dtype=None, device: str | None = None):
 def verify(path: str) -> dict:
     """Check a checkpoint folder (manifest hashes, code, layer count, ghost sites and shapes, finite values);
     GhostedError with the reason if it must not be loaded."""
-    from .checkpoint import verify as _verify
+    from ghosted.checkpoint.format import verify as _verify
 
     return _verify(path)

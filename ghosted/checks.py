@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import GhostedError
+from ghosted.errors import GhostedError
 
 DEVICE_HELP = "use cpu, cuda, cuda:N (or mps on Apple silicon)"
 
@@ -233,8 +233,8 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
     """A solution folder fits this model: layer indices in range, known operator kinds, d-sized finite tensors."""
     import torch
 
-    from . import arch
-    from .linalg import OPERATOR_TENSORS
+    from ghosted.method import arch
+    from ghosted.method.linalg import OPERATOR_TENSORS
 
     L, d = arch.num_layers(model), int(model.config.hidden_size)
     removed = sol.removed

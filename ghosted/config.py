@@ -19,7 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import GhostedError
+from ghosted.errors import GhostedError
 
 PPL_SOURCES_HELP = "wiki, ptb, passages, ptb-train, a .txt/.jsonl file or hf:NAME:SPLIT:FIELD"
 GUARDS = ("loss", "boundary", "off")
@@ -217,10 +217,10 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         _typed(self, "prune")
-        from .fold import FOLDS
-        from .policies import get_policy
-        from .recovery import RECOVERY
-        from .selection import SELECTION
+        from ghosted.method.fold import FOLDS
+        from ghosted.method.policies import get_policy
+        from ghosted.method.recovery import RECOVERY
+        from ghosted.method.selection import SELECTION
 
         if (self.remove is None) == (self.layers is None):
             raise GhostedError("give exactly one of --remove K or --layers LIST")
@@ -261,7 +261,7 @@ class PruneConfig:
             raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "PruneConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PruneConfig:
         return build(cls, d, "prune")
 
 
@@ -277,7 +277,7 @@ def parse_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def check_tasks(tasks: tuple[str, ...]) -> None:
-    from .evaluate.zeroshot import SUPPORTED_TASKS
+    from ghosted.evaluate.zeroshot import SUPPORTED_TASKS
 
     for name in tasks:
         if name not in SUPPORTED_TASKS:
@@ -289,7 +289,7 @@ def check_tasks(tasks: tuple[str, ...]) -> None:
 
 
 def check_sources(sources: tuple[str, ...]) -> None:
-    from .data import SHIPPED_SOURCES
+    from ghosted.corpora import SHIPPED_SOURCES
 
     for s in sources:
         if s not in SHIPPED_SOURCES and not s.startswith("hf:") and not Path(s).expanduser().is_file():
@@ -299,7 +299,7 @@ def check_sources(sources: tuple[str, ...]) -> None:
 
 
 def _default_tasks() -> tuple[str, ...]:
-    from .evaluate.zeroshot import DEFAULT_TASKS
+    from ghosted.evaluate.zeroshot import DEFAULT_TASKS
 
     return tuple(DEFAULT_TASKS)
 
@@ -328,7 +328,7 @@ class EvalSettings:
         _whole(self.batch_size, 1, "--batch-size (eval.batch_size)")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "EvalSettings":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> EvalSettings:
         return build(cls, d, "eval")
 
     def as_dict(self) -> dict:
@@ -375,7 +375,7 @@ class GateConfig:
             raise GhostedError("gate.acc_metric must name a metric, e.g. acc_norm")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "GateConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> GateConfig:
         return build(cls, d, "gate")
 
 
@@ -403,7 +403,7 @@ class RegistryConfig:
             raise GhostedError("registry.experiment must name an MLflow experiment")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "RegistryConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RegistryConfig:
         return build(cls, d, "registry")
 
 
@@ -424,7 +424,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         _typed(self, "sweep")
-        from .recovery import RECOVERY
+        from ghosted.method.recovery import RECOVERY
 
         object.__setattr__(self, "recovery", parse_names(self.recovery) or ())
         if not self.remove or len(set(self.remove)) != len(self.remove):
@@ -472,7 +472,7 @@ class SearchConfig:
         _whole(self.distill, 0, "--distill (search.distill)")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "SearchConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> SearchConfig:
         return build(cls, d, "search")
 
 

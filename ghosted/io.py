@@ -19,13 +19,12 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
-from .errors import GhostedError
+from ghosted.errors import GhostedError
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

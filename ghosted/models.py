@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import GhostedError
-from .io import file_sha256  # noqa: F401  (re-exported: models.file_sha256)
-from .io import release_memory
+from ghosted.errors import GhostedError
+from ghosted.io import (
+    file_sha256,  # noqa: F401  re-exported: models.file_sha256
+    release_memory,
+)
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {
@@ -91,7 +93,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF to an fp32 HF folder, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_dir
+    from ghosted.io import atomic_dir
 
     with atomic_dir(out, force=True, kind="model-cache") as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -184,7 +186,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     """Load a causal LM and its tokenizer in eval mode. Ghosted checkpoints load with their ghosts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checks import check_device
+    from ghosted.checks import check_device
 
     check_device(device)
     ref = resolve(name_or_path)
@@ -198,8 +200,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     try:
         cfg_path = Path(ref.path) / "config.json"
         if ref.kind != "hub" and cfg_path.exists() and "ghosted" in json.loads(cfg_path.read_text()):
-            from .checkpoint import load as load_ghosted
-            from .checkpoint import load_tokenizer
+            from ghosted.checkpoint.format import load as load_ghosted
+            from ghosted.checkpoint.format import load_tokenizer
 
             model = load_ghosted(ref.path, dtype=dtype)  # verifies the folder first
             tok = load_tokenizer(ref.path)
@@ -241,8 +243,8 @@ def load_tokenizer(name_or_path: str):
     try:
         cfg_path = Path(ref.path) / "config.json"
         if ref.kind != "hub" and cfg_path.is_file() and "ghosted" in json.loads(cfg_path.read_text()):
-            from .checkpoint import _base_config, _read_config
-            from .checkpoint import load_tokenizer as checkpoint_tokenizer
+            from ghosted.checkpoint.format import _base_config, _read_config
+            from ghosted.checkpoint.format import load_tokenizer as checkpoint_tokenizer
 
             doc = _read_config(Path(ref.path))  # a ghosted checkpoint: its base config, never the folder's code
             return checkpoint_tokenizer(ref.path), _base_config(doc, doc["ghosted"].get("base_architecture"))

@@ -5,9 +5,9 @@ runtime 243 MiB; after load 433 (weights are memory-mapped, paged in on first us
 prune+fit high-water 1565, i.e. 420 MiB of its own (31 hidden states of a 4 x 512 batch for the score
 tables, 146 MiB, and the float64 sums of 24 candidate blocks, ~130 MiB); model 513 MiB."""
 import torch, time
-from ghosted import bench
+from ghosted.evaluate import bench
 from ghosted.evaluate.harness import proc_bytes, reset_cpu_peak
-from ghosted.prune import PruneConfig, solve
+from ghosted.solve.solver import PruneConfig, solve
 rss = lambda: proc_bytes("VmRSS") / 2**20
 hwm = lambda: proc_bytes("VmHWM") / 2**20
 r0 = rss(); print("runtime", r0)

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from ghosted.config import PruneConfig
-from ghosted.data import build_calibration
+from ghosted.corpora import build_calibration
 from ghosted.evaluate.perplexity import perplexity
 from ghosted.models import load_model
-from ghosted.prune import solve
-from ghosted.surgery import temporarily_pruned
+from ghosted.solve.solver import solve
+from ghosted.method.surgery import temporarily_pruned
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from ghosted.config import PruneConfig
-from ghosted.data import build_calibration
+from ghosted.corpora import build_calibration
 from ghosted.evaluate.perplexity import perplexity
 from ghosted.models import load_model
-from ghosted.prune import distill_operators, solve
-from ghosted.surgery import temporarily_pruned
+from ghosted.solve.solver import distill_operators, solve
+from ghosted.method.surgery import temporarily_pruned
 
 
 def ppl(loaded, removed, ops, windows: int) -> dict[str, float]:

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghosted import arch  # noqa: E402
+from ghosted.method import arch
 from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
 from ghosted.config import PruneConfig  # noqa: E402
 from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
-from ghosted.prune import heldout_windows, solve  # noqa: E402
-from ghosted.surgery import temporarily_pruned  # noqa: E402
+from ghosted.solve.solver import heldout_windows, solve  # noqa: E402
+from ghosted.method.surgery import temporarily_pruned  # noqa: E402
 from operator_study import fit, layer_inputs, load_for_study, study_parser, write_report  # noqa: E402 (scripts/)
 
 F64 = torch.float64

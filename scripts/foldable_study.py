@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from ghosted import arch
-from ghosted.data import build_calibration
+from ghosted.method import arch
+from ghosted.corpora import build_calibration
 from ghosted.evaluate.perplexity import perplexity
 from ghosted.io import write_json_atomic, write_text_atomic
 from ghosted.models import load_model
-from ghosted.prune import PruneConfig, build_checkpoint, shared_capture, solve
-from ghosted.surgery import temporarily_pruned
+from ghosted.solve.solver import PruneConfig, build_checkpoint, shared_capture, solve
+from ghosted.method.surgery import temporarily_pruned
 
 SOURCES = ("wiki", "ptb")
 

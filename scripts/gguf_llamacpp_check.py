@@ -82,7 +82,7 @@ def tiny_logits_check(tmp: Path, threads: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from ghosted.export import export_gguf
+    from ghosted.checkpoint.gguf import export_gguf
     from tests.test_export import make_tiny_folder
 
     rows = []
@@ -131,7 +131,7 @@ def main() -> int:
         sys.exit('llama-cpp-python is not installed: pip install -e ".[gguf]" (builds llama.cpp, minutes)')
     from transformers import AutoTokenizer
 
-    from ghosted.data import adds_bos, load_documents, make_windows
+    from ghosted.corpora import adds_bos, load_documents, make_windows
     from ghosted.io import write_text_atomic
 
     t_start = time.perf_counter()

@@ -97,8 +97,10 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     """One calibration size in this process: prune (default selection, the given guard) and save."""
     import torch
 
-    from ghosted import bench, checkpoint, prune
-    from ghosted.capture import capture_batch
+    from ghosted.evaluate import bench
+    from ghosted.checkpoint import format as checkpoint
+    from ghosted.solve import solver as prune
+    from ghosted.calibration.capture import capture_batch
     from ghosted.evaluate import perplexity
 
     base = bench.runtime_baseline(model)

@@ -37,14 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghosted import arch  # noqa: E402
+from ghosted.method import arch
 from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
 from ghosted.config import PruneConfig  # noqa: E402
-from ghosted.data import build_calibration  # noqa: E402
+from ghosted.corpora import build_calibration  # noqa: E402
 from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
 from ghosted.models import load_model  # noqa: E402
-from ghosted.prune import heldout_windows, solve  # noqa: E402
-from ghosted.surgery import temporarily_pruned  # noqa: E402
+from ghosted.solve.solver import heldout_windows, solve  # noqa: E402
+from ghosted.method.surgery import temporarily_pruned  # noqa: E402
 
 F64 = torch.float64
 

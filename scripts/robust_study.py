@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from ghosted.config import EvalSettings
-from ghosted.data import build_calibration
+from ghosted.corpora import build_calibration
 from ghosted.evaluate.run import versions
-from ghosted.grid import grid_header, run_cell, run_dense
+from ghosted.solve.grid import grid_header, run_cell, run_dense
 from ghosted.models import load_model
-from ghosted.prune import PruneConfig, shared_capture
-from ghosted.report import write_report
+from ghosted.solve.solver import PruneConfig, shared_capture
+from ghosted.reporting.compare_report import write_report
 
 VARIANTS = {
     "none": dict(recovery="none", guard="off"),

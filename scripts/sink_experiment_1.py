@@ -2,10 +2,10 @@
 with position 0 left out, and with sink tokens fitted to their true targets at weight w. Output: (wiki PPL, PTB PPL)."""
 import torch, time, math, sys
 from ghosted.models import load_model
-from ghosted.data import build_calibration, make_windows, load_documents
-from ghosted.capture import capture, CapturePlan
-from ghosted.linalg import solve_ghost, relative_residual, PairSums
-from ghosted.surgery import temporarily_pruned
+from ghosted.corpora import build_calibration, make_windows, load_documents
+from ghosted.calibration.capture import capture, CapturePlan
+from ghosted.method.linalg import solve_ghost, relative_residual, PairSums
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.evaluate.perplexity import mean_nll
 L = load_model('smollm2-135m')
 c = build_calibration(L.tokenizer, n=32, seq_len=512)

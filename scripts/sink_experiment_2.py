@@ -2,12 +2,12 @@
 (target = own state) at weight w; position 0 left out with larger ridges. Output: (wiki PPL, PTB PPL)."""
 import torch, time, math, sys
 from ghosted.models import load_model
-from ghosted.data import build_calibration, make_windows, load_documents
-from ghosted.capture import capture, CapturePlan
-from ghosted.linalg import solve_ghost, relative_residual, PairSums, F64, Operator, ridge_lambda, _solve_spd
-from ghosted.surgery import temporarily_pruned
+from ghosted.corpora import build_calibration, make_windows, load_documents
+from ghosted.calibration.capture import capture, CapturePlan
+from ghosted.method.linalg import solve_ghost, relative_residual, PairSums, F64, Operator, ridge_lambda, _solve_spd
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.evaluate.perplexity import mean_nll
-from ghosted import arch
+from ghosted.method import arch
 L = load_model('smollm2-135m')
 c = build_calibration(L.tokenizer, n=32, seq_len=512)
 wiki = make_windows(L.tokenizer, load_documents('wiki'), 512)[:8]

@@ -4,10 +4,10 @@ other tokens (ridge 1e-3). "route: X" maps position 0 by X and every other token
 Output: reports/sink_experiment_3.txt as (wiki PPL, PTB PPL)."""
 import torch, math, sys
 from ghosted.models import load_model
-from ghosted.data import build_calibration, make_windows, load_documents
-from ghosted.capture import capture, CapturePlan
-from ghosted.linalg import solve_ghost
-from ghosted.surgery import temporarily_pruned
+from ghosted.corpora import build_calibration, make_windows, load_documents
+from ghosted.calibration.capture import capture, CapturePlan
+from ghosted.method.linalg import solve_ghost
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.evaluate.perplexity import mean_nll
 torch.manual_seed(0)
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
@@ -44,7 +44,7 @@ class Routed(torch.nn.Module):
             out[m] = o
         return out
 
-from ghosted import arch
+from ghosted.method import arch
 def ev(removed, ops):
     with temporarily_pruned(L.model, removed, {}) as m:
         hs_ = []

@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
-from .tiny_models import save_tiny_folder  # noqa: E402
+from tests.tiny_models import save_tiny_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .tiny_models import make_tiny
+from tests.tiny_models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, Starcoder2Config
 
-from ghosted import arch
-from ghosted.arch import (
+from ghosted.errors import GhostedError
+from ghosted.method import arch
+from ghosted.method.arch import (
     ArchSpec,
     get_arch,
     get_final_norm,
@@ -26,10 +27,9 @@ from ghosted.arch import (
     remove_layers,
     supported_architectures,
 )
-from ghosted.errors import GhostedError
 
 try:
-    from .tiny_models import FAMILIES, make_tiny, make_tiny_tokenizer
+    from tests.tiny_models import FAMILIES, make_tiny, make_tiny_tokenizer
 except ImportError:  # pragma: no cover - tests/ run without an __init__.py
     from tiny_models import FAMILIES, make_tiny, make_tiny_tokenizer  # type: ignore[no-redef]
 
@@ -167,7 +167,7 @@ def test_heuristic_reproduces_table(family: str) -> None:
 
 
 def test_spec_json_is_strict() -> None:
-    raw = json.loads((Path(arch.__file__).parent / "_data" / "architectures" / "llama.json").read_text())
+    raw = json.loads((Path(arch.__file__).parents[1] / "_data" / "architectures" / "llama.json").read_text())
     assert isinstance(arch._parse_spec(raw, "llama.json"), ArchSpec)
     with pytest.raises(GhostedError, match="unknown keys.*bogus"):
         arch._parse_spec({**raw, "bogus": 1}, "x.json")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -14,15 +14,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
 import ghosted
-from ghosted import checkpoint
+from ghosted.checkpoint import format as checkpoint
 from ghosted.cli import main
-from ghosted.data import Calibration, tokens_sha256
+from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.errors import GhostedError
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model
-from ghosted.prune import PruneConfig, build_checkpoint, solve
-from ghosted.surgery import temporarily_pruned
-
-from .test_prune import _calib, _ids, _loaded, _logits
+from ghosted.solve.solver import PruneConfig, build_checkpoint, solve
+from tests.test_prune import _calib, _ids, _loaded, _logits
 
 WEIGHTS = "model.ghosted.safetensors"
 

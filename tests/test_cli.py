@@ -153,7 +153,7 @@ def test_bench_reports_all_three_ratios(tiny_folder, tmp_path, run):
 
 def test_bench_on_a_random_weight_model_of_a_config(tmp_path, run):
     """random:config.json builds that architecture with random weights (how the 8B figures are taken)."""
-    from .tiny_models import tiny_config
+    from tests.tiny_models import tiny_config
 
     cfg = tmp_path / "config.json"
     tiny_config("qwen3", num_layers=6).to_json_file(cfg)

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from ghosted.cli import main
-from ghosted.compare import CompareConfig, run_compare
 from ghosted.config import EvalSettings
-from ghosted.data import build_calibration
+from ghosted.corpora import build_calibration
 from ghosted.errors import GhostedError
 from ghosted.models import load_model
-from ghosted.prune import PruneConfig
-from ghosted.report import PLOTS, write_report
-
+from ghosted.reporting.compare_report import PLOTS, write_report
+from ghosted.solve.compare import CompareConfig, run_compare
+from ghosted.solve.solver import PruneConfig
 
 GRID = ["--remove", "1,2", "--recovery", "none,ghost", "--tasks", "piqa", "--limit", "2", "--ppl", "wiki",
         "--ppl-windows", "2", "--seq-len", "32", "--n-seqs", "6"]
@@ -187,8 +186,8 @@ def _assert_same_sums(a, b) -> None:
 def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
     """CaptureResult.save/load: every float64 sum back bit for bit, a cell solved from the loaded file equals
     one solved from the capture in memory, and a file changed since it was written is refused."""
-    from ghosted.capture import CaptureResult, file_sha256
-    from ghosted.prune import shared_capture, solve
+    from ghosted.calibration.capture import CaptureResult, file_sha256
+    from ghosted.solve.solver import shared_capture, solve
 
     loaded = load_model(str(tiny_folder))
     calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
@@ -226,7 +225,7 @@ def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
 def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
     """A configuration the solver refuses (here a layer the model does not have): the cell carries the error
     and the grid goes on."""
-    from ghosted.grid import CellResult, run_cell
+    from ghosted.solve.grid import CellResult, run_cell
 
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))

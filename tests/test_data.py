@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ghosted.data import build_calibration, mixture_parts
+from ghosted.corpora import build_calibration, mixture_parts
 from ghosted.errors import GhostedError
-from ghosted.prune import heldout_windows
+from ghosted.solve.solver import heldout_windows
 
 
 def _text(path, word: str, docs: int = 80) -> str:

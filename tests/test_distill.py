@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ghosted.distill import DistillConfig, distill, teacher_topk, topk_kl
 from ghosted.errors import GhostedError
 from ghosted.evaluate.perplexity import mean_nll
-from ghosted.linalg import F64, Operator
-from ghosted.surgery import temporarily_pruned
-
-from .tiny_models import make_tiny
+from ghosted.method.linalg import F64, Operator
+from ghosted.method.surgery import temporarily_pruned
+from ghosted.solve.distill import DistillConfig, distill, teacher_topk, topk_kl
+from tests.tiny_models import make_tiny
 
 
 def _ids(vocab: int, n: int = 8, t: int = 24, seed: int = 0) -> torch.Tensor:

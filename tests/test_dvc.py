@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from .dvc_repo import ROOT, dvc, make_repo, run
+from tests.dvc_repo import ROOT, dvc, make_repo, run
 
 pytest.importorskip("dvc")
 pytest.importorskip("mlflow")
@@ -44,7 +44,7 @@ def test_check_dvc_lock_tells_a_stale_lock_from_a_fresh_one(tmp_path):
 def test_register_switch_parses_and_decides(monkeypatch):
     from ghosted.config import RegistryConfig, build
     from ghosted.errors import GhostedError
-    from ghosted.pipeline import EXPERIMENT_ENV, registration_skipped
+    from ghosted.mlops.dvc import EXPERIMENT_ENV, registration_skipped
 
     monkeypatch.delenv(EXPERIMENT_ENV, raising=False)
     assert build(RegistryConfig, {}, "registry").register == "true"  # a plain `dvc repro` registers
@@ -63,8 +63,8 @@ def test_register_switch_parses_and_decides(monkeypatch):
 
 def test_compact_metrics_keep_the_decisive_numbers_only():
     from ghosted.config import GateConfig
-    from ghosted.pipeline import compact_metrics
-    from ghosted.gate import apply_gate
+    from ghosted.evaluate.gate import apply_gate
+    from ghosted.mlops.dvc import compact_metrics
 
     def doc(wiki: float, piqa: float, arc: float, params: int, gen_ms: float) -> dict:
         return {"ppl": {"wiki": {"ppl": wiki, "nll": 3.0, "windows": 8}, "data/t.txt": {"ppl": wiki * 2}},

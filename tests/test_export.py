@@ -10,10 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from ghosted.checkpoint.gguf import permute_qk
 from ghosted.cli import main
-from ghosted.export import permute_qk
-
-from .tiny_models import tiny_config
+from tests.tiny_models import tiny_config
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and layer pruning removes blocks. " * 3
@@ -199,7 +198,7 @@ def test_gemma3_writes_offset_norms_and_the_pruned_layer_pattern(tmp_path, capsy
 @pytest.mark.integration
 def test_shipped_smollm2_pruned_gguf_predicts_like_the_folder(tmp_path, capsys):
     """Pruned SmolLM2 (13-18 removed, scalar fold) -> GGUF f32 -> transformers: same next tokens on wiki text."""
-    from ghosted.data import load_documents, make_windows
+    from ghosted.corpora import load_documents, make_windows
 
     ckpt = tmp_path / "smol"
     code, _, err = _run(capsys, "prune", "smollm2-135m", "--layers", "13-18", "--recovery", "scalar",
@@ -221,7 +220,7 @@ def test_shipped_smollm2_pruned_gguf_predicts_like_the_folder(tmp_path, capsys):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert (got - ref).abs().max() < 1e-3
     # The tokenizer written from tokenizer.json alone has the base GGUF's tokens, merges and types.
-    from ghosted.export import _write_hf_tokenizer
+    from ghosted.checkpoint.gguf import _write_hf_tokenizer
 
     w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
     _write_hf_tokenizer(w, ckpt)

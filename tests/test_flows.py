@@ -14,9 +14,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows import compress as compress_mod  # noqa: E402
 from flows import recompress as recompress_mod  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
-from ghosted.report import write_report  # noqa: E402
-
-from .tiny_models import make_tiny  # noqa: E402
+from ghosted.reporting.compare_report import write_report  # noqa: E402
+from tests.tiny_models import make_tiny  # noqa: E402
 
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
@@ -66,7 +65,7 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
 
 
 def _flow_repo(tmp_path: Path) -> Path:
-    from .dvc_repo import make_repo
+    from tests.dvc_repo import make_repo
 
     return make_repo(tmp_path / "repo")
 
@@ -81,13 +80,13 @@ def _versions(repo: Path) -> int:
 
 
 def _ran(out: str) -> list[str]:
-    from .dvc_repo import STAGES
+    from tests.dvc_repo import STAGES
 
     return [s for s in STAGES if f"Running stage '{s}'" in out]
 
 
 def _registry(repo: Path) -> list[tuple[str, str, bool]]:
-    from .dvc_repo import run
+    from tests.dvc_repo import run
 
     listed = json.loads(run(repo, "ghosted", "registry", "list", "--json", "--config", "params.yaml").stdout)
     return [(r["version"], r["gate"], r["champion"]) for r in listed]
@@ -101,7 +100,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     register alone without a version; a changed base model makes every stage that reads it stale."""
     import yaml
 
-    from .dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
+    from tests.dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
 
     repo = _flow_repo(tmp_path)
     state = compress_mod.compress(repo=str(repo), return_state=True)
@@ -171,7 +170,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
 
 
 def test_a_bad_param_ends_the_flow_with_one_line_and_no_retry(tmp_path, capsys):
-    from .dvc_repo import set_params
+    from tests.dvc_repo import set_params
 
     repo = _flow_repo(tmp_path)
     set_params(repo, prune={"recovery": "ghots"})

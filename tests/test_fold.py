@@ -12,17 +12,24 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import ghosted
-from ghosted import arch
-from ghosted.data import Calibration, tokens_sha256
+from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.evaluate.perplexity import mean_nll
-from ghosted.fold import LAYOUTS, REFUSED
-from ghosted.linalg import F64, Operator, PairSums, fold_residual, procrustes, solve_replaceme, solve_rotate, \
-    solve_rotate_replaceme
+from ghosted.method import arch
+from ghosted.method.fold import LAYOUTS, REFUSED
+from ghosted.method.linalg import (
+    F64,
+    Operator,
+    PairSums,
+    fold_residual,
+    procrustes,
+    solve_replaceme,
+    solve_rotate,
+    solve_rotate_replaceme,
+)
+from ghosted.method.surgery import apply, temporarily_pruned
 from ghosted.models import Loaded, ModelRef
-from ghosted.prune import PruneConfig, build_checkpoint, heldout_windows, load_solution, save_solution, solve
-from ghosted.surgery import apply, temporarily_pruned
-
-from .tiny_models import FAMILIES, make_tiny
+from ghosted.solve.solver import PruneConfig, build_checkpoint, heldout_windows, load_solution, save_solution, solve
+from tests.tiny_models import FAMILIES, make_tiny
 
 FOLDABLE = [f for f in FAMILIES if f in LAYOUTS]
 NOT_FOLDABLE = [f for f in FAMILIES if f not in LAYOUTS]
@@ -126,7 +133,7 @@ def test_fold_equals_hooked_form(family, with_T, tmp_path):
     assert arch.num_layers(model) == 6 and not hasattr(model, "ghosts")
     assert torch.equal(_logits(model, ids), dense)
     assert not torch.allclose(hooked, dense, atol=1e-2)  # the operators matter
-    from ghosted.prune import Solution
+    from ghosted.solve.solver import Solution
 
     sol = Solution(removed, ops, {"recovery": "foldable"})
     meta = build_checkpoint(loaded, sol, "0" * 64, tmp_path / "ck")
@@ -216,7 +223,7 @@ def test_cut_at_layer_zero_has_no_replaceme_candidate():
 
 
 def test_granite_offers_cq_only():
-    from ghosted.fold import allowed_folds
+    from ghosted.method.fold import allowed_folds
 
     spec = arch.get_arch(make_tiny("granite")[0])
     assert allowed_folds(spec, [(1, 3)]) == ["cq"]
@@ -231,7 +238,7 @@ def test_shipped_smollm2_fold_equals_hooked(tmp_path):
     from pathlib import Path
 
     from ghosted.models import load_model
-    from ghosted.prune import Solution
+    from ghosted.solve.solver import Solution
 
     loaded = load_model("smollm2-135m")
     model = loaded.model
@@ -254,7 +261,8 @@ def test_shipped_smollm2_fold_equals_hooked(tmp_path):
 
 
 def test_fold_option_is_checked_in_the_config():
-    from ghosted.config import PruneConfig as Typed, default
+    from ghosted.config import PruneConfig as Typed
+    from ghosted.config import default
 
     assert PruneConfig is Typed and default(Typed, "fold") == "auto"
     assert PruneConfig.from_dict({"layers": "1-2", "recovery": "foldable", "fold": "cq"}).fold == "cq"

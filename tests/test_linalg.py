@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ghosted.linalg import (F64, PairSums, fold_down_proj, orthonormal_mixer, relative_residual, residual,
-                            solve_ghost, solve_linearpatch, solve_lowrank, solve_replaceme, solve_scalar)
+from ghosted.method.linalg import (
+    F64,
+    PairSums,
+    fold_down_proj,
+    orthonormal_mixer,
+    relative_residual,
+    residual,
+    solve_ghost,
+    solve_linearpatch,
+    solve_lowrank,
+    solve_replaceme,
+    solve_scalar,
+)
 
 
 def _data(n: int = 400, d: int = 16, seed: int = 0):

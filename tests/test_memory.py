@@ -8,15 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ghosted import prune
-from ghosted import capture as capture_module
-from ghosted.capture import CapturePlan, capture, capture_batch
-from ghosted.data import Calibration, tokens_sha256
+from ghosted.calibration import capture as capture_module
+from ghosted.calibration.capture import CapturePlan, capture, capture_batch
+from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.models import Loaded, ModelRef
-from ghosted.prune import PruneConfig, candidate_sums_bytes, solve
-
-from .test_prune import _assert_same_capture, _ids
-from .tiny_models import FAMILIES, make_tiny
+from ghosted.solve import solver as prune
+from ghosted.solve.solver import PruneConfig, candidate_sums_bytes, solve
+from tests.test_prune import _assert_same_capture, _ids
+from tests.tiny_models import FAMILIES, make_tiny
 
 
 def _exactly_equal(a, b) -> None:
@@ -173,7 +172,7 @@ def test_bench_layerwise_with_offload(tmp_path, run):
     """`ghosted bench --layerwise --offload-budget 0`: every carried state through files, same plan as in memory."""
     import json
 
-    from .tiny_models import tiny_config
+    from tests.tiny_models import tiny_config
 
     cfg = tmp_path / "config.json"
     tiny_config("llama", num_layers=6).to_json_file(cfg)
@@ -192,7 +191,7 @@ def test_bench_layerwise_with_offload(tmp_path, run):
 
 def test_save_finiteness_check_reads_every_chunk():
     """The checkpoint's finiteness check, chunk by chunk, still finds one inf in a tensor's last chunk."""
-    from ghosted.checkpoint import _check_finite
+    from ghosted.checkpoint.format import _check_finite
     from ghosted.errors import GhostedError
 
     model, _ = make_tiny("llama")

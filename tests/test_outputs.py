@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from ghosted import checkpoint
+from ghosted.checkpoint import format as checkpoint
 from ghosted.cli import main
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, atomic_dir, check_out_dir, remove_stale
-
-from .tiny_models import make_tiny
+from tests.tiny_models import make_tiny
 
 TEXT = "\n\n".join(f"Paragraph {i}: layer pruning removes whole blocks of a language model. " * 3 for i in range(40))
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +202,7 @@ import os, signal, sys
 point = os.environ["STOP_AT"]
 def stop():
     os.kill(os.getpid(), signal.SIGSTOP)
-import ghosted.checkpoint as ck, ghosted.io as gio, ghosted.prune as pr
+import ghosted.checkpoint.format as ck, ghosted.io as gio, ghosted.solve.solver as pr
 if point == "before-save":
     orig_build = pr.build_checkpoint
     def build(*a, **k):

@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ghosted.checkpoint import ghost_classes
+from ghosted.checkpoint.format import ghost_classes
 from ghosted.evaluate import perplexity
 from ghosted.evaluate.perplexity import chunk_rows, mean_nll, split_head
-from ghosted.linalg import Operator
-from ghosted.surgery import temporarily_pruned
-
-from .tiny_models import FAMILIES, HIDDEN, make_tiny, tiny_config
+from ghosted.method.linalg import Operator
+from ghosted.method.surgery import temporarily_pruned
+from tests.tiny_models import FAMILIES, HIDDEN, make_tiny, tiny_config
 
 
 def _ids(vocab: int, n: int = 5, t: int = 23, seed: int = 0) -> torch.Tensor:
@@ -120,7 +119,7 @@ def test_chunk_rows_bounds_the_logits():
 
 def test_teacher_topk_in_chunks_equals_full_logits(small_chunks):
     """Distillation's cached teacher top-k comes from the same chunks: the values of the full log-softmax."""
-    from ghosted.distill import teacher_topk
+    from ghosted.solve.distill import teacher_topk
 
     model, _ = make_tiny("gemma2")
     ids = _ids(model.config.vocab_size)
@@ -135,7 +134,7 @@ def test_teacher_topk_in_chunks_equals_full_logits(small_chunks):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_distill_kl_gradient_in_chunks_equals_full_logits(family, small_chunks):
     """The distillation step's loss and ghost gradients, head in chunks == one backward through full logits."""
-    from ghosted.distill import kl_backward, teacher_topk, topk_kl
+    from ghosted.solve.distill import kl_backward, teacher_topk, topk_kl
 
     model, _ = make_tiny(family, num_layers=5)
     ids = _ids(model.config.vocab_size, n=2)

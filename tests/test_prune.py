@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import ghosted
-from ghosted import arch
-from ghosted.capture import CapturePlan, capture
-from ghosted.policies import get_policy
-from ghosted.data import Calibration, tokens_sha256
-from ghosted.linalg import F64, Operator, solve_ghost
+from ghosted.calibration.capture import CapturePlan, capture
+from ghosted.corpora import Calibration, tokens_sha256
+from ghosted.method import arch
+from ghosted.method.linalg import F64, Operator, solve_ghost
+from ghosted.method.policies import get_policy
+from ghosted.method.surgery import apply, runs, temporarily_pruned
 from ghosted.models import Loaded, ModelRef
-from ghosted.prune import PruneConfig, build_checkpoint, load_solution, save_solution, solve
-from ghosted.surgery import apply, runs, temporarily_pruned
-
-from .tiny_models import FAMILIES, make_tiny
+from ghosted.solve.solver import PruneConfig, build_checkpoint, load_solution, save_solution, solve
+from tests.tiny_models import FAMILIES, make_tiny
 
 
 def _ids(vocab: int, n: int = 6, t: int = 24, seed: int = 0) -> torch.Tensor:
@@ -241,7 +239,7 @@ def test_ppl_selection_is_greedy_on_held_out_loss():
     """The first pick is the single layer whose removal costs the least held-out loss; the second is the
     best layer to add to it."""
     from ghosted.evaluate.perplexity import mean_nll
-    from ghosted.prune import heldout_windows
+    from ghosted.solve.solver import heldout_windows
 
     loaded = _loaded("llama", layers=5)
     calib = _calib(loaded.model, n=8)
@@ -305,9 +303,9 @@ def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
     """Boundary guard on planted sums: the fit windows say Y = -X, the held-out windows Y = X + small noise.
     The fitted ghost (W = -I) leaves about 4 |X|^2 / |noise|^2 of unexplained energy against 1.0 for plain
     removal: the fallback is certain."""
-    from ghosted.capture import CaptureResult
-    from ghosted.linalg import PairSums
-    from ghosted.prune import _guard
+    from ghosted.calibration.capture import CaptureResult
+    from ghosted.method.linalg import PairSums
+    from ghosted.solve.solver import _guard
 
     loaded = _loaded("llama", layers=4)
     calib = _calib(loaded.model, n=8)
@@ -374,7 +372,7 @@ def test_auto_policy_keeps_left_out_tokens_apart():
 def test_auto_capture_fits_each_candidate_as_its_own_capture_does():
     """The guard fits every candidate policy from one auto capture: each fit equals the fit from a capture
     made under that policy alone (ridge 0: the relative ridge's trace reference does not enter)."""
-    from ghosted.prune import solve_cut
+    from ghosted.solve.solver import solve_cut
 
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size, 6, 16)
@@ -471,7 +469,7 @@ def test_sink_shift_routes_position_zero_only():
 
 def test_sink_shift_is_the_mean_move_of_position_zero():
     """The shift equals mean(h_b - h_s) over the windows' first tokens, from transformers' own hidden states."""
-    from ghosted.prune import solve_cut
+    from ghosted.solve.solver import solve_cut
 
     model, _ = make_tiny("llama")
     ids = _ids(model.config.vocab_size, 6, 16)
@@ -501,9 +499,9 @@ def test_ghost_aware_selection_picks_the_planted_repairable_block():
     """Synthetic residual stream, 4 layers, k = 1: block 1 rotates the state (far apart, but a linear map
     repairs it exactly), block 2 barely moves it but adds token-wise noise no map can predict, blocks 0
     and 3 add more noise. Angular distance picks block 2; ghost-aware selection picks block 1."""
-    from ghosted.capture import CaptureResult
-    from ghosted.linalg import PairSums
-    from ghosted.selection import SELECTION, SelectContext, ghost_block_errors
+    from ghosted.calibration.capture import CaptureResult
+    from ghosted.method.linalg import PairSums
+    from ghosted.method.selection import SELECTION, SelectContext, ghost_block_errors
 
     d, n, L = 16, 4000, 4
     g = torch.Generator().manual_seed(0)
@@ -532,8 +530,8 @@ def test_norm_feature_ghost_captures_exact_sums_saves_and_loads(tmp_path):
     tokens, the fit beats the plain ghost on its own data, and the saved checkpoint (its verify included)
     reloads with the hooked logits."""
     from ghosted._remote.modeling_ghosted import scale_free
-    from ghosted.checkpoint import verify
-    from ghosted.linalg import relative_residual
+    from ghosted.checkpoint.format import verify
+    from ghosted.method.linalg import relative_residual
 
     loaded = _loaded("llama")
     calib = _calib(loaded.model)

@@ -29,10 +29,9 @@ import pytest
 pytest.importorskip("mlflow")
 
 from ghosted.cli import main  # noqa: E402
-from ghosted.gate import apply_gate  # noqa: E402
 from ghosted.config import GateConfig  # noqa: E402
-
-from .tiny_models import make_tiny  # noqa: E402
+from ghosted.evaluate.gate import apply_gate  # noqa: E402
+from tests.tiny_models import make_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
@@ -292,7 +291,7 @@ def _head() -> str | None:
 
 def test_run_has_measurements_as_metrics_configuration_as_params_and_its_datasets(evaluated, tmp_path, capsys):
     from ghosted.evaluate.zeroshot import default_cache_dir
-    from ghosted.registry import CONFIG_KEYS, is_configuration
+    from ghosted.mlops.registry import CONFIG_KEYS, is_configuration
 
     ckpt, pruned, dense = evaluated
     uri = _uri(tmp_path)
@@ -344,7 +343,7 @@ def test_run_has_measurements_as_metrics_configuration_as_params_and_its_dataset
 
 def test_shipped_pipeline_metrics_are_few_and_measurements(tmp_path):
     """The committed shipped-model evaluations (reports/pipeline) give a short list of metrics, none a setting."""
-    from ghosted.registry import evaluation_params, split_evaluation
+    from ghosted.mlops.registry import evaluation_params, split_evaluation
 
     dense, pruned = (json.loads((ROOT / "reports" / "pipeline" / f"{w}.json").read_text()) for w in ("dense", "pruned"))
     metrics = {**split_evaluation(dense, "dense")[0], **split_evaluation(pruned, "pruned")[0]}
@@ -471,7 +470,7 @@ def test_a_concurrent_insert_of_the_same_dataset_is_retried_and_other_integrity_
     """MLflow's log_inputs looks a dataset up and inserts it in one transaction: of two registers that both found
     it missing, one fails on the UNIQUE constraint (seen in the test above under load); its retry links the row."""
     from ghosted.errors import GhostedError
-    from ghosted.registry import _retry
+    from ghosted.mlops.registry import _retry
 
     calls = []
 
@@ -537,8 +536,8 @@ def test_locked_database_is_retried_then_one_line(ckpt, tmp_path, capsys):
 
 
 def test_read_only_commands_create_nothing(tmp_path, capsys, monkeypatch):
-    from ghosted.registry import recorded_fingerprint
     from ghosted.config import RegistryConfig
+    from ghosted.mlops.registry import recorded_fingerprint
 
     monkeypatch.chdir(tmp_path)  # so that anything created relative to the cwd shows up below
 

@@ -40,8 +40,7 @@ import torch
 
 from ghosted.cli import main
 from ghosted.errors import GhostedError
-
-from .tiny_models import make_tiny
+from tests.tiny_models import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and pruning removes blocks. " * 3
@@ -181,7 +180,7 @@ def _edit_tensors(rel: str, fn: Callable[[dict], None]) -> Callable[[dict[str, P
 
 def _long_calibration(p: dict[str, Path]) -> None:
     """A valid calibration folder whose windows (100 tokens) are longer than the model's 64 positions."""
-    from ghosted.data import Calibration, save_calibration, tokens_sha256
+    from ghosted.corpora import Calibration, save_calibration, tokens_sha256
 
     ids = torch.randint(4, 100, (4, 100), generator=torch.Generator().manual_seed(0))
     save_calibration(Calibration(ids, "random", 0, tokens_sha256(ids)), p["sb"] / "cal")
@@ -427,7 +426,7 @@ def _api_cases() -> list[Bad]:
         return AutoTokenizer.from_pretrained(str(p["tiny"]))
 
     def calib(**kw):
-        from ghosted.data import build_calibration
+        from ghosted.corpora import build_calibration
 
         return lambda p: build_calibration(tok(p), str(p["text"]), **kw)
 
@@ -442,10 +441,10 @@ def _api_cases() -> list[Bad]:
 
     def loader(fn_name, arg):
         def run(p):
-            import ghosted.data
-            import ghosted.prune
+            import ghosted.corpora
+            import ghosted.solve.solver
 
-            fn = getattr(ghosted.data, fn_name, None) or getattr(ghosted.prune, fn_name)
+            fn = getattr(ghosted.corpora, fn_name, None) or getattr(ghosted.solve.solver, fn_name)
             return fn(p[arg] if arg in p else Path(arg))
         return run
 
@@ -810,7 +809,7 @@ sys.exit(main(argv))
 # pass is done, nothing written yet), and after the checkpoint's files are in the temp folder (before the
 # rename that publishes them).
 _KILL_POINTS = {"after-model-load": "ghosted.models:load_model",
-                "during-solve": "ghosted.prune:solve_cut",
+                "during-solve": "ghosted.solve.solver:solve_cut",
                 "during-save": "transformers:PreTrainedModel.save_pretrained"}
 
 

@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghosted import arch
-from ghosted.checkpoint import read_meta
+from ghosted.checkpoint.format import read_meta
 from ghosted.config import SearchConfig
-from ghosted.data import Calibration, tokens_sha256
-from ghosted.linalg import F64, PairSums, solve_ghost
+from ghosted.corpora import Calibration, tokens_sha256
+from ghosted.method import arch
+from ghosted.method.linalg import F64, PairSums, solve_ghost
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef
-from ghosted.prune import PruneConfig, build_checkpoint, shared_capture, solve
-from ghosted.search import fit_progressive, k_range, screen, split_plans
-from ghosted.surgery import temporarily_pruned
-
-from .tiny_models import make_tiny
+from ghosted.solve.search import fit_progressive, k_range, screen, split_plans
+from ghosted.solve.solver import PruneConfig, build_checkpoint, shared_capture, solve
+from tests.tiny_models import make_tiny
 
 
 def _loaded(layers: int = 6) -> Loaded:
@@ -108,8 +107,8 @@ def test_screening_prefers_two_short_cuts_when_held_out_loss_says_so():
 def test_screen_shortlists_the_best_angular_blocks_and_one_boundary_error_pick():
     """Singles screened per k: the `shortlist` blocks of lowest angular distance, plus the block of lowest held-out
     boundary error (unless it is one of them); nothing else."""
-    from ghosted.search import _screen_choice
-    from ghosted.selection import block_scores, ghost_block_errors
+    from ghosted.method.selection import block_scores, ghost_block_errors
+    from ghosted.solve.search import _screen_choice
 
     loaded = _loaded(6)
     calib = _own_text(loaded.model)

@@ -11,12 +11,11 @@ import pytest
 pytest.importorskip("mlflow")
 
 from ghosted.cli import main  # noqa: E402
-from ghosted.errors import GhostedError  # noqa: E402
-from ghosted.gate import apply_gate, beats  # noqa: E402
-from ghosted.registry import registered_name  # noqa: E402
 from ghosted.config import GateConfig, RegistryConfig  # noqa: E402
-
-from .tiny_models import make_tiny  # noqa: E402
+from ghosted.errors import GhostedError  # noqa: E402
+from ghosted.evaluate.gate import apply_gate, beats  # noqa: E402
+from ghosted.mlops.registry import registered_name  # noqa: E402
+from tests.tiny_models import make_tiny  # noqa: E402
 
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
@@ -250,7 +249,7 @@ def test_register_rejects_bad_inputs(built, uri, params, tmp_path, capsys):
 
 def test_relative_sqlite_uri_resolves_against_the_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("registry:\n  tracking_uri: sqlite:///mlflow.db\n")
-    from ghosted.tracking import load_config
+    from ghosted.mlops.settings import load_config
 
     _, reg = load_config(tmp_path / "params.yaml")
     assert reg == RegistryConfig(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", "ghosted", None)

@@ -7,15 +7,16 @@ import importlib
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
-from ..errors import GhostedError
+from ghosted.errors import GhostedError
 
 # Sub-command modules, each with add_parser(subparsers) that sets `func`.
-COMMAND_MODULES = ("ghosted.cli.core", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd",
+COMMAND_MODULES = ("ghosted.cli.prune_cmd", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd",
                    "ghosted.cli.verify_cmd", "ghosted.cli.export_cmd",
-                   "ghosted.cli.pipeline_cmd", "ghosted.cli.search_cmd")
+                   "ghosted.cli.fingerprint_cmd", "ghosted.cli.search_cmd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ghosted.version import __version__
 
     p = _Parser(
         prog="ghosted",
@@ -59,7 +60,7 @@ def _add_debug(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Check the parsed command's boundaries (outputs writable, device present), then run it."""
-    from ..checks import check_device, check_outputs
+    from ghosted.checks import check_device, check_outputs
 
     check_outputs(args.command, args)
     if isinstance(getattr(args, "device", None), str):
@@ -83,7 +84,7 @@ def _fail(message: str, args: argparse.Namespace | None, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, run; every failure is one `ghosted: error:` line (exit 2; 1 for a bug in ghosted)."""
-    from ..checks import describe_fault
+    from ghosted.checks import describe_fault
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = None

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..errors import GhostedError
+from ghosted.errors import GhostedError
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import bench, to_markdown
-    from ..io import write_json_atomic, write_text_atomic
+    from ghosted.evaluate.bench import bench, to_markdown
+    from ghosted.io import write_json_atomic, write_text_atomic
 
     try:
         sizes = [int(x) for x in args.n_seqs.split(",")]
@@ -19,14 +18,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise GhostedError(f"--n-seqs takes comma-separated integers, got {args.n_seqs!r}") from exc
     if any(n < 1 for n in sizes):
         raise GhostedError("--n-seqs values must be >= 1")
-    from ..checks import check_device, check_whole
+    from ghosted.checks import check_device, check_whole
 
     for flag, value, low in (("--seq-len", args.seq_len, 2), ("--remove", args.remove, 1),
                              ("--batch-size", args.batch_size, 1), ("--prompt", args.prompt, 1),
                              ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1)):
         check_whole(value, low, flag)
     check_device(args.device)
-    from ..models import parse_dtype
+    from ghosted.models import parse_dtype
 
     parse_dtype(args.dtype)
     report = bench(args.model, sizes, args.seq_len, args.remove, args.device, args.dtype, args.batch_size,

@@ -11,15 +11,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import GhostedError
-from .core import _calib_args, _calibration, _load, _log, _model_args, _write_json, calib_settings, params_file
+from ghosted.cli.prune_cmd import (
+    _calib_args,
+    _calibration,
+    _load,
+    _log,
+    _model_args,
+    _write_json,
+    calib_settings,
+    params_file,
+)
+from ghosted.errors import GhostedError
 
 # CLI flag -> EvalSettings field (None-defaulted so the YAML `eval:` section can fill in; CLI wins).
 EVAL_FLAGS = ("tasks", "ppl", "limit", "ppl_windows", "batch_size")
 
 
 def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
-    from ..config import PPL_SOURCES_HELP, EvalSettings as E, default
+    from ghosted.config import PPL_SOURCES_HELP, default
+    from ghosted.config import EvalSettings as E
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--tasks", help=f"zero-shot tasks, comma-separated (default: {default(E, 'tasks')}; "
@@ -36,7 +46,7 @@ def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
 
 def eval_settings(args: argparse.Namespace, seq_len: int | None = None):
     """EvalSettings from defaults < the `eval:` section of --config < CLI flags."""
-    from ..config import EvalSettings, build
+    from ghosted.config import EvalSettings, build
 
     merged = dict(params_file(args).raw.get("eval", {}))
     if seq_len is not None and "seq_len" not in merged:
@@ -91,7 +101,7 @@ def _quiet_libraries(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _efficiency_settings(args: argparse.Namespace):
-    from ..config import EfficiencySettings
+    from ghosted.config import EfficiencySettings
 
     given = {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "repeats") if getattr(args, k) is not None}
     if args.efficiency_batch_sizes is not None:
@@ -108,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..evaluate.run import evaluate_model
+    from ghosted.evaluate.run import evaluate_model
 
     t0 = time.perf_counter()
     if args.efficiency_worker:
@@ -117,8 +127,8 @@ def _eval(args: argparse.Namespace) -> int:
     want_eff = args.efficiency or args.baseline is not None
     eff = _efficiency_settings(args) if want_eff else None
     if settings.ppl:  # fail before the (long) efficiency runs, not after
-        from ..checks import check_seq_len
-        from ..models import load_tokenizer
+        from ghosted.checks import check_seq_len
+        from ghosted.models import load_tokenizer
 
         check_seq_len(load_tokenizer(args.model)[1], settings.seq_len)
     result = evaluate_model(args.model, settings, dtype=args.dtype, device=args.device,
@@ -140,7 +150,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _efficiency_worker(args: argparse.Namespace) -> int:
     """Hidden: measure this one model in this (fresh) process and write the JSON (see evaluate.run.measure_isolated)."""
-    from ..evaluate.run import measure_loaded
+    from ghosted.evaluate.run import measure_loaded
 
     if args.out is None:
         raise GhostedError("--efficiency-worker needs --out")
@@ -153,8 +163,8 @@ def _efficiency_worker(args: argparse.Namespace) -> int:
 
 def compare_config(args: argparse.Namespace):
     """CompareConfig from CLI > YAML (`prune:`, `eval:`, `calibration:`) > defaults."""
-    from ..compare import CompareConfig, parse_ks
-    from ..config import PruneConfig, build, parse_names
+    from ghosted.config import PruneConfig, build, parse_names
+    from ghosted.solve.compare import CompareConfig, parse_ks
 
     yaml_prune = params_file(args).raw.get("prune", {})
     template = {k: v for k, v in yaml_prune.items() if k not in ("remove", "layers", "recovery")}
@@ -169,8 +179,8 @@ def compare_config(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import run_compare
-    from ..report import write_report
+    from ghosted.reporting.compare_report import write_report
+    from ghosted.solve.compare import run_compare
 
     t0 = time.perf_counter()
     cfg = compare_config(args)
@@ -198,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import write_report
+    from ghosted.reporting.compare_report import write_report
 
     src = args.out_dir / "compare.json"
     if not src.is_file():
@@ -230,7 +240,8 @@ def add_parser(sub) -> None:
                         "and 8, and peak memory (in a fresh process per model)")
     e.add_argument("--baseline", help="dense model to measure in the same run for pruned/dense ratios "
                                       "(implies --efficiency)")
-    from ..config import EfficiencySettings as F, default
+    from ghosted.config import EfficiencySettings as F
+    from ghosted.config import default
 
     e.add_argument("--prompt-len", type=int, help=f"prompt tokens for the timings (default {default(F, 'prompt_len')})")
     e.add_argument("--new-tokens", type=int, help=f"generated tokens for decode speed (default {default(F, 'new_tokens')})")

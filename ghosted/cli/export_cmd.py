@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_gguf
+    from ghosted.checkpoint.gguf import export_gguf
 
     res = export_gguf(args.checkpoint, args.gguf, args.outtype)
     print(f"wrote {res.path}: {res.arch}, {res.num_layers} layers, {res.tensors} tensors, {res.outtype}, "
@@ -16,7 +16,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..export import OUTTYPES
+    from ghosted.checkpoint.gguf import OUTTYPES
 
     p = sub.add_parser("export", help="write a plain checkpoint (recovery none, scalar, replaceme, foldable) as GGUF "
                                       "for llama.cpp")

@@ -1,4 +1,4 @@
-"""register, registry list | promote | rollback: thin wrappers over ghosted.registry (MLflow)."""
+"""register, registry list | promote | rollback: thin wrappers over ghosted.mlops.registry (MLflow)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="params file whose `gate:` and `registry:` sections apply")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of --config, "
                                           "else sqlite:///mlflow.db in the current folder)")
-    from ..registry import DB_TIMEOUT_S
+    from ghosted.mlops.registry import DB_TIMEOUT_S
 
     p.add_argument("--db-timeout", type=_seconds, default=None, metavar="S",
                    help=f"retry a SQLite database locked by another process for S seconds (default {DB_TIMEOUT_S:g})")
@@ -49,7 +49,7 @@ def _quiet_mlflow() -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..tracking import load_config
+    from ghosted.mlops.settings import load_config
 
     _quiet_mlflow()
     return load_config(args.config, args.tracking_uri)
@@ -62,10 +62,10 @@ def _gate_text(res: dict) -> str:
 def cmd_register(args: argparse.Namespace) -> int:
     import sys
 
-    from ..config import RegistryConfig, load_params
-    from ..gate import apply_gate
-    from ..pipeline import registration_skipped
-    from ..registry import read_json, register
+    from ghosted.config import RegistryConfig, load_params
+    from ghosted.evaluate.gate import apply_gate
+    from ghosted.mlops.dvc import registration_skipped
+    from ghosted.mlops.registry import read_json, register
 
     gate, reg = _config(args)
     if args.name:
@@ -99,10 +99,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pruned: dict, why: str) -> dict:
     """The register stage without a registration: the same reports, nothing written to MLflow."""
-    from ..checkpoint import read_meta
-    from ..errors import GhostedError
-    from ..pipeline_report import write_reports
-    from ..registry import read_json, registered_name
+    from ghosted.checkpoint.format import read_meta
+    from ghosted.errors import GhostedError
+    from ghosted.mlops.registry import read_json, registered_name
+    from ghosted.reporting.pipeline_report import write_reports
 
     if not Path(args.checkpoint).is_dir():
         raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
@@ -120,8 +120,8 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
 
 
 def _write_compact(args: argparse.Namespace, gate, verdict, dense: dict, pruned: dict) -> None:
-    from ..io import write_json_atomic
-    from ..pipeline import compact_metrics
+    from ghosted.io import write_json_atomic
+    from ghosted.mlops.dvc import compact_metrics
 
     write_json_atomic(args.compact_metrics, compact_metrics(dense, pruned, verdict, gate.acc_metric))
 
@@ -139,7 +139,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..registry import list_versions
+    from ghosted.mlops.registry import list_versions
 
     _, reg = _config(args)
     rows = list_versions(reg, args.name, **_timeout(args))
@@ -148,7 +148,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from ..registry import promote
+    from ghosted.mlops.registry import promote
 
     _, reg = _config(args)
     res = promote(reg, args.name, args.version, **_timeout(args))
@@ -161,7 +161,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from ..registry import rollback
+    from ghosted.mlops.registry import rollback
 
     _, reg = _config(args)
     res = rollback(reg, args.name, **_timeout(args))

@@ -7,8 +7,17 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import GhostedError
-from .core import _calib_args, _calibration, _check_out, _load, _log, _model_args, _refuse_ghost_model, params_file
+from ghosted.cli.prune_cmd import (
+    _calib_args,
+    _calibration,
+    _check_out,
+    _load,
+    _log,
+    _model_args,
+    _refuse_ghost_model,
+    params_file,
+)
+from ghosted.errors import GhostedError
 
 # CLI flag -> SearchConfig field (None-defaulted so the YAML `search:` section can fill in; CLI wins).
 SEARCH_FLAGS = ("min_remove", "max_remove", "shortlist", "split_shortlist", "max_cuts", "finalists", "distill")
@@ -16,8 +25,8 @@ SEARCH_FLAGS = ("min_remove", "max_remove", "shortlist", "split_shortlist", "max
 
 def search_settings(args: argparse.Namespace):
     """(prune template, SearchConfig, EvalSettings, GateConfig) from defaults < --config sections < flags."""
-    from ..config import PruneConfig, build, merged
-    from .eval_cmd import eval_settings
+    from ghosted.cli.eval_cmd import eval_settings
+    from ghosted.config import PruneConfig, build, merged
 
     params = params_file(args)
     template = {k: v for k, v in params.raw.get("prune", {}).items() if k not in ("remove", "layers")}
@@ -30,7 +39,7 @@ def search_settings(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..search import SEARCH_JSON, run_search, write_search
+    from ghosted.solve.search import SEARCH_JSON, run_search, write_search
 
     t0 = time.perf_counter()
     prune, search, evaluation, gate = search_settings(args)
@@ -55,7 +64,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..config import SearchConfig as S, default
+    from ghosted.config import SearchConfig as S
+    from ghosted.config import default
 
     p = sub.add_parser(
         "search", help="find the most layers whose pruned model passes the gate (writes search.json + checkpoint)",

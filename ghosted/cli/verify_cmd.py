@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..checkpoint import verify
-    from ..errors import GhostedError
+    from ghosted.checkpoint.format import verify
+    from ghosted.errors import GhostedError
 
     try:
         summary = verify(args.checkpoint)
@@ -20,7 +20,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from ..checkpoint import upgrade
+    from ghosted.checkpoint.format import upgrade
 
     print(json.dumps(upgrade(args.checkpoint)))
     return 0

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import load_documents, make_windows, tokens_sha256
-from ..errors import GhostedError
+from ghosted.corpora import load_documents, make_windows, tokens_sha256
+from ghosted.errors import GhostedError
 
 # Float32 logits of one chunk of tokens (SmolLM2, vocab 49152: 170 rows; Llama 3, 128256: 65 rows).
 LOGIT_CHUNK_BYTES = 32 * 2**20
@@ -127,7 +127,7 @@ def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 
 def perplexity(model: torch.nn.Module, tokenizer, source: str, seq_len: int = 512, windows: int | None = 32,
                batch_size: int = 4, progress: bool = True) -> dict:
     """PPL of `model` on a text source under the protocol above."""
-    from ..checks import check_seq_len
+    from ghosted.checks import check_seq_len
 
     if windows is not None and windows < 1:
         raise GhostedError(f"--ppl-windows must be >= 1, got {windows}")

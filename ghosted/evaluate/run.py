@@ -19,11 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__, arch
-from ..errors import GhostedError
+from ghosted.errors import GhostedError
+from ghosted.method import arch
+from ghosted.version import __version__
 
 if TYPE_CHECKING:
-    from ..config import EfficiencySettings, EvalSettings
+    from ghosted.config import EfficiencySettings, EvalSettings
 
 Log = Callable[[str], None]
 
@@ -32,10 +33,10 @@ def _nolog(_msg: str) -> None:
     pass
 
 
-def evaluate_quality(model: Any, tokenizer: Any, settings: "EvalSettings", progress: bool = True) -> dict:
+def evaluate_quality(model: Any, tokenizer: Any, settings: EvalSettings, progress: bool = True) -> dict:
     """Perplexity on each source and zero-shot accuracy of an in-memory model (dense, pruned or patched)."""
-    from .perplexity import perplexity
-    from .zeroshot import evaluate_zeroshot
+    from ghosted.evaluate.perplexity import perplexity
+    from ghosted.evaluate.zeroshot import evaluate_zeroshot
 
     t0 = time.perf_counter()
     ppl = {src: perplexity(model, tokenizer, src, seq_len=settings.seq_len, windows=settings.ppl_windows,
@@ -55,9 +56,9 @@ def checkpoint_folder(ref) -> Path | None:
     return None
 
 
-def measure_loaded(loaded, eff: "EfficiencySettings") -> dict:
+def measure_loaded(loaded, eff: EfficiencySettings) -> dict:
     """measure_efficiency of an already loaded model, in THIS process (the worker side)."""
-    from .efficiency import measure_efficiency
+    from ghosted.evaluate.efficiency import measure_efficiency
 
     stats = measure_efficiency(loaded.model, loaded.tokenizer, batch_sizes=eff.batch_sizes, prompt_len=eff.prompt_len,
                                new_tokens=eff.new_tokens, repeats=eff.repeats,
@@ -66,7 +67,7 @@ def measure_loaded(loaded, eff: "EfficiencySettings") -> dict:
     return stats
 
 
-def measure_isolated(model: str, eff: "EfficiencySettings", dtype: str = "float32", device: str = "cpu",
+def measure_isolated(model: str, eff: EfficiencySettings, dtype: str = "float32", device: str = "cpu",
                      device_map: str | None = None) -> dict:
     """measure_efficiency of `model` in a fresh Python process: peak memory counts that model alone."""
     with tempfile.TemporaryDirectory(prefix="ghosted-eff-") as tmp:
@@ -84,13 +85,13 @@ def measure_isolated(model: str, eff: "EfficiencySettings", dtype: str = "float3
         return json.loads(out.read_text())
 
 
-def evaluate_model(model: str, settings: "EvalSettings", *, dtype: str = "float32", device: str = "cpu",
-                   device_map: str | None = None, efficiency: "EfficiencySettings | None" = None,
+def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32", device: str = "cpu",
+                   device_map: str | None = None, efficiency: EfficiencySettings | None = None,
                    baseline: str | None = None, progress: bool = True, log: Log = _nolog) -> dict:
     """Everything `ghosted eval` reports for one model: perplexity, zero-shot accuracy and, if asked, efficiency
     (with `baseline`: the dense model measured in the same run, and pruned/dense ratios)."""
-    from ..config import EfficiencySettings
-    from ..models import load_model, resolve
+    from ghosted.config import EfficiencySettings
+    from ghosted.models import load_model, resolve
 
     t0 = time.perf_counter()
     ref = resolve(model)
@@ -115,10 +116,10 @@ def evaluate_model(model: str, settings: "EvalSettings", *, dtype: str = "float3
     return result
 
 
-def efficiency_report(model: str, eff: "EfficiencySettings", dtype: str, device: str, baseline: str | None,
+def efficiency_report(model: str, eff: EfficiencySettings, dtype: str, device: str, baseline: str | None,
                       log: Log = _nolog, device_map: str | None = None) -> dict:
     """Efficiency of `model` (and of `baseline`, with pruned/dense ratios), each measured in its own process."""
-    from .efficiency import efficiency_ratios
+    from ghosted.evaluate.efficiency import efficiency_ratios
 
     out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": asdict(eff)}
     log(f"measuring efficiency of {model} on {device} (own process)")

@@ -1,0 +1,449 @@
+"""Export a plain (ghost-free) checkpoint as one GGUF file that llama.cpp runs.
+
+Tensor names come from the `gguf` package's own name map (the one llama.cpp's converter uses), so
+`model.layers.N.self_attn.q_proj.weight` becomes `blk.N.attn_q.weight`. Two layout differences from
+the Hugging Face weights, both as llama.cpp's converter applies them and transformers' GGUF loader
+undoes them:
+- llama family: the rows of each Q and K head are reordered from HF's rotate-half layout (first
+  half, second half) to llama.cpp's interleaved rotary pairs;
+- Gemma 3: llama.cpp multiplies by a norm weight `w`, HF by `1 + w`, so every norm weight gets +1.
+The tokenizer is copied from the base model's source GGUF when there is one (shipped models), or
+built from the checkpoint's tokenizer.json (byte-level BPE). A checkpoint with ghost operators is
+refused: llama.cpp has no place for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ghosted.errors import GhostedError
+
+OUTTYPES = ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How one Hugging Face architecture maps onto a llama.cpp architecture."""
+
+    gguf_arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES value)
+    permute_qk: bool  # reorder Q/K head rows to llama.cpp's interleaved rotary pairs
+    norm_offset: float  # added to every norm weight (Gemma: HF computes x * (1 + w))
+    sliding_window: bool  # write the sliding window and the per-layer pattern
+
+
+# Keyed by config.architectures[0]; anything else is refused with the list of these.
+ARCHITECTURES: dict[str, GgufArch] = {
+    "LlamaForCausalLM": GgufArch("llama", permute_qk=True, norm_offset=0.0, sliding_window=False),
+    "Gemma3ForCausalLM": GgufArch("gemma3", permute_qk=False, norm_offset=1.0, sliding_window=True),
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written."""
+
+    path: Path
+    arch: str
+    outtype: str
+    num_layers: int
+    tensors: int
+    tokenizer: str  # where the tokenizer metadata came from
+    bytes: int
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the checkpoint
+
+
+def _read_config(ckpt: Path) -> dict:
+    cfg_path = ckpt / "config.json"
+    if not cfg_path.is_file():
+        raise GhostedError(f"{ckpt} has no config.json: not a Hugging Face model folder")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GhostedError(f"{cfg_path} is not valid JSON ({exc.msg})") from exc
+
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [ckpt / n for n in names]
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise GhostedError(f"{ckpt} has no model.safetensors (or index): export needs safetensors weights")
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            names.extend(sf.keys())
+    return names
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def check_plain(ckpt: Path, cfg: dict, names: list[str]) -> None:
+    """Refuse a checkpoint that needs ghost code to run: exporting it would silently drop the ghosts."""
+    meta = cfg.get("ghosted") or {}
+    ghosts = meta.get("ghosts") or []
+    ghost_tensors = [n for n in names if n.startswith("ghosts.") or ".ghosts." in n]
+    archs = cfg.get("architectures") or []
+    custom = cfg.get("model_type") == "ghosted" or any(str(a).startswith("Ghosted") for a in archs)
+    if ghosts or ghost_tensors or custom:
+        what = f"{len(ghosts)} ghost operator(s)" if ghosts else (
+            f"{len(ghost_tensors)} ghost tensor(s)" if ghost_tensors else f"architecture {archs[0] if archs else 'ghosted'}")
+        raise GhostedError(
+            f"{ckpt} is a ghost checkpoint ({what}): llama.cpp cannot run ghost operators and would drop them; "
+            "prune with `--recovery foldable` (or scalar, replaceme, none) for a plain checkpoint that exports"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor layout
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp interleaved rotary pairs, per head; [n_head*hd, ...] -> same shape."""
+    hd = w.shape[0] // n_head
+    # Row j < hd/2 of a head pairs with row j + hd/2 in HF; llama.cpp wants the pair adjacent: (j, j + hd/2).
+    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _to_gguf_array(t: torch.Tensor, outtype: str):
+    """(array, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors stay float32, as llama.cpp's converter does."""
+    import gguf
+
+    t = t.detach().to(torch.float32).contiguous()
+    if t.ndim <= 1 or outtype == "f32":
+        return t.numpy(), None
+    if outtype == "f16":
+        return t.to(torch.float16).numpy(), None
+    # numpy has no bfloat16: hand over the raw bytes and their GGML type.
+    raw = t.to(torch.bfloat16).view(torch.uint16).numpy().view(np.uint8)
+    return raw, gguf.GGMLQuantizationType.BF16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _source_gguf(ckpt: Path, cfg: dict) -> Path | None:
+    """The GGUF the base model came from, when it is at hand and matches the recorded fingerprint."""
+    from ghosted.models import SHIPPED, _shipped_gguf, file_sha256
+
+    meta = cfg.get("ghosted") or {}
+    candidates: list[Path] = []
+    src = ckpt / "ghosted_source.json"  # a converted shipped model folder itself
+    if src.is_file():
+        candidates.append(Path(json.loads(src.read_text())["gguf"]))
+    base = meta.get("base_model")
+    if base in SHIPPED:
+        try:
+            candidates.append(_shipped_gguf(base))
+        except GhostedError:
+            pass
+    elif base and str(base).endswith(".gguf"):
+        candidates.append(Path(base).expanduser())
+    elif base and (Path(base).expanduser() / "ghosted_source.json").is_file():
+        candidates.append(Path(json.loads((Path(base).expanduser() / "ghosted_source.json").read_text())["gguf"]))
+    want = meta.get("base_fingerprint")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if want and want.startswith("sha256:") and file_sha256(path) != want.split(":", 1)[1]:
+            continue  # a different file now sits at that path: its tokenizer may not be the checkpoint's
+        return path
+    return None
+
+
+def _copy_gguf_tokenizer(writer, source: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+# llama.cpp picks its pre-tokenizer regex by name; these are the tokenizer.json layouts we can name.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _bpe_pre_name(pre: dict | None) -> str | None:
+    if not pre:
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+            return "smollm"
+        if (kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
+                and not steps[1].get("use_regex", True)):
+            return "llama-bpe"
+    return None
+
+
+def _write_hf_tokenizer(writer, ckpt: Path) -> str:
+    """Byte-level BPE from tokenizer.json: tokens, merges, token types, special ids."""
+    import gguf
+
+    tj = ckpt / "tokenizer.json"
+    if not tj.is_file():
+        raise GhostedError(f"{ckpt} has no tokenizer.json and its base model's GGUF is not at hand: "
+                           "cannot write the tokenizer llama.cpp needs")
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    pre = _bpe_pre_name(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pre is None or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GhostedError(
+            f"{tj}: only byte-level BPE tokenizers with a GPT-2, SmolLM or Llama 3 pre-tokenizer can be written "
+            f"from tokenizer.json (this one: model {model.get('type')}, pre-tokenizer "
+            f"{(data.get('pre_tokenizer') or {}).get('type')}); export from a base model given as a .gguf instead"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        t = added.get(tok)
+        types[i] = gguf.TokenType.NORMAL if t is None else (
+            gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    tc_path = ckpt / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        tok = tc.get(key)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok in vocab:
+            add(vocab[tok])
+    post = data.get("post_processor") or {}
+    bos_first = post.get("type") == "TemplateProcessing" and any("SpecialToken" in x for x in post.get("single", [])[:1])
+    writer.add_add_bos_token(bool(bos_first))
+    if tc.get("chat_template"):
+        writer.add_chat_template(tc["chat_template"])
+    elif (ckpt / "chat_template.jinja").is_file():
+        writer.add_chat_template((ckpt / "chat_template.jinja").read_text(encoding="utf-8"))
+    return f"{tj.name} (BPE, pre-tokenizer {pre})"
+
+
+def _check_vocab(ckpt: Path, source: Path, vocab_size: int) -> None:
+    """The base GGUF's token list must be the checkpoint's (same strings at the same ids)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(source)).fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        raise GhostedError(f"{source} has no tokenizer.ggml.tokens: cannot take the tokenizer from it")
+    tokens = field.contents()
+    if len(tokens) != vocab_size:
+        raise GhostedError(f"{source} has {len(tokens)} tokens, the checkpoint's vocabulary {vocab_size}: "
+                           "not the tokenizer of this checkpoint")
+    tj = ckpt / "tokenizer.json"
+    if tj.is_file():
+        vocab = (json.loads(tj.read_text(encoding="utf-8")).get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            bad = [t for t, i in vocab.items() if i < len(tokens) and tokens[i] != t]
+            if bad:
+                raise GhostedError(f"{source}: {len(bad)} token(s) differ from {tj} (e.g. {bad[0]!r}): "
+                                   "not the tokenizer of this checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyper-parameters
+
+
+def _rope_theta(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp:  # per-layer-type rope (Gemma 3 in transformers 5)
+        rp = rp["full_attention"]
+    theta = rp.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise GhostedError("config.json has no rope_theta")
+    return float(theta)
+
+
+def _rope_scaling(cfg: dict) -> dict:
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "full_attention" in rp:
+        rp = rp["full_attention"]
+    return rp
+
+
+def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str) -> None:
+    import gguf
+
+    n_layer = int(cfg["num_hidden_layers"])
+    hidden = int(cfg["hidden_size"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    writer.add_name(name)
+    writer.add_type("model")
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
+    writer.add_block_count(n_layer)
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_vocab_size(int(cfg["vocab_size"]))
+    if spec.gguf_arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // n_head or spec.gguf_arch == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rs = _rope_scaling(cfg)
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rs["factor"]))
+    elif kind not in ("default", None):
+        raise GhostedError(f"rope scaling '{kind}' is not supported by the exporter (default and linear are)")
+    if spec.sliding_window:
+        window = cfg.get("sliding_window")
+        types = cfg.get("layer_types") or []
+        if window and types:
+            writer.add_sliding_window(int(window))
+            # Per-layer list: pruning breaks Gemma 3's every-sixth-layer-global pattern, llama.cpp reads the list.
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+            local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta",
+                                                                                         cfg.get("rope_local_base_freq"))
+            if local is not None:
+                writer.add_rope_freq_base_swa(float(local))
+        scalar = cfg.get("query_pre_attn_scalar")
+        if scalar is not None and int(scalar) != head_dim:
+            raise GhostedError(f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma3 assumes them equal")
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The export
+
+
+def _checkpoint_dir(ckpt: str | Path) -> Path:
+    from ghosted.models import resolve
+
+    ref = resolve(str(ckpt))
+    if ref.kind == "gguf":
+        raise GhostedError(f"{ckpt} is already a GGUF file")
+    if ref.kind == "hub":
+        raise GhostedError(f"{ckpt}: export reads a local checkpoint folder; download it first")
+    return Path(ref.path)
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> ExportResult:
+    """Write checkpoint `ckpt` (a plain checkpoint folder or shipped name) as GGUF file `out`, atomically."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise GhostedError(f"unknown --outtype '{outtype}': use one of {', '.join(OUTTYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise GhostedError(f"output file must end in .gguf, got {out}")
+    if out.is_dir():
+        raise GhostedError(f"{out} is a folder: give a file name ending in .gguf")
+    folder = _checkpoint_dir(ckpt)
+    cfg = _read_config(folder)
+    check_plain(folder, cfg, [])  # a ghost checkpoint is refused by its config before its weights are looked for
+    files = _weight_files(folder)
+    names = _tensor_names(files)
+    check_plain(folder, cfg, names)
+    archs = cfg.get("architectures") or []
+    arch_name = archs[0] if archs else None
+    spec = ARCHITECTURES.get(arch_name)
+    if spec is None:
+        raise GhostedError(f"architecture {arch_name} has no GGUF export yet; supported: {', '.join(ARCHITECTURES)}")
+    n_layer = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    name_map = gguf.get_tensor_name_map(gguf_arch, n_layer)
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
+        label = (cfg.get("ghosted") or {}).get("base_model") or folder.name
+        _write_hparams(writer, cfg, spec, f"{folder.name} ({label})" if label != folder.name else label, outtype)
+        source = _source_gguf(folder, cfg)
+        if source is not None:
+            _check_vocab(folder, source, int(cfg["vocab_size"]))
+            _copy_gguf_tokenizer(writer, source)
+            tok_desc = f"copied from {source.name}"
+        else:
+            tok_desc = _write_hf_tokenizer(writer, folder)
+        count, blocks = 0, set()
+        for hf_name, t in _iter_tensors(files):
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed by every reader
+            if hf_name == "lm_head.weight" and tied:
+                continue  # llama.cpp reuses token_embd when `output` is absent
+            base, dot, suffix = hf_name.rpartition(".")
+            gname = name_map.get_name(base)
+            if gname is None:
+                raise GhostedError(f"tensor {hf_name} has no llama.cpp name for {spec.gguf_arch}: cannot export it")
+            if spec.permute_qk and gname.endswith(".attn_q"):
+                t = permute_qk(t, n_head)
+            elif spec.permute_qk and gname.endswith(".attn_k"):
+                t = permute_qk(t, n_kv)
+            if spec.norm_offset and "norm" in gname.rsplit(".", 1)[-1]:
+                t = t.to(torch.float32) + spec.norm_offset
+            if gname.startswith("blk."):
+                blocks.add(int(gname.split(".")[1]))
+            arr, raw = _to_gguf_array(t, outtype)
+            writer.add_tensor(f"{gname}.{suffix}", arr, raw_dtype=raw)
+            count += 1
+        if blocks != set(range(n_layer)):
+            raise GhostedError(f"config says {n_layer} layers but the weights hold blocks {sorted(blocks)}")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, spec.gguf_arch, outtype, n_layer, count, tok_desc, out.stat().st_size)

@@ -1,0 +1,221 @@
+"""Optional ghost distillation: train only the recovery parameters against the dense model's distribution.
+
+The training-free operators (ghost matrices W or low-rank U, V, biases and sink shifts) are the starting
+point. Everything else stays frozen. The target is the DENSE model's next-token distribution on the
+calibration windows, cached once as its top-k log-probabilities; the loss is the KL divergence restricted
+to those k tokens, sum_k p_k (log p_k - log q_k) with p the teacher's and q the pruned model's full-vocab
+softmax. AdamW with a cosine schedule (linear warm-up), held-out windows for early stopping. The guard
+keeps the training-free operators unless the best distilled ones have a lower held-out next-token loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ghosted.errors import GhostedError
+from ghosted.evaluate.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
+from ghosted.method.linalg import F64, Operator
+from ghosted.method.surgery import Pair, ghost_site, temporarily_pruned
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the recovery parameters are trained (steps = 0: no distillation, the training-free default)."""
+
+    steps: int = 0
+    lr: float = 2e-5
+    top_k: int = 32  # teacher log-probs cached per token
+    batch_size: int = 2  # windows per step
+    warmup: float = 0.05  # fraction of steps with a linear warm-up
+    weight_decay: float = 0.0  # toward zero would pull W away from identity: off by default
+    eval_every: int = 10  # steps between held-out evaluations
+    patience: int = 3  # evaluations without improvement before stopping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 0), ("top_k", 1), ("batch_size", 1), ("eval_every", 1), ("patience", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise GhostedError(f"distill.{name} must be a whole number >= {low}, got {v!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GhostedError(f"distill.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise GhostedError(f"distill.warmup must be in [0, 1), got {self.warmup!r}")
+
+
+@dataclass
+class DistillResult:
+    """The operators to keep (distilled or the training-free ones) and how the training went."""
+
+    operators: dict[Pair, Operator]
+    kept: str  # "distilled" | "training-free"
+    heldout_nll_before: float
+    heldout_nll_after: float
+    steps_run: int
+    seconds: float
+    curve: list[dict] = field(default_factory=list)  # {"step", "train_kl", "heldout_nll"} at each evaluation
+
+    def as_meta(self) -> dict:
+        return {"kept": self.kept, "heldout_nll_training_free": self.heldout_nll_before,
+                "heldout_nll_distilled": self.heldout_nll_after, "steps_run": self.steps_run,
+                "seconds": round(self.seconds, 1), "curve": self.curve}
+
+
+@torch.no_grad()
+def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_size: int = 4,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's top-k next-token log-probs for every window: values [N, T-1, k] float32, indices int64."""
+    device = next(model.parameters()).device
+    vals, idx = [], []
+    for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="teacher logits", disable=not progress,
+                      unit="batch"):
+        ids = input_ids[start:start + batch_size].to(device)
+        for logits, _ in next_token_logits(model, ids):  # one chunk of tokens' logits at a time
+            v, i = logits.log_softmax(-1).topk(k, dim=-1)
+            vals.append(v.cpu())
+            idx.append(i.cpu())
+    T1 = input_ids.shape[1] - 1
+    return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
+
+
+def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of sum_k p_k (log p_k - log q_k); logits [B, T-1, V], t_* [B, T-1, k]."""
+    logq = logits.float().log_softmax(-1).gather(-1, t_idx)
+    p = t_logp.exp()
+    return (p * (t_logp - logq)).sum(-1).mean()
+
+
+def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> float:
+    """topk_kl of one batch, its gradient accumulated into the trainable parameters; the LM head runs on one
+    chunk of tokens at a time (ghosted.evaluate.perplexity), so no [B, T, V] logits or their gradient are
+    held. Nothing is accumulated when the loss is not finite (the value says so)."""
+    split = split_head(model)
+    if split is None:  # plain forward: full logits
+        loss = topk_kl(model(input_ids=ids, use_cache=False).logits[:, :-1], t_logp, t_idx)
+        if torch.isfinite(loss):
+            loss.backward()
+        return float(loss.detach())
+    decoder, head, post = split
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
+    # the head's part chunk by chunk into h.grad, then one backward through the decoder
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
+    k = t_idx.shape[-1]
+    t_logp, t_idx = t_logp.reshape(-1, k), t_idx.reshape(-1, k)
+    n, rows, total = h.shape[0], chunk_rows(head.weight.shape[0]), 0.0
+    for r in range(0, n, rows):
+        logits = post(model.config, head(h[r:r + rows]))
+        part = topk_kl(logits, t_logp[r:r + rows].to(logits.device), t_idx[r:r + rows].to(logits.device))
+        part = part * (min(rows, n - r) / n)  # chunk means -> the mean over all n tokens
+        part.backward()
+        total += float(part.detach())
+    if math.isfinite(total):
+        hidden.backward(h.grad.view_as(hidden))
+    return total
+
+
+def _ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.ghosts.parameters()] if hasattr(model, "ghosts") else []
+
+
+def _read_operators(model: torch.nn.Module, removed: list[int], start: dict[Pair, Operator]) -> dict[Pair, Operator]:
+    """The hooked ghosts' current parameters as operators (float64), same kinds as `start`."""
+    out = {}
+    for cut, op in start.items():
+        g = model.ghosts[str(ghost_site(cut, removed))]
+        def grab(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", F64).clone()
+        if op.kind == "lowrank":
+            new = Operator("lowrank", U=grab(g.U), V=grab(g.V))
+        else:
+            new = Operator("full", W=grab(g.weight))
+        new.bias, new.sink_shift = grab(g.bias), grab(g.sink_shift)
+        new.Wn = grab(getattr(g, "norm_weight", None))
+        new.Wp = grab(getattr(g, "shift_weight", None))
+        new.info = {**op.info, "distilled": True}
+        out[cut] = new
+    return out
+
+
+def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int], operators: dict[Pair, Operator],
+            heldout: frozenset[int], cfg: DistillConfig, progress: bool = True, log=print) -> DistillResult:
+    """Train the residual operators of `operators` (cuts of `removed`, dense indices) on the fit windows.
+
+    Operators that are not residual ghosts (fold_down, identity, scalar) are kept as they are and not
+    trained. The model is restored when this returns; nothing but the returned operators changes.
+    """
+    t0 = time.perf_counter()
+    trainable = {c: op for c, op in operators.items() if op.kind in ("full", "lowrank")}
+    if cfg.steps == 0 or not trainable:
+        return DistillResult(dict(operators), "training-free", float("nan"), float("nan"), 0, 0.0)
+    N = input_ids.shape[0]
+    fit_rows = [r for r in range(N) if r not in heldout]
+    held_rows = sorted(heldout)
+    if not held_rows or not fit_rows:
+        raise GhostedError("distillation needs held-out windows for early stopping: set --holdout > 0")
+    t_logp, t_idx = teacher_topk(model, input_ids[fit_rows], cfg.top_k, cfg.batch_size, progress)
+    held_ids = input_ids[held_rows]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    curve: list[dict] = []
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with temporarily_pruned(model, removed, operators) as m:
+            params = _ghost_params(m)
+            for p in params:
+                p.requires_grad_(True)
+            before = mean_nll(m, held_ids, cfg.batch_size)
+            best, best_ops = before, _read_operators(m, removed, trainable)
+            # early stopping watches the training's own best: a run that starts above the training-free loss
+            # (the warm-up's first steps) and is still improving is not cut off for that
+            trained_best, since_best = math.inf, 0
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            warm = max(1, int(cfg.warmup * cfg.steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+                1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+            device = next(m.parameters()).device
+            bar = tqdm(total=cfg.steps, desc="distill", unit="step", disable=not progress)
+            running, seen, step = 0.0, 0, 0
+            for step in range(1, cfg.steps + 1):
+                rows = torch.randint(0, len(fit_rows), (cfg.batch_size,), generator=gen)
+                ids = input_ids[[fit_rows[int(r)] for r in rows]].to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = kl_backward(m, ids, t_logp[rows].to(device), t_idx[rows].to(device))
+                if not math.isfinite(loss):
+                    log(f"distill: non-finite loss at step {step}; stopping")
+                    break
+                opt.step()
+                sched.step()
+                running, seen = running + loss, seen + 1
+                bar.update(1)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    nll = mean_nll(m, held_ids, cfg.batch_size)
+                    curve.append({"step": step, "train_kl": running / seen, "heldout_nll": nll})
+                    bar.set_postfix(kl=f"{running / seen:.4f}", heldout=f"{nll:.4f}")
+                    running, seen = 0.0, 0
+                    if nll < best:
+                        best, best_ops = nll, _read_operators(m, removed, trainable)
+                    if nll < trained_best:
+                        trained_best, since_best = nll, 0
+                    else:
+                        since_best += 1
+                        if since_best >= cfg.patience:
+                            break
+            bar.close()
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+    kept = "distilled" if best < before else "training-free"
+    out = dict(operators)
+    if kept == "distilled":
+        out.update(best_ops)
+    log(f"distill: held-out loss {before:.4f} -> {best:.4f} after {step} steps; keeping the {kept} operators")
+    return DistillResult(out, kept, before, best, step, time.perf_counter() - t0, curve)
+
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "kl_backward", "teacher_topk", "topk_kl"]
