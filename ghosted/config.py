@@ -201,7 +201,6 @@ class PruneConfig:
     recovery: str = "ghost"
     ridge: float | None = None  # None: chosen on held-out data from ridge_grid (ghost), 1e-6 otherwise
     ridge_grid: tuple[float, ...] = (1e-6, 1e-2)
-    affine: bool = False
     norm_features: bool = False  # ghost: also a d x d map of the scale-free state n(h) (linalg.solve_ghost)
     token_shift: bool = False  # with norm_features: also a d x d map of the previous token's n(h)
     rank: int | None = None

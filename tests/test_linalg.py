@@ -59,17 +59,6 @@ def test_streaming_sums_equal_one_batch_and_add():
     assert half.n == 400 and torch.allclose(half.gram, one.gram)
 
 
-def test_affine_ghost_equals_lstsq_with_bias_column():
-    X, Y = _data()
-    op = solve_ghost(_sums(X, Y), ridge=0.0, affine=True)
-    Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=F64)], 1)
-    Z = torch.linalg.lstsq(Xa, Y - X).solution
-    assert torch.allclose(op.W - torch.eye(16, dtype=F64), Z[:16], atol=1e-8)
-    assert torch.allclose(op.bias, Z[16], atol=1e-8)
-    # the bias helps on data with an offset
-    assert residual(_sums(X, Y), op.W, op.bias) < residual(_sums(X, Y), solve_ghost(_sums(X, Y), 0.0).W)
-
-
 def test_residual_from_sums_equals_direct():
     X, Y = _data()
     s = _sums(X, Y)
@@ -152,20 +141,18 @@ def _norm_data(n: int = 600, d: int = 16, seed: int = 1):
     return X, Y, scale_free(X)
 
 
-@pytest.mark.parametrize("affine", [False, True])
-def test_norm_feature_ghost_equals_lstsq_on_x_and_nx(affine):
+def test_norm_feature_ghost_equals_lstsq_on_x_and_nx():
     X, Y, N = _norm_data()
     s = _sums(X, Y, batches=5, norm=True)
-    op = solve_ghost(s, ridge=0.0, affine=affine, norm=True)
-    cols = [X, N] + ([torch.ones(X.shape[0], 1, dtype=F64)] if affine else [])
-    Z = torch.linalg.lstsq(torch.cat(cols, 1), Y - X).solution  # independent: QR on the raw regressors
+    op = solve_ghost(s, ridge=0.0, norm=True)
+    Z = torch.linalg.lstsq(torch.cat([X, N], 1), Y - X).solution  # independent: QR on the raw regressors
     assert torch.allclose(op.W - torch.eye(16, dtype=F64), Z[:16], atol=1e-7)
     assert torch.allclose(op.Wn, Z[16:32], atol=1e-7)
-    assert (op.bias is not None) == affine and (not affine or torch.allclose(op.bias, Z[32], atol=1e-7))
+    assert op.bias is None
     # the residual from sums equals the direct one, and the norm block explains what X alone cannot
-    pred = X @ op.W + N @ op.Wn + (op.bias if affine else 0)
+    pred = X @ op.W + N @ op.Wn
     assert residual(s, op.W, op.bias, op.Wn) == pytest.approx(float(((pred - Y) ** 2).sum()), rel=1e-7)
-    assert relative_residual(s, op) < 0.2 * relative_residual(s, solve_ghost(s, 0.0, affine=affine))
+    assert relative_residual(s, op) < 0.2 * relative_residual(s, solve_ghost(s, 0.0))
 
 
 def test_norm_feature_ridge_is_relative_per_block_and_anchor_targets_pin_identity():

@@ -74,10 +74,6 @@ def test_token_policy_masks_position_zero_and_bos():
     sink = get_policy("sink").base_mask(ids, am, bos_id=1)
     assert sink.tolist() == [[False, True, True, False, True], [False, False, False, True, True]]
     assert get_policy("all").base_mask(ids, am, bos_id=1).tolist() == am.bool().tolist()
-    X = torch.ones(1, 4, 3)
-    X[0, 2] *= 100
-    keep = get_policy("sink+outliers").cut_mask(torch.ones(1, 4, dtype=torch.bool), X)
-    assert keep.tolist() == [[True, True, False, True]]
 
 
 def test_sums_never_see_padding():
@@ -322,8 +318,8 @@ def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
     assert min(v for k, v in info["scores"].items() if k != "none") > 100.0
 
 
-def test_lowrank_and_affine_ghosts_save_and_load(tmp_path):
-    for extra, name in (({"rank": 4}, "lr"), ({"affine": True}, "aff")):
+def test_lowrank_ghost_saves_and_loads(tmp_path):
+    for extra, name in (({"rank": 4}, "lr"),):
         loaded = _loaded("llama")
         calib = _calib(loaded.model)
         sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="off", holdout=0.0, **extra), progress=False,

@@ -251,7 +251,7 @@ class _Sums:
             by_start.setdefault(s, []).append(b)
         for s, ends in by_start.items():
             X = states[s]
-            m = self.policy.cut_mask(base, X)  # depends on X = h_s only: the same tokens for every cut from s
+            m = base
             # the token shift's features need each token's predecessor: computed on whole windows, then selected
             feats = _shift_features(X, am) if plan.full and plan.norm and plan.shift else None
             Mlp = mlp_out[s - 1].to(device) if plan.mlp and s >= 1 else None

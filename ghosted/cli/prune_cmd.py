@@ -12,7 +12,7 @@ from ghosted.errors import GhostedError
 from ghosted.method.policies import help_text as policy_help
 
 # CLI flag -> PruneConfig field (None-defaulted in argparse so YAML values can fill in; CLI wins).
-PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "affine", "norm_features", "token_shift", "rank",
+PRUNE_FLAGS = ("remove", "layers", "select", "recovery", "ridge", "ridge_grid", "norm_features", "token_shift", "rank",
                "variant", "fold", "token_policy", "holdout", "guard", "shortlist", "batch_size", "distill", "distill_lr")
 CALIB_FLAGS = {"calib_source": "source", "n_seqs": "n", "seq_len": "seq_len", "seed": "seed"}
 
@@ -74,7 +74,6 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                                                "held-out data from --ridge-grid")
     r.add_argument("--ridge-grid", type=_ridge_grid,
                    help=f"ridge values the guard tries (default {default(P, 'ridge_grid')})")
-    r.add_argument("--affine", action="store_true", default=None, help="ghost with a bias term")
     r.add_argument("--norm-features", action="store_true", default=None,
                    help="ghost that also maps the scale-free state h/rms(h) (one more d x d matrix per cut)")
     r.add_argument("--token-shift", action="store_true", default=None,

@@ -235,11 +235,10 @@ def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(A, B).solution
 
 
-def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bool = False,
-                shift: bool = False) -> Operator:
-    """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*; with affine, a bias column is fitted too.
+def solve_ghost(s: PairSums, ridge: float = 1e-6, norm: bool = False, shift: bool = False) -> Operator:
+    """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*.
 
-    norm: the regressors are [X, n(X)] (n = scale_free): Y - X = X M + n(X) Wn (+ b). Each removed layer reads
+    norm: the regressors are [X, n(X)] (n = scale_free): Y - X = X M + n(X) Wn. Each removed layer reads
     its input through an RMSNorm, so what it adds depends on the scale-free state; the extra d columns give
     the closed form that dependence (SmolLM2-135M, layers 10-18: wiki PPL 44.9 -> 42.4). The n(X) block gets
     its own relative ridge (lambda_n = ridge * tr(N^T N) / d).
@@ -254,7 +253,7 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bo
     rhs = C - G  # X^T (Y - X)
     if shift and not norm:
         raise ValueError("the token shift is a norm-feature option: solve with norm=True")
-    if not affine and not norm:
+    if not norm:
         M = _solve_spd(G + lam * eye, rhs)
         return Operator("full", W=eye + M, info={"lambda": lam})
     blocks_g = [[G + lam * eye]]
@@ -274,14 +273,8 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, affine: bool = False, norm: bo
         blocks_r.append(s.norm_cross - s.xn.T)  # N^T (Y - X)
     Ga = torch.cat([torch.cat(row, dim=1) for row in blocks_g], dim=0)
     Ra = torch.cat(blocks_r, dim=0)
-    if affine:  # a constant 1 column; the bias is not penalised
-        sums = torch.cat([s.sum_x] + ([s.sum_n] if norm else []))
-        Ga = torch.cat([torch.cat([Ga, sums[:, None]], dim=1),
-                        torch.cat([sums, torch.tensor([float(s.n)], dtype=F64, device=dev)])[None, :]], dim=0)
-        Ra = torch.cat([Ra, (s.sum_y - s.sum_x)[None, :]], dim=0)
     Z = _solve_spd(Ga, Ra)
-    return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d] if norm else None,
-                    Wp=Z[2 * d:3 * d] if norm and shift else None, bias=Z[-1] if affine else None, info=info)
+    return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d], Wp=Z[2 * d:3 * d] if shift else None, info=info)
 
 
 def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:

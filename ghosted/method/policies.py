@@ -1,7 +1,7 @@
 """Token policies: which calibration tokens enter a cut's least-squares sums, and how the fit uses them.
 
 One registered `TokenPolicy` per name declares everything the rest of the code asks about it:
-- capture (capture.py): which tokens leave the fit (position 0 and BOS, norm outliers) and what is kept
+- capture (capture.py): which tokens leave the fit (position 0 and BOS) and what is kept
   of the left-out tokens (nothing, their mean move, or their full sums);
 - fit (prune.solve_cut): which captured sums are combined (`CaptureResult.sums`) and whether the operator
   gets a sink shift for position 0;
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 Pair = tuple[int, int]
 LeftOut = Literal["none", "mean", "full"]
 Combine = Literal["kept", "all", "anchor"]
-OUTLIER_FACTOR = 8.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,6 @@ class TokenPolicy:
     name: str
     help: str  # one phrase for --help
     drop_sinks: bool = True  # position 0 of every window and every BOS token leave the fit
-    drop_outliers: bool = False  # also tokens whose state norm at the cut's input exceeds outlier_factor x median
     left_out: LeftOut = "none"  # what the capture keeps of the left-out tokens: nothing, mean move, full sums
     # Sums the fit uses: the kept tokens; kept + left out (every token, also from a capture that kept the
     # left-out tokens apart, e.g. under auto); or kept + left out pinned to identity.
@@ -47,11 +45,9 @@ class TokenPolicy:
     candidates: tuple[str, ...] = ()  # meta policy: what the held-out guard chooses among, in this order
     unguarded: str | None = None  # meta policy: the policy used when no held-out check runs
     selection: str | None = None  # meta policy: the policy ghost-aware selection fits its candidate blocks with
-    outlier_factor: float = OUTLIER_FACTOR
 
     def __post_init__(self) -> None:
-        leaves_out = self.drop_sinks or self.drop_outliers
-        if leaves_out == (self.left_out == "none"):
+        if self.drop_sinks == (self.left_out == "none"):
             raise ValueError(f"token policy {self.name}: left_out must be 'none' exactly when no token is left out")
         if self.combine == "anchor" and self.left_out != "full":
             raise ValueError(f"token policy {self.name}: an anchor fit needs the left-out tokens' full sums")
@@ -86,7 +82,7 @@ class TokenPolicy:
     # --- capture -------------------------------------------------------------------------------------
 
     def base_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-        """[B, T] bool: tokens that may enter the sums before any per-cut outlier test."""
+        """[B, T] bool: tokens that may enter the sums."""
         import torch  # here, not at module load: the CLI reads the registry without torch
 
         mask = attention_mask.bool().clone()
@@ -97,14 +93,6 @@ class TokenPolicy:
             if bos_id is not None:
                 mask &= input_ids != bos_id
         return mask
-
-    def cut_mask(self, base: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """Per-cut mask: base, minus norm outliers of X ([B, T, d]) when the policy drops them."""
-        if not self.drop_outliers:
-            return base
-        norms = X.float().norm(dim=-1)
-        med = norms[base].median() if base.any() else norms.median()
-        return base & (norms <= self.outlier_factor * med)
 
     # --- fit -----------------------------------------------------------------------------------------
 
@@ -170,10 +158,6 @@ register(TokenPolicy(
     # The sinks stay in the fit with their own state as target: identity along the massive-activation directions.
     "anchor", "sinks stay in the fit pinned to identity",
     left_out="full", combine="anchor"))
-register(TokenPolicy(
-    "sink+outliers", f"drop position 0, BOS and tokens whose state norm exceeds {OUTLIER_FACTOR:g}x the batch median; "
-    "no sink shift",
-    drop_outliers=True, left_out="mean"))
 register(TokenPolicy(
     # Captures the sums of "sink" plus, apart, the full sums of the tokens it leaves out, so that every
     # candidate can be fitted from one pass.

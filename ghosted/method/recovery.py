@@ -25,7 +25,6 @@ from ghosted.method.linalg import (
 @dataclass(frozen=True)
 class SolveOptions:
     ridge: float = 1e-6  # relative: lambda = ridge * tr(X^T X) / d
-    affine: bool = False
     norm: bool = False  # ghost: also regress on the scale-free state n(X) (linalg.solve_ghost)
     shift: bool = False  # with norm: also on the previous token's n(X) (the token shift)
     rank: int | None = None
@@ -53,13 +52,12 @@ def _register(method: Method) -> Method:
 
 def _ghost(s: PairSums, o: SolveOptions) -> Operator:
     if o.rank is not None:
-        if o.affine or o.norm:
+        if o.norm:
             from ghosted.errors import GhostedError
 
-            raise GhostedError("a low-rank ghost has no bias or norm features: drop --rank, or --affine and "
-                               "--norm-features")
+            raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
         return solve_lowrank(s, o.rank, o.ridge)
-    return solve_ghost(s, o.ridge, affine=o.affine, norm=o.norm, shift=o.shift)
+    return solve_ghost(s, o.ridge, norm=o.norm, shift=o.shift)
 
 
 _register(Method("ghost", _ghost, full=True))

@@ -125,7 +125,7 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
 
 
 def _opts(cfg: PruneConfig, ridge: float) -> SolveOptions:
-    return SolveOptions(ridge=ridge, affine=cfg.affine, norm=cfg.norm_features, shift=cfg.token_shift, rank=cfg.rank,
+    return SolveOptions(ridge=ridge, norm=cfg.norm_features, shift=cfg.token_shift, rank=cfg.rank,
                         variant=cfg.variant, fold=cfg.fold)
 
 
