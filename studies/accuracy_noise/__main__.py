@@ -2,8 +2,8 @@
 and pruned checkpoints on whole task splits, then retained accuracy on the first N items (the gate's `eval.limit`)
 for several N, with a paired bootstrap over items.
 
-    .venv/bin/python scripts/accuracy_noise.py smollm2-135m /tmp/k6 /tmp/k9 --tasks piqa,arc_easy \
-        --limits 200,500,all --out reports/accuracy_noise_smollm2-135m.json
+    .venv/bin/python -m studies.accuracy_noise smollm2-135m /tmp/k6 /tmp/k9 --tasks piqa,arc_easy \
+        --limits 200,500,all      (writes reports/accuracy_noise/accuracy_noise_smollm2-135m.json)
 
 The first model is the dense reference. Each model is scored once on every item of each task (lm-eval, 0-shot,
 the same task files `ghosted eval` uses) and its per-item scores are kept next to --out (`<out>.items/`), so a
@@ -24,6 +24,7 @@ import numpy as np
 
 from ghosted.evaluate.zeroshot import _make_lm, default_cache_dir, task_configs
 from ghosted.models import load_model
+from studies.common import report_dir
 
 
 def item_scores(model: str, tasks: list[str], metric: str, batch_size: int) -> dict[str, list[float]]:
@@ -78,7 +79,7 @@ def retained(dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray], idx: d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m studies.accuracy_noise")
     ap.add_argument("models", nargs="+", help="dense model first, then pruned checkpoints")
     options = {"--tasks": {"default": "piqa,arc_easy"},
                "--metric": {"default": "acc_norm"},
@@ -86,10 +87,12 @@ def main() -> None:
                "--threshold": {"type": float, "default": 0.9},
                "--boot": {"type": int, "default": 4000},
                "--batch-size": {"type": int, "default": 8},
-               "--out": {"type": Path, "required": True}}
+               "--out": {"type": Path, "help": "default reports/accuracy_noise/accuracy_noise_MODEL.json"}}
     for flag, kwargs in options.items():
         ap.add_argument(flag, **kwargs)
     a = ap.parse_args()
+    a.out = a.out or report_dir("accuracy_noise") / f"accuracy_noise_{Path(a.models[0]).name}.json"
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in a.tasks.split(",") if t]
     folder = a.out.with_name(a.out.name + ".items")
     scores = [cached_scores(m, tasks, a.metric, a.batch_size, folder) for m in a.models]
@@ -97,7 +100,7 @@ def main() -> None:
     dense = arrays[0]
     rng = np.random.default_rng(0)
     rows = []
-    for model, pruned, s in zip(a.models[1:], arrays[1:], scores[1:]):
+    for model, pruned in zip(a.models[1:], arrays[1:]):
         for lim in a.limits.split(","):
             n = {t: len(dense[t]) if lim == "all" else min(int(lim), len(dense[t])) for t in tasks}
             point = float(retained(dense, pruned, {t: np.arange(n[t])[None] for t in tasks})[0])

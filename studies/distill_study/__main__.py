@@ -5,7 +5,8 @@ of --lrs, started as `--distill` starts it (from the operators fitted without th
 is then compared with on those windows); wiki and PTB perplexity of the shipped training-free operators and of
 what the distillation guard keeps.
 
-    .venv/bin/python scripts/distill_study.py smollm2-135m --ks 6 --steps 200 --lrs 2e-5 --out reports/distill_smollm2-135m.md
+    .venv/bin/python -m studies.distill_study smollm2-135m --ks 6 --steps 200 --lrs 2e-5
+    (writes reports/distill_study/distill_study_smollm2-135m.md and .json)
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 from ghosted.config import PruneConfig
 from ghosted.corpora import build_calibration
 from ghosted.evaluate.perplexity import perplexity
+from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model
 from ghosted.solve.solver import distill_operators, solve
-from ghosted.method.surgery import temporarily_pruned
+from studies.common import report_dir
 
 
 def ppl(loaded, removed, ops, windows: int) -> dict[str, float]:
@@ -30,14 +32,17 @@ def ppl(loaded, removed, ops, windows: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m studies.distill_study")
     ap.add_argument("model")
     ap.add_argument("--ks", default="6,9")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lrs", default="2e-5", help="comma-separated learning rates")
     ap.add_argument("--ppl-windows", type=int, default=16)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the .md report, a .json beside it "
+                    "(default reports/distill_study/distill_study_MODEL.md)")
     a = ap.parse_args()
+    a.out = a.out or report_dir("distill_study") / f"distill_study_{Path(a.model).name}.md"
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_model(a.model)
     calib = build_calibration(loaded.tokenizer, "passages", 32, 512, 0)
     rows = []
@@ -56,7 +61,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
     lines = [f"# Ghost distillation on {a.model}", "",
-             f"`.venv/bin/python scripts/distill_study.py {a.model} --ks {a.ks} --steps {a.steps} --lrs {a.lrs}`: "
+             f"`.venv/bin/python -m studies.distill_study {a.model} --ks {a.ks} --steps {a.steps} --lrs {a.lrs}`: "
              f"32 x 512 calibration passages (8 held out), angular selection, wiki/PTB perplexity on {a.ppl_windows} "
              "x 512 windows. Held-out loss: next-token loss on the 8 held-out windows, training-free = the operator "
              "fitted without them; kept = what the distillation guard ships (training-free: the every-window fit).", "",

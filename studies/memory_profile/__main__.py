@@ -1,7 +1,7 @@
 """Where the resident memory of `ghosted prune` goes, stage by stage, per calibration size.
 
-    PYTHONPATH=. python scripts/memory_profile.py smollm2-135m --n-seqs 32,128 --seq-len 128 --remove 7 \
-        --out reports/memory_profile.md
+    python -m studies.memory_profile smollm2-135m --n-seqs 32,128 --seq-len 128 --remove 7 \
+        --out reports/memory_profile/memory_profile.md
 
 Each calibration size runs in a fresh process (`--one`). A sampler thread reads the resident set
 (/proc/self/status VmRSS) and glibc's heap counters (mallinfo2: bytes malloc'd and live, bytes free in the
@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from studies.common import ROOT
 
 MiB = 2**20
 
@@ -97,11 +99,10 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     """One calibration size in this process: prune (default selection, the given guard) and save."""
     import torch
 
-    from ghosted.evaluate import bench
-    from ghosted.checkpoint import format as checkpoint
-    from ghosted.solve import solver as prune
     from ghosted.calibration.capture import capture_batch
-    from ghosted.evaluate import perplexity
+    from ghosted.checkpoint import format as checkpoint
+    from ghosted.evaluate import bench, perplexity
+    from ghosted.solve import solver as prune
 
     base = bench.runtime_baseline(model)
     s = Sampler()
@@ -211,7 +212,7 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
             "; net of the RSS before the modeling code was imported (the earlier definition, "
             "`peak_over_model_preload`): " +
             ", ".join(f"{r['n_seqs']} windows {(r['peak'] - r['preload']) / r['params']:.2f}" for r in runs) +
-            f"; peak stage: " + ", ".join(f"{r['n_seqs']}: {r['peak_stage']}" for r in runs) + ".", "",
+            "; peak stage: " + ", ".join(f"{r['n_seqs']}: {r['peak_stage']}" for r in runs) + ".", "",
             "Where the peak of each stage comes from (bytes; W = parameter bytes, b = 4 for float32, B = batch "
             f"= {r0['batch_size']}, B' = {r0.get('capture_batch', r0['batch_size'])} windows per capture forward "
             "(`capture.capture_batch`: as many as keep (L+1) B' T d b within 64 MiB, at least one), "
@@ -241,7 +242,7 @@ def to_markdown(runs: list[dict], command: str, note: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m studies.memory_profile", description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--n-seqs", default="8,32")
     ap.add_argument("--seq-len", type=int, default=128)
@@ -257,15 +258,16 @@ def main() -> None:
         return
     runs = []
     for n in (int(x) for x in a.n_seqs.split(",")):
-        cmd = [sys.executable, __file__, a.model, "--one", str(n), "--seq-len", str(a.seq_len), "--remove",
+        cmd = [sys.executable, "-m", "studies.memory_profile", a.model, "--one", str(n), "--seq-len", str(a.seq_len), "--remove",
                str(a.remove), "--batch-size", str(a.batch_size), "--guard", a.guard]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(proc.stderr)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    command = "python scripts/memory_profile.py " + " ".join(sys.argv[1:])
+    command = "python -m studies.memory_profile " + " ".join(sys.argv[1:])
     md = to_markdown(runs, command, a.note)
     if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(md)
         a.out.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
     print(md)

@@ -1,7 +1,7 @@
 """How much more can a per-token operator recover? Richer regressors on top of the norm-feature ghost, one cut.
 
-    python scripts/operator_study.py smollm2-135m --layers 10-18 --layers 13-18 \
-        --out reports/operator_study_smollm2-135m.json
+    python -m studies.operator_study smollm2-135m --layers 10-18 --layers 13-18
+        (writes reports/operator_study/operator_study_smollm2-135m.json)
 
 For each block, the shipped ghost (`--norm-features`, sink policy, the guard's ridge) is fitted on the fit windows
 only, and so is every variant below, by one ridge least-squares fit of the block's output on
@@ -26,48 +26,20 @@ Numbers are float64 fits of float32 states; the capture keeps the fit windows' b
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from ghosted._remote.modeling_ghosted import first_positions, scale_free
+from ghosted.config import PruneConfig
+from ghosted.evaluate.perplexity import mean_nll, perplexity
 from ghosted.method import arch
-from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: E402
-from ghosted.config import PruneConfig  # noqa: E402
-from ghosted.corpora import build_calibration  # noqa: E402
-from ghosted.evaluate.perplexity import mean_nll, perplexity  # noqa: E402
-from ghosted.models import load_model  # noqa: E402
-from ghosted.solve.solver import heldout_windows, solve  # noqa: E402
-from ghosted.method.surgery import temporarily_pruned  # noqa: E402
+from ghosted.method.surgery import temporarily_pruned
+from ghosted.solve.solver import heldout_windows, solve
+from studies.common import fit, layer_inputs, load_for_study, study_parser, write_report
 
 F64 = torch.float64
-
-
-def layer_inputs(model, layers: list[torch.nn.Module], ids: torch.Tensor) -> list[torch.Tensor]:
-    """The input state of each of `layers` (modules, so a pruned model works too) for every window, float32
-    [n, T, d] each, one window per forward."""
-    seen: list[list[torch.Tensor]] = [[] for _ in layers]
-
-    def grab(i):
-        def hook(_m, args, kwargs):
-            seen[i].append((args[0] if args else kwargs["hidden_states"]).detach()[0])
-        return hook
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for w in range(ids.shape[0]):
-                model(ids[w:w + 1])
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.stack(states) for states in seen]
 
 
 def block_states(model, ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,13 +137,6 @@ class Extended(torch.nn.Module):
         return torch.where(first_positions(h, position_ids)[..., None], h + self.shift, out)
 
 
-def fit(Z: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge least squares in float64, the ridge relative to the mean diagonal of Z^T Z."""
-    G = Z.T @ Z
-    G.diagonal().add_(ridge * float(G.diagonal().mean()))
-    return torch.linalg.solve(G, Z.T @ Y).float()
-
-
 def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], log) -> dict:
     model = loaded.model
     d = model.config.hidden_size
@@ -230,35 +195,8 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
             "ridge": sol.meta["ridge"], "rows": rows}
 
 
-def study_parser(doc: str, example: str) -> argparse.ArgumentParser:
-    """The arguments every study script shares: the model, the blocks, the calibration and the output."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("--layers", action="append", required=True, help=f"a block, e.g. {example} (repeatable)")
-    ap.add_argument("--calib-source", default="passages+ptb-train")
-    ap.add_argument("--n-seqs", type=int, default=64)
-    ap.add_argument("--out", type=Path, required=True)
-    return ap
-
-
-def load_for_study(a) -> tuple:
-    """The model and the calibration windows every study script starts from (seed 0, 512-token windows)."""
-    torch.manual_seed(0)
-    loaded = load_model(a.model)
-    return loaded, build_calibration(loaded.tokenizer, a.calib_source, a.n_seqs, 512, 0)
-
-
-def write_report(a, blocks: list[dict], t0: float, script: str) -> None:
-    out = {"model": a.model, "calibration": {"source": a.calib_source, "n": a.n_seqs, "seq_len": 512},
-           "blocks": blocks, "seconds": time.perf_counter() - t0,
-           "command": f"python scripts/{script} " + " ".join(sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out} in {out['seconds']:.0f} s")
-
-
 def main() -> None:
-    ap = study_parser(__doc__, "10-18")
+    ap = study_parser(__doc__, "10-18", "operator_study")
     ap.add_argument("--variants", default="neurons:1024,random:1024,prev,prev+mean")
     ap.add_argument("--ridges", default="1e-4")
     a = ap.parse_args()
@@ -266,7 +204,7 @@ def main() -> None:
     loaded, calib = load_for_study(a)
     blocks = [study(loaded, calib, layers, a.variants.split(","), [float(r) for r in a.ridges.split(",")],
                     lambda s: print(s, flush=True)) for layers in a.layers]
-    write_report(a, blocks, t0, "operator_study.py")
+    write_report(a, blocks, t0, "operator_study")
 
 
 if __name__ == "__main__":

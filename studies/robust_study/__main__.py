@@ -5,9 +5,9 @@ policy is served), then for each k: plain removal and the paper's ghost (all tok
 no guard) on the angular block, ghosted's default (auto policy + held-out guard) on the angular
 block, and the same with ghost-aware selection. Each variant is a grid cell (ghosted/grid.py),
 evaluated in memory: perplexity on wiki and PTB and a few zero-shot tasks. Writes
-reports/robust_<model>.json, .md and plots (ghosted/report.py).
+reports/robust_study/robust_<model>.json, .md and plots (ghosted/reporting/compare_report.py).
 
-    .venv/bin/python scripts/robust_study.py smollm2-135m --ks 3,6,9,12
+    .venv/bin/python -m studies.robust_study smollm2-135m --ks 3,6,9,12
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 from ghosted.config import EvalSettings
 from ghosted.corpora import build_calibration
 from ghosted.evaluate.run import versions
-from ghosted.solve.grid import grid_header, run_cell, run_dense
 from ghosted.models import load_model
-from ghosted.solve.solver import PruneConfig, shared_capture
 from ghosted.reporting.compare_report import write_report
+from ghosted.solve.grid import grid_header, run_cell, run_dense
+from ghosted.solve.solver import PruneConfig, shared_capture
+from studies.common import report_dir
 
 VARIANTS = {
     "none": dict(recovery="none", guard="off"),
@@ -36,7 +37,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m studies.robust_study")
     p.add_argument("model")
     p.add_argument("--ks", default="3,6,9,12")
     p.add_argument("--n-seqs", type=int, default=32)
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--tasks", default="piqa,arc_easy,winogrande")
     p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--out", type=Path, default=report_dir("robust_study"))
     args = p.parse_args()
     t0 = time.perf_counter()
     ks = [int(k) for k in args.ks.split(",")]
@@ -68,7 +69,7 @@ def main() -> None:
                   flush=True)
     seconds = time.perf_counter() - t0
     result = {**header, "kind": "robust", "dense": dense.as_dict(), "cells": cells, "versions": versions(),
-              "seconds": seconds, "command": shlex.join([".venv/bin/python", "scripts/robust_study.py", *sys.argv[1:]])}
+              "seconds": seconds, "command": shlex.join([".venv/bin/python", "-m", "studies.robust_study", *sys.argv[1:]])}
     name = f"robust_{args.model.replace('/', '_')}"
     for path in write_report(result, args.out, name=name, plot_prefix=f"{name}_"):
         print(path)
