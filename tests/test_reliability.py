@@ -14,8 +14,8 @@ Cases marked REGISTRY (ids starting "registry:") exercise the registry robustnes
 ghosted/tracking.py); cases marked CKPT exercise the stale-temp cleanup (item 1). They are written against the
 public CLI and pass once that work is merged.
 
-With GHOSTED_RELIABILITY_LOG=path every case appends its outcome as one JSON line: scripts/reliability_report.py
-turns that into reports/reliability.md.
+With GHOSTED_RELIABILITY_LOG=path every case appends its outcome as one JSON line: python -m studies.reliability_report
+turns that into reports/reliability_report/reliability.md.
 """
 
 from __future__ import annotations

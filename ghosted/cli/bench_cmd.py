@@ -54,5 +54,5 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (dense, pruned+ghost, pruned without ghost in turn); median kept")
     p.add_argument("--layerwise", action="store_true", help="prune+fit with a layer-by-layer capture")
     p.add_argument("--offload-budget", type=int, metavar="MiB", help="with --layerwise: MiB of carried states in memory")
-    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. reports/bench_cpu)")
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. reports/bench/bench_cpu)")
     p.set_defaults(func=cmd_bench)

@@ -25,7 +25,7 @@ SOURCE_LABELS = {"wiki": "wiki", "ptb": "PTB", "passages": "passages", "ptb-trai
 # kind -> (title, the command that writes it)
 KINDS = {"compare": ("Layer removal and recovery", "ghosted compare"),
          "sweep": ("Sweep", "python -m flows.sweep"),
-         "robust": ("Robust ghost study", "scripts/robust_study.py")}
+         "robust": ("Robust ghost study", "python -m studies.robust_study")}
 
 
 def _label(source: str) -> str:

@@ -1,6 +1,6 @@
 """One grid cell: solve a pruning configuration from shared statistics, patch the model in memory, evaluate it.
 
-`ghosted compare` (compare.py), the sweep flow (flows/sweep.py) and the robust study (scripts/robust_study.py)
+`ghosted compare` (compare.py), the sweep flow (flows/sweep.py) and the robust study (studies/robust_study)
 all run their cells through run_cell / run_dense and keep CellResult.as_dict() rows of one schema; a grid
 document (grid_header + "dense" + "cells") is rendered by report.write_report. The cell never copies or
 reloads weights: surgery.temporarily_pruned patches the loaded model and restores it afterwards.
