@@ -108,8 +108,9 @@ class StageFailed(RuntimeError):
     """A stage that failed without a `ghosted: error:` line (a crash, a kill, a lock): worth a retry."""
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry unless the failure is a GhostedError (bad input or config: retrying cannot help)."""
+def transient_failure(task, task_run, state) -> bool:
+    """The retry condition of the flows' tasks: retry unless the failure is a GhostedError (bad input or config:
+    retrying cannot help)."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, GhostedError)
 
@@ -169,7 +170,7 @@ def _failure(stage: str, rc: int, lines: list[str]) -> Exception:
     return StageFailed(f"stage {stage}: `dvc repro` exited with {rc}: {last}")
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient_failure, cache_policy=NO_CACHE)
 def dvc_stage(repo: str, stage: str, force: bool = False) -> dict[str, Any]:
     """`dvc repro --single-item STAGE` (DVC skips it when nothing it depends on changed)."""
     logger = get_run_logger()
@@ -186,7 +187,7 @@ def dvc_stage(repo: str, stage: str, force: bool = False) -> dict[str, Any]:
     return result
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient_failure, cache_policy=NO_CACHE)
 def dvc_status(repo: str) -> list[str]:
     """The stages `dvc status` reports stale (empty: data and pipelines are up to date)."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=_env(),

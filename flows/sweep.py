@@ -31,7 +31,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.compress import _transient, load_params
+from flows.compress import load_params, transient_failure
 from ghosted.errors import GhostedError
 from ghosted.reporting.compare_report import write_report
 
@@ -81,7 +81,7 @@ def _shared_hit(folder: Path) -> dict[str, Any] | None:
     return doc
 
 
-@task(name="shared-statistics", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
+@task(name="shared-statistics", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=transient_failure)
 def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int], methods: list[str],
                       evaluation: dict, workdir: str, threads: int) -> dict[str, Any]:
     """Calibration set + one capture serving every configuration, written under workdir/shared/<key>/ as
@@ -116,7 +116,7 @@ def shared_statistics(model: str, calibration: dict, prune: dict, ks: list[int],
     return {**paths, "sha256": sha, "reused": "no", "header": header}
 
 
-@task(name="sweep-cell", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
+@task(name="sweep-cell", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=transient_failure)
 def sweep_cell(model: str, shared: dict[str, Any], k: int, method: str, prune: dict, evaluation: dict,
                threads: int) -> dict[str, Any]:
     """Solve one configuration from the shared statistics and evaluate it in place (k = 0: the dense model)."""

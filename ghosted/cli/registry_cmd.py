@@ -49,7 +49,7 @@ def _quiet_mlflow() -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ghosted.mlops.settings import load_config
+    from ghosted.mlops.registry.settings import load_config
 
     _quiet_mlflow()
     return load_config(args.config, args.tracking_uri)

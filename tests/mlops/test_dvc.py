@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from tests.dvc_repo import ROOT, dvc, make_repo, run
+from tests.mlops.dvc_repo import ROOT, dvc, make_repo, run
 
 pytest.importorskip("dvc")
 pytest.importorskip("mlflow")
@@ -32,7 +32,7 @@ def test_check_dvc_lock_tells_a_stale_lock_from_a_fresh_one(tmp_path):
     run(repo, "git", "commit", "-q", "-m", "lock")
     proc = run(repo, *script, ok=False)
     assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout
-    with (repo / "ghosted" / "pipeline.py").open("a") as f:
+    with (repo / "ghosted" / "mlops" / "dvc.py").open("a") as f:
         f.write("\n# a code change\n")
     proc = run(repo, *script, ok=False)
     assert proc.returncode == 0, proc.stdout  # uncommitted edits do not count: HEAD is what is checked

@@ -1,15 +1,14 @@
-"""Settings of the registry commands: the `gate:` and `registry:` sections of params.yaml, resolved.
+"""The settings of the registry commands: the `gate:` and `registry:` sections of a params file, resolved.
 
-The sections themselves are typed in ghosted/config.py; the gate is ghosted/gate.py (pure), the MLflow
-registry ghosted/registry.py, the files of `ghosted register --reports` ghosted/pipeline_report.py and the
-registered pyfunc model ghosted/serving.py.
+The sections themselves are typed in ghosted/config.py; this resolves the tracking URI (a relative SQLite path
+is relative to the params file, a --tracking-uri to the current folder).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ghosted.config import DEFAULT_TRACKING_URI, GateConfig, RegistryConfig, load_params  # noqa: F401
+from ghosted.config import GateConfig, RegistryConfig, load_params
 
 
 def absolute_uri(uri: str, base: Path) -> str:

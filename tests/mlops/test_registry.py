@@ -33,7 +33,7 @@ from ghosted.config import GateConfig  # noqa: E402
 from ghosted.evaluate.gate import apply_gate  # noqa: E402
 from tests.tiny_models import make_tiny  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -399,8 +399,9 @@ def test_register_killed_at_a_point_is_recovered_by_the_next(point, ckpt, tmp_pa
     _register(capsys, ckpt, uri, name, 1.3, tmp_path)  # version 1, champion
     killed = variant(ckpt, tmp_path, 1)
     pruned, dense = metrics(tmp_path, "killed", 1.1)
-    proc = subprocess.run(_register_cmd(killed, pruned, dense, uri, name, "--quiet"), capture_output=True, text=True,
-                          env={**ENV, "GHOSTED_KILL_AT": point}, timeout=600)
+    cmd = _register_cmd(killed, pruned, dense, uri, name, "--quiet")
+    cmd[1:3] = ["-m", "tests.mlops.faults", point, "--"]  # the same `ghosted register`, killed at `point`
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     c = _client(uri)
     exp = c.get_experiment_by_name("ghosted").experiment_id
@@ -418,6 +419,36 @@ def test_register_killed_at_a_point_is_recovered_by_the_next(point, ckpt, tmp_pa
         # Registering the killed checkpoint again is a no-op that names its version.
         again, _ = _register(capsys, killed, uri, name, 1.1, tmp_path)
         assert not again["registered"] and again["version"] == "2"
+
+
+def test_register_stopped_in_process_at_a_crash_point_is_completed_by_the_next(ckpt, tmp_path, capsys, monkeypatch):
+    """The same hook armed in-process: an exception right after the version exists leaves it pending (its run
+    FAILED, the alias not moved); the next register completes it."""
+    from ghosted.mlops.registry import faults
+
+    class Stop(BaseException):
+        pass
+
+    def stop(point: str) -> None:
+        if point == "version-created":
+            raise Stop(point)
+
+    uri, name = _uri(tmp_path), "m-fault-in-process"
+    pruned, dense = metrics(tmp_path, "stopped", 1.1)
+    monkeypatch.setattr(faults, "point", stop)
+    with pytest.raises(Stop):
+        main(["register", str(ckpt), "--metrics", str(pruned), "--dense-metrics", str(dense), "--tracking-uri", uri,
+              "--name", name, "--quiet"])
+    monkeypatch.undo()
+    c = _client(uri)
+    (pending,) = c.search_model_versions(f"name='{name}'")
+    assert pending.tags["registration"] == "pending" and c.get_run(pending.run_id).info.status == "FAILED"
+    assert c.get_registered_model(name).aliases.get("champion") is None
+    capsys.readouterr()
+    nxt, _ = _register(capsys, variant(ckpt, tmp_path, 1), uri, name, 1.2, tmp_path)
+    state = _consistent(uri, name)
+    assert sorted(state["versions"]) == ["1", "2"] and state["champion"] == "1" and state["history"] == ["1"]
+    assert nxt["version"] == "2" and not nxt["champion_moved"]
 
 
 def test_register_killed_from_outside_at_any_time(ckpt, tmp_path, capsys):
@@ -470,7 +501,7 @@ def test_a_concurrent_insert_of_the_same_dataset_is_retried_and_other_integrity_
     """MLflow's log_inputs looks a dataset up and inserts it in one transaction: of two registers that both found
     it missing, one fails on the UNIQUE constraint (seen in the test above under load); its retry links the row."""
     from ghosted.errors import GhostedError
-    from ghosted.mlops.registry import _retry
+    from ghosted.mlops.registry.connection import retry
 
     calls = []
 
@@ -481,19 +512,19 @@ def test_a_concurrent_insert_of_the_same_dataset_is_retried_and_other_integrity_
                                "datasets.name, datasets.digest")
         return "linked"
 
-    assert _retry(log_inputs, "db", timeout=5.0) == "linked" and len(calls) == 2
+    assert retry(log_inputs, "db", timeout=5.0) == "linked" and len(calls) == 2
 
     def other():
         raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: model_versions.name")
 
     with pytest.raises(RuntimeError, match="model_versions"):
-        _retry(other, "db", timeout=5.0)
+        retry(other, "db", timeout=5.0)
 
     def always():  # a race that never clears ends in one line that names it, not a lock
         raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.digest")
 
     with pytest.raises(GhostedError, match="dataset row") as err:
-        _retry(always, "db", timeout=0.5)
+        retry(always, "db", timeout=0.5)
     assert "locked" not in str(err.value)
 
 

@@ -249,7 +249,7 @@ def test_register_rejects_bad_inputs(built, uri, params, tmp_path, capsys):
 
 def test_relative_sqlite_uri_resolves_against_the_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("registry:\n  tracking_uri: sqlite:///mlflow.db\n")
-    from ghosted.mlops.settings import load_config
+    from ghosted.mlops.registry.settings import load_config
 
     _, reg = load_config(tmp_path / "params.yaml")
     assert reg == RegistryConfig(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", "ghosted", None)

@@ -12,7 +12,7 @@ import yaml
 
 from tests.tiny_models import make_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
 STAGES = ("fingerprint", "calibrate", "score", "solve", "fuse", "evaluate_dense", "evaluate_pruned", "register")

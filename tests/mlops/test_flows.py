@@ -65,7 +65,7 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
 
 
 def _flow_repo(tmp_path: Path) -> Path:
-    from tests.dvc_repo import make_repo
+    from tests.mlops.dvc_repo import make_repo
 
     return make_repo(tmp_path / "repo")
 
@@ -80,13 +80,13 @@ def _versions(repo: Path) -> int:
 
 
 def _ran(out: str) -> list[str]:
-    from tests.dvc_repo import STAGES
+    from tests.mlops.dvc_repo import STAGES
 
     return [s for s in STAGES if f"Running stage '{s}'" in out]
 
 
 def _registry(repo: Path) -> list[tuple[str, str, bool]]:
-    from tests.dvc_repo import run
+    from tests.mlops.dvc_repo import run
 
     listed = json.loads(run(repo, "ghosted", "registry", "list", "--json", "--config", "params.yaml").stdout)
     return [(r["version"], r["gate"], r["champion"]) for r in listed]
@@ -100,7 +100,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     register alone without a version; a changed base model makes every stage that reads it stale."""
     import yaml
 
-    from tests.dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
+    from tests.mlops.dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
 
     repo = _flow_repo(tmp_path)
     state = compress_mod.compress(repo=str(repo), return_state=True)
@@ -170,7 +170,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
 
 
 def test_a_bad_param_ends_the_flow_with_one_line_and_no_retry(tmp_path, capsys):
-    from tests.dvc_repo import set_params
+    from tests.mlops.dvc_repo import set_params
 
     repo = _flow_repo(tmp_path)
     set_params(repo, prune={"recovery": "ghots"})
@@ -191,7 +191,7 @@ def test_a_bad_param_ends_the_flow_with_one_line_and_no_retry(tmp_path, capsys):
 
 
 def test_stage_order_follows_the_dag():
-    order = compress_mod.stage_order(Path(__file__).resolve().parents[1] / "dvc.yaml")
+    order = compress_mod.stage_order(Path(__file__).resolve().parents[2] / "dvc.yaml")
     assert order[0] == "fingerprint" and order[-1] == "register"
     for before, after in [("calibrate", "score"), ("solve", "fuse"), ("fuse", "evaluate_pruned")]:
         assert order.index(before) < order.index(after)
@@ -294,7 +294,7 @@ def test_sweep_cell_refuses_a_capture_changed_since_written(tmp_path):
 
 def test_no_pickle_anywhere():
     """Nothing in the project unpickles: shared statistics, checkpoints and calibration are safetensors/JSON."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     banned = ("import pickle", "torch.load(", "weights_only", "cloudpickle", "joblib.load(")
     hits = [f"{path.relative_to(root)}: {word}" for folder in ("ghosted", "flows", "scripts")
             for path in (root / folder).rglob("*.py") for word in banned if word in path.read_text()]

@@ -1,0 +1,105 @@
+"""What the registry calls things: the tag names, the registered model's name, a checkpoint's lineage tags, its
+content hash, and settings blocks flattened into MLflow params. Pure: no MLflow here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ghosted.errors import GhostedError
+from ghosted.evaluate.gate import FINGERPRINT_KEY
+
+CHAMPION = "champion"
+HISTORY_TAG = "champion_history"
+FINGERPRINT_TAG = FINGERPRINT_KEY
+SHA_TAG = "checkpoint_sha256"
+DECISION_TAG = "champion_decision"
+STATE_TAG = "registration"  # "pending" from version creation until the alias decision is applied, then "done"
+OWNER_TAG = "ghosted_owner"  # host:pid:process-start of the `ghosted register` that owns a run
+MODEL_ARTIFACT = "model"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT: the UI links the run to it
+
+Log = Callable[[str], None]
+
+
+def nolog(_msg: str) -> None:
+    """The default Log: say nothing."""
+
+
+def registered_name(base_model: str) -> str:
+    """ghosted-<base>: shipped name as is, a folder's last component, a hub id with / -> --."""
+    ref = str(base_model).rstrip("/")
+    if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        ref = Path(ref).name
+    ref = re.sub(r"[^A-Za-z0-9._-]+", "-", ref.replace("/", "--")).strip("-.") or "model"
+    return f"ghosted-{ref}"
+
+
+def check_name(name: str) -> str:
+    """The name, if it is safe inside a registry filter string; else a one-line error."""
+    # Names go into registry filter strings: quotes and backslashes would break (or inject into) them.
+    if not name or re.search(r"['\"`\\]", name):
+        raise GhostedError(f"registered model name {name!r} must be non-empty, without quotes or backslashes")
+    return name
+
+
+def git_info(cwd: Path | None = None) -> dict[str, str]:
+    """Run tags: the repo's commit (MLflow's standard tag) and whether the tree is dirty, inside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {GIT_COMMIT_TAG: commit, "git_dirty": str(dirty).lower()}
+
+
+def lineage(meta: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags that say where a checkpoint came from (from its config.json `ghosted` block)."""
+    removed = meta.get("removed_layers") or []
+    out = {"base_model": meta.get("base_model"), FINGERPRINT_TAG: meta.get("base_fingerprint"),
+           "removed_layers": ",".join(str(i) for i in removed), "num_removed": len(removed),
+           "num_layers": meta.get("num_layers"), "method": meta.get("recovery"),
+           "calibration_sha256": meta.get("calibration_sha256"), "ridge": meta.get("ridge"),
+           "token_policy": meta.get("token_policy"), "guard_fallback": (meta.get("guard") or {}).get("fallback"),
+           "ghosted_version": meta.get("version")}
+    return {k: str(v) for k, v in out.items() if v is not None}
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """One sha256 over every file of a checkpoint folder (relative path, size and content, in path order)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def param_key(part: Any) -> str:
+    """One component of an MLflow param, metric or tag key: characters MLflow refuses become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(part)).strip("_") or "_"
+
+
+def flatten_params(doc: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Scalar and list leaves of a settings block as MLflow params ('a.b' -> str)."""
+    out: dict[str, str] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{param_key(k)}"
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, default=str)[:500]
+        elif v is not None:
+            out[key] = str(v)[:500]
+    return out
