@@ -5,7 +5,7 @@ float64 sums and the layer scores, one forward pass); every configuration is the
 that solves from those statistics and evaluates the pruned model, on a Dask cluster (prefect-dask): a
 local cluster by default, or a running cluster at `address`. The dense model is evaluated as one more task.
 Every cell is a ghosted.solve.grid.run_cell, as in `ghosted compare`; results go to <out>/sweep.json, sweep.md
-and the plots (ghosted/report.py), with the wall time and the summed task times. The shared statistics
+and the plots (ghosted/reporting/compare_report.py), with the wall time and the summed task times. The shared statistics
 travel to the workers as safetensors with their sha256 (CaptureResult.save/load), never as pickle.
 
     python -m flows.sweep [--params params.yaml] [--workdir out/sweep] [--out reports/sweep]

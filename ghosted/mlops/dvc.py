@@ -65,7 +65,7 @@ def _task_acc(entry: Mapping[str, Any], metric: str) -> float | None:
 
 def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any,
                     acc_metric: str) -> dict[str, Any]:
-    """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: tracking.apply_gate's)."""
+    """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: ghosted.evaluate.gate.apply_gate's)."""
     from ghosted.evaluate.efficiency import efficiency_ratios
     from ghosted.evaluate.gate import perplexities, zeroshot_average
 

@@ -1,5 +1,5 @@
 """The files `ghosted register --reports DIR` writes for the DVC pipeline: gate.json, the per-layer and per-block
-score tables and plot, and summary.md. Pure files (no MLflow); plots reuse report.py's figure helpers.
+score tables and plot, and summary.md. Pure files (no MLflow); plots reuse compare_report.py's figure helpers.
 """
 
 from __future__ import annotations
