@@ -20,7 +20,7 @@ Mixtures: `A+B[+C...]` (e.g. `passages+ptb-train`) takes the calibration windows
 equal share from each (the first sources take the remainder), each source's windows cut as above with the
 same seed, interleaved round-robin so every part of the set (the held-out tail included) sees every source.
 An operator fitted on one domain generalizes worse to another (SmolLM2, 9 layers: PTB perplexity 175 when
-calibrated on passages alone, 111 on passages+ptb-train; README, calibration).
+calibrated on passages alone, 111 on passages+ptb-train; docs/method.md, calibration).
 """
 
 from __future__ import annotations
