@@ -234,7 +234,7 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
     import torch
 
     from ghosted.method import arch
-    from ghosted.method.linalg import OPERATOR_TENSORS
+    from ghosted.method.operator import OPERATOR_TENSORS
 
     L, d = arch.num_layers(model), int(model.config.hidden_size)
     removed = sol.removed

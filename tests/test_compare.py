@@ -186,7 +186,8 @@ def _assert_same_sums(a, b) -> None:
 def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
     """CaptureResult.save/load: every float64 sum back bit for bit, a cell solved from the loaded file equals
     one solved from the capture in memory, and a file changed since it was written is refused."""
-    from ghosted.calibration.capture import CaptureResult, file_sha256
+    from ghosted.calibration.capture import CaptureResult
+    from ghosted.io import file_sha256
     from ghosted.solve.solver import shared_capture, solve
 
     loaded = load_model(str(tiny_folder))

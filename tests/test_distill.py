@@ -7,7 +7,8 @@ import torch
 
 from ghosted.errors import GhostedError
 from ghosted.evaluate.perplexity import mean_nll
-from ghosted.method.linalg import F64, Operator
+from ghosted.method.operator import Operator
+from ghosted.method.sums import F64
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.solve.distill import DistillConfig, distill, teacher_topk, topk_kl
 from tests.tiny_models import make_tiny

@@ -12,8 +12,10 @@ import ghosted
 from ghosted.calibration.capture import CapturePlan, capture
 from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.method import arch
-from ghosted.method.linalg import F64, Operator, solve_ghost
+from ghosted.method.linalg import solve_ghost
+from ghosted.method.operator import Operator
 from ghosted.method.policies import get_policy
+from ghosted.method.sums import F64
 from ghosted.method.surgery import apply, runs, temporarily_pruned
 from ghosted.models import Loaded, ModelRef
 from ghosted.solve.solver import PruneConfig, build_checkpoint, load_solution, save_solution, solve
@@ -300,7 +302,7 @@ def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
     The fitted ghost (W = -I) leaves about 4 |X|^2 / |noise|^2 of unexplained energy against 1.0 for plain
     removal: the fallback is certain."""
     from ghosted.calibration.capture import CaptureResult
-    from ghosted.method.linalg import PairSums
+    from ghosted.method.sums import PairSums
     from ghosted.solve.solver import _guard
 
     loaded = _loaded("llama", layers=4)
@@ -496,8 +498,8 @@ def test_ghost_aware_selection_picks_the_planted_repairable_block():
     repairs it exactly), block 2 barely moves it but adds token-wise noise no map can predict, blocks 0
     and 3 add more noise. Angular distance picks block 2; ghost-aware selection picks block 1."""
     from ghosted.calibration.capture import CaptureResult
-    from ghosted.method.linalg import PairSums
     from ghosted.method.selection import SELECTION, SelectContext, ghost_block_errors
+    from ghosted.method.sums import PairSums
 
     d, n, L = 16, 4000, 4
     g = torch.Generator().manual_seed(0)

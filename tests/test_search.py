@@ -14,7 +14,8 @@ from ghosted.checkpoint.format import read_meta
 from ghosted.config import SearchConfig
 from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.method import arch
-from ghosted.method.linalg import F64, PairSums, solve_ghost
+from ghosted.method.linalg import solve_ghost
+from ghosted.method.sums import F64, PairSums
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef
 from ghosted.solve.search import fit_progressive, k_range, screen, split_plans

@@ -210,7 +210,7 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
 
     The three variants take turns inside every repeat, so a drift of the machine's speed hits all of
     them alike; the first round is a warm-up; medians are reported."""
-    from ghosted.method.linalg import Operator
+    from ghosted.method.operator import Operator
 
     loaded = load_bench_model(model_name, dtype, device)
     model = loaded.model

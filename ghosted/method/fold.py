@@ -25,7 +25,7 @@ from torch import nn
 
 from ghosted.errors import GhostedError
 from ghosted.method import arch
-from ghosted.method.linalg import F64
+from ghosted.method.sums import F64
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Token policies: which calibration tokens enter a cut's least-squares sums, and how the fit uses them.
 
 One registered `TokenPolicy` per name declares everything the rest of the code asks about it:
-- capture (capture.py): which tokens leave the fit (position 0 and BOS) and what is kept
+- capture (ghosted.calibration): which tokens leave the fit (position 0 and BOS) and what is kept
   of the left-out tokens (nothing, their mean move, or their full sums);
-- fit (prune.solve_cut): which captured sums are combined (`CaptureResult.sums`) and whether the operator
+- fit (ghosted.solve): which captured sums are combined (`GroupedSums.sums`) and whether the operator
   gets a sink shift for position 0;
-- guard (prune._guard): a meta policy ("auto") names the policies the held-out guard chooses among, the one
+- guard (ghosted.solve): a meta policy ("auto") names the policies the held-out guard chooses among, the one
   used when no held-out check runs, and the one ghost-aware selection fits with.
 
 This module imports no torch at load time: the CLI builds its help text from the registry.
@@ -22,8 +22,7 @@ from ghosted.method.catalog import Registry
 if TYPE_CHECKING:
     import torch
 
-    from ghosted.calibration.capture import CaptureResult
-    from ghosted.method.linalg import PairSums
+    from ghosted.method.sums import GroupedSums, PairSums
 
 Pair = tuple[int, int]
 LeftOut = Literal["none", "mean", "full"]
@@ -96,14 +95,14 @@ class TokenPolicy:
 
     # --- fit -----------------------------------------------------------------------------------------
 
-    def fit_sums(self, res: CaptureResult, cut: Pair, group: str) -> PairSums:
+    def fit_sums(self, res: GroupedSums, cut: Pair, group: str) -> PairSums:
         """The sums of one cut over windows `group` (fit | heldout | total) that this policy's fit uses."""
         combine = self.combine
         if combine == "all" and not res.fit_left_out:  # captured under "all": the kept tokens are all tokens
             combine = "kept"
         return res.sums(cut, group, combine)
 
-    def shift(self, res: CaptureResult, cut: Pair, group: str) -> torch.Tensor | None:
+    def shift(self, res: GroupedSums, cut: Pair, group: str) -> torch.Tensor | None:
         """The sink shift mean(Y - X) over the left-out tokens of `group`; None when the policy has none."""
         if not self.sink_shift:
             return None
@@ -151,7 +150,7 @@ register(TokenPolicy(
     "all", "every token; one map for every token at inference, as in the paper",
     drop_sinks=False, combine="all"))
 register(TokenPolicy(
-    # The attention-sink position maps across a cut unlike any other token and bends the fit (METHOD.md).
+    # The attention-sink position maps across a cut unlike any other token and bends the fit (docs/method.md).
     "sink", "drop position 0 and BOS from the fit; position 0 gets the mean move of those tokens",
     left_out="mean", sink_shift=True))
 register(TokenPolicy(

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 from ghosted.method.catalog import Registry
 from ghosted.method.linalg import (
-    Operator,
-    PairSums,
     solve_ghost,
     solve_linearpatch,
     solve_lowrank,
@@ -20,6 +18,8 @@ from ghosted.method.linalg import (
     solve_rotate_replaceme,
     solve_scalar,
 )
+from ghosted.method.operator import Operator
+from ghosted.method.sums import PairSums
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Which layers to remove: selection metrics in a registry, plus the per-layer/per-block score table.
 
-All cosine scores are over the hidden axis, per token, on the pre-final-norm states of capture.py.
+All cosine scores are over the hidden axis, per token, on the pre-final-norm states of ghosted/calibration/capture.py.
 Layer numbers are the dense model's (hidden_states[i] is the input of layer i).
 """
 
@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ghosted.calibration.capture import CaptureResult
 from ghosted.errors import GhostedError
 from ghosted.method.catalog import Registry
 from ghosted.method.linalg import relative_residual, solve_ghost
+
+if TYPE_CHECKING:  # a type only: the method never imports the calibration pass at run time
+    from ghosted.calibration.plan import CaptureResult
 
 # f(ctx, k) -> removed layers (sorted, dense indices)
 SELECTION: Registry[Callable[[SelectContext, int], list[int]]] = Registry("selection metric")
@@ -150,7 +153,7 @@ def _ghost_aware(ctx: SelectContext, k: int) -> list[int]:
     if not cand:
         raise GhostedError("ghost selection needs held-out calibration windows (--holdout > 0)")
     cand.sort(key=lambda s: errs[s])
-    # The angular pick joins the shortlist: cheap scores disagree with perplexity (METHOD.md).
+    # The angular pick joins the shortlist: cheap scores disagree with perplexity (docs/method.md).
     ang = _angular(ctx, k)[0]
     short = list(dict.fromkeys(cand[: ctx.shortlist] + [ang]))
     if ctx.ghost_loss_fn is None or len(short) == 1:

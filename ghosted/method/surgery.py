@@ -16,7 +16,8 @@ from ghosted._remote.modeling_ghosted import Ghost, attach_ghosts
 from ghosted.errors import GhostedError
 from ghosted.method import arch
 from ghosted.method.fold import fold_rotations
-from ghosted.method.linalg import Operator, fold_down_proj
+from ghosted.method.linalg import fold_down_proj
+from ghosted.method.operator import Operator
 
 Pair = tuple[int, int]
 

@@ -17,15 +17,14 @@ from ghosted.evaluate.perplexity import mean_nll
 from ghosted.method import arch
 from ghosted.method.fold import LAYOUTS, REFUSED
 from ghosted.method.linalg import (
-    F64,
-    Operator,
-    PairSums,
     fold_residual,
     procrustes,
     solve_replaceme,
     solve_rotate,
     solve_rotate_replaceme,
 )
+from ghosted.method.operator import Operator
+from ghosted.method.sums import F64, PairSums
 from ghosted.method.surgery import apply, temporarily_pruned
 from ghosted.models import Loaded, ModelRef
 from ghosted.solve.solver import PruneConfig, build_checkpoint, heldout_windows, load_solution, save_solution, solve

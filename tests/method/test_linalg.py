@@ -6,10 +6,7 @@ import pytest
 import torch
 
 from ghosted.method.linalg import (
-    F64,
-    PairSums,
     fold_down_proj,
-    orthonormal_mixer,
     relative_residual,
     residual,
     solve_ghost,
@@ -18,6 +15,7 @@ from ghosted.method.linalg import (
     solve_replaceme,
     solve_scalar,
 )
+from ghosted.method.sums import F64, PairSums, orthonormal_mixer
 
 
 def _data(n: int = 400, d: int = 16, seed: int = 0):
