@@ -1,12 +1,20 @@
-"""ghosted: remove decoder layers from a causal LM and recover quality with closed-form operators."""
+"""ghosted: remove decoder layers from a causal LM and recover quality with closed-form operators.
+
+The public API: `load` and `verify` (a checkpoint folder), and, from ghosted.api, `load_params`, `prune`,
+`search`, `evaluate` and `compare` (what the commands do). They are imported on first use, so
+`import ghosted` does not import torch.
+"""
 
 from __future__ import annotations
 
-from ghosted.version import __version__
-
-__all__ = ["__version__", "load", "verify", "GhostedError"]
+from typing import Any
 
 from ghosted.errors import GhostedError
+from ghosted.version import __version__
+
+_API = ("PruneResult", "compare", "evaluate", "load_params", "prune", "search")
+
+__all__ = ["__version__", "load", "verify", "GhostedError", *_API]
 
 
 def load(path: str, dtype=None, device: str | None = None):
@@ -27,3 +35,11 @@ def verify(path: str) -> dict:
     from ghosted.checkpoint.format import verify as _verify
 
     return _verify(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from ghosted import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ghosted' has no attribute {name!r}")

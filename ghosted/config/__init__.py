@@ -1,0 +1,41 @@
+"""One typed params root: every setting of every command, in frozen sections, read from YAML in one place.
+
+Precedence everywhere: command-line flag > params file (YAML) > the defaults written once in the sections.
+Each field is declared once with `option()` (default, help text, flag name); the command line's flags are
+generated from those fields (ghosted.cli.options) and merged by `resolve()`. The CLI, the DVC stages (which
+call the CLI with `--config params.yaml`), the Prefect flows and the registry all read their settings through
+`load_params()`; `to_json()` is the one way a config becomes JSON.
+
+    typed.py       coercion and checks (build, merged), option()/Flag, to_json, default
+    sections.py    calibration:, prune:
+    evaluation.py  eval:, the efficiency measurement, gate:
+    runs.py        registry:, sweep:, search:, the compare grid, ghost distillation
+    params.py      the Params root, read_yaml, load_params, resolve
+"""
+
+from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig, check_sources, check_tasks
+from ghosted.config.params import SECTIONS, Params, load_params, read_yaml, resolve
+from ghosted.config.runs import CompareConfig, DistillConfig, RegistryConfig, SearchConfig, SweepConfig, parse_ks
+from ghosted.config.sections import CalibrationConfig, PruneConfig
+from ghosted.config.typed import (
+    DEFAULT_TRACKING_URI,
+    GUARDS,
+    PPL_SOURCES_HELP,
+    REGISTER_MODES,
+    VARIANTS,
+    Flag,
+    as_mapping,
+    build,
+    default,
+    flag_of,
+    merged,
+    option,
+    parse_names,
+    to_json,
+)
+
+__all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",
+           "CalibrationConfig", "CompareConfig", "DistillConfig", "EfficiencySettings", "EvalSettings", "Flag",
+           "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig", "as_mapping",
+           "build", "check_sources", "check_tasks", "default", "flag_of", "load_params", "merged", "option",
+           "parse_ks", "parse_names", "read_yaml", "resolve", "to_json"]

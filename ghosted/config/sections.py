@@ -1,0 +1,150 @@
+"""The sections that decide a pruned model: `calibration:` (the statistics' windows) and `prune:` (the plan)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ghosted.config.typed import GUARDS, VARIANTS, _typed, _whole, build, option
+from ghosted.errors import GhostedError
+
+
+def _select_help() -> str:
+    from ghosted.method.selection import SELECTION
+
+    return f"{', '.join(SELECTION.names())} (default {{default}})"
+
+
+def _recovery_help() -> str:
+    from ghosted.method.recovery import RECOVERY
+
+    return f"{', '.join(RECOVERY.names())} (default {{default}})"
+
+
+def _fold_help() -> str:
+    from ghosted.method.fold import FOLDS
+
+    return f"foldable: auto (the guard picks), {', '.join(FOLDS)} (default {{default}})"
+
+
+def _policy_help() -> str:
+    from ghosted.method.policies import help_text
+
+    return help_text()
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """`calibration:` the token windows the statistics are taken on (ghosted calibrate)."""
+
+    source: str = option("passages", "passages, wiki, ptb, ptb-train, a .txt/.jsonl file, hf:NAME:SPLIT:FIELD, or a "
+                                     "mixture A+B with an equal share of windows from each (default {default})",
+                         name="calib-source")
+    n: int = option(32, "number of calibration sequences (default {default})", name="n-seqs")
+    seq_len: int = option(512, "tokens per sequence (default {default})")
+    seed: int = option(0, "seed for the document shuffle (default {default})")
+
+    def __post_init__(self) -> None:
+        _typed(self, "calibration")
+        if not self.source:
+            raise GhostedError("calibration.source must name a text source, e.g. passages")
+        _whole(self.n, 1, "--n-seqs (calibration.n)")
+        _whole(self.seq_len, 2, "--seq-len (calibration.seq_len)")
+        _whole(self.seed, 0, "--seed (calibration.seed)")
+
+
+_WHAT = "what to remove"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """`prune:` everything that decides the pruned model. Rejects unknown keys and bad combinations."""
+
+    remove: int | None = option(None, "number of layers to remove (chosen by --select)", group=_WHAT, one_of="layers")
+    layers: str | int | None = option(None, "explicit dense layer indices, e.g. 13-18 or 13,15,20", group=_WHAT,
+                                      one_of="layers")
+    select: str = option("angular", _select_help, group=_WHAT)
+    recovery: str = option("ghost", _recovery_help)
+    # None: the guard picks the ridge on held-out data from ridge_grid (ghost); 1e-6 for the other methods
+    ridge: float | None = option(None, "relative ridge (lambda = ridge * tr(X^T X)/d); default: chosen on held-out "
+                                       "data from --ridge-grid")
+    ridge_grid: tuple[float, ...] = option((1e-6, 1e-2), "ridge values the guard tries (default {default})")
+    norm_features: bool = option(False, "ghost that also maps the scale-free state h/rms(h) (one more d x d matrix "
+                                        "per cut)", method="ghost")
+    token_shift: bool = option(False, "with --norm-features: also map the previous token's scale-free state (one "
+                                      "more d x d matrix per cut; generation keeps one d-vector per token and cut on "
+                                      "its cache)", method="ghost")
+    rank: int | None = option(None, "low-rank ghost I + U V^T of this rank", method="ghost")
+    variant: str = option("rotate", f"LinearPatch variant: {', '.join(VARIANTS)} (default {{default}})",
+                          method="linearpatch")
+    fold: str = option("auto", _fold_help, method="foldable")
+    token_policy: str = option("auto", _policy_help)  # auto: the guard picks among the registered policies
+    holdout: float = option(0.25, "fraction of calibration windows held out (default {default})")
+    guard: str = option("loss", f"held-out check: {', '.join(GUARDS)} (default {{default}})")
+    shortlist: int = option(4, "blocks the ghost selection compares by held-out loss (default {default})")
+    batch_size: int = option(4, "sequences per forward pass (default {default})")
+    # Training is opt-in: the product's default stays training-free.
+    distill: int = option(0, "after the training-free solve, train only the ghosts this many steps against the "
+                             "dense model (kept only if the held-out loss drops; default 0: training-free)",
+                          method="ghost", metavar="STEPS")
+    # Small: the fit windows are few, and a large step overfits them.
+    distill_lr: float = option(2e-5, "distillation learning rate (default {default})", method="ghost")
+
+    def __post_init__(self) -> None:
+        _typed(self, "prune")
+        if (self.remove is None) == (self.layers is None):
+            raise GhostedError("give exactly one of --remove K or --layers LIST")
+        if isinstance(self.layers, int):  # `layers: 13` in YAML
+            object.__setattr__(self, "layers", str(self.layers))
+        self._check_names()
+        self._check_numbers()
+        self._check_method_options()
+
+    def _check_names(self) -> None:
+        from ghosted.method.fold import FOLDS
+        from ghosted.method.policies import get_policy
+        from ghosted.method.recovery import RECOVERY
+        from ghosted.method.selection import SELECTION
+
+        SELECTION.get(self.select)
+        RECOVERY.get(self.recovery)
+        get_policy(self.token_policy)
+        if self.guard not in GUARDS:
+            raise GhostedError(f"unknown guard '{self.guard}': use {', '.join(GUARDS)}")
+        if self.variant not in VARIANTS:
+            raise GhostedError(f"--variant (prune.variant) must be {' or '.join(VARIANTS)}, got {self.variant}")
+        if self.fold != "auto" and self.fold not in FOLDS:
+            raise GhostedError(f"--fold (prune.fold) must be auto or one of {', '.join(FOLDS)}, got {self.fold}")
+
+    def _check_numbers(self) -> None:
+        if self.remove is not None:
+            _whole(self.remove, 1, "--remove (prune.remove)")
+        if not 0.0 <= self.holdout < 1.0:
+            raise GhostedError(f"--holdout (prune.holdout) must be in [0, 1), got {self.holdout}")
+        if self.ridge is not None and self.ridge < 0:
+            raise GhostedError(f"--ridge (prune.ridge) must be >= 0, got {self.ridge}")
+        if not self.ridge_grid or any(r < 0 for r in self.ridge_grid):
+            raise GhostedError(f"--ridge-grid (prune.ridge_grid) needs values >= 0, got {list(self.ridge_grid)}")
+        if self.rank is not None:
+            _whole(self.rank, 1, "--rank (prune.rank)")
+        _whole(self.shortlist, 1, "--shortlist (prune.shortlist)")
+        _whole(self.batch_size, 1, "--batch-size (prune.batch_size)")
+        _whole(self.distill, 0, "--distill (prune.distill)")
+        if not self.distill_lr > 0:
+            raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {self.distill_lr}")
+
+    def _check_method_options(self) -> None:
+        if self.norm_features and self.recovery != "ghost":
+            raise GhostedError(f"--norm-features (prune.norm_features) is a ghost option: it needs --recovery ghost, "
+                               f"not {self.recovery}")
+        if self.norm_features and self.rank is not None:
+            raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
+        if self.token_shift and not self.norm_features:
+            raise GhostedError("--token-shift (prune.token_shift) extends the norm features: add --norm-features")
+        if self.distill and self.recovery != "ghost":
+            raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PruneConfig:
+        return build(cls, d, "prune")
