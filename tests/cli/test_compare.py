@@ -204,7 +204,7 @@ def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
         cfg = PruneConfig(remove=2, recovery=method)
         a = solve(loaded, calib, cfg, progress=False, log=lambda _m: None, shared=res)
         b = solve(loaded, calib, cfg, progress=False, log=lambda _m: None, shared=back)
-        assert a.removed == b.removed and a.meta["capture_passes"] == b.meta["capture_passes"] == 0
+        assert a.removed == b.removed and a.meta.capture_passes == b.meta.capture_passes == 0
         for cut, op in a.operators.items():
             for name in ("W", "bias", "U", "V", "T", "sink_shift"):
                 x, y = getattr(op, name, None), getattr(b.operators[cut], name, None)
@@ -234,11 +234,11 @@ def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
     calib = build_calibration(loaded.tokenizer, "passages", 6, 32)
     ev = EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32)
     logged: list[str] = []
-    cell = run_cell(loaded, calib, None, PruneConfig(layers="8", recovery="ghost"), ev, label="beyond", log=logged.append)
+    cell = run_cell(loaded, calib, None, PruneConfig(layers="8", recovery="ghost"), ev, log=logged.append)
     assert cell.error and cell.ppl == {} and cell.name == "beyond"
     assert logged == [f"WARNING: k=0 beyond failed: {cell.error}"]
     row = cell.as_dict()
-    assert set(row) == {"k", "method", "label", "error", "seconds"}
+    assert set(row) == {"k", "method", "error", "seconds"}
     ok = run_cell(loaded, calib, None, PruneConfig(layers="2-3", recovery="ghost", guard="off"), ev)
     assert ok.error is None and ok.removed == [2, 3] and ok.removed_text == "2-3" and ok.token_policy == "all"
     assert CellResult.from_dict(ok.as_dict()) == ok
