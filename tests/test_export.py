@@ -162,7 +162,7 @@ def test_ghost_tensors_or_ghosted_model_type_are_refused(tiny_llama, tmp_path, c
     (["MISSING", "--gguf", "OUT/x.gguf"], "model path not found"),
     (["TINY", "--gguf", "OUT/x.bin"], "must end in .gguf"),
     (["TINY", "--gguf", "OUT/x.gguf", "--outtype", "q4_0"], "unknown --outtype 'q4_0'"),
-    (["QWEN", "--gguf", "OUT/x.gguf"], "has no GGUF export yet; supported: LlamaForCausalLM"),
+    (["QWEN", "--gguf", "OUT/x.gguf"], "has no GGUF export yet; supported: Gemma3ForCausalLM, LlamaForCausalLM"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tiny_llama, tmp_path, capsys):
     qwen = make_tiny_folder(tmp_path / "qwen", "qwen2", num_layers=2)

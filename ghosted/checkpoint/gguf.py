@@ -25,25 +25,10 @@ import numpy as np
 import torch
 
 from ghosted.errors import GhostedError
+from ghosted.method import arch
+from ghosted.method.arch import GgufArch
 
 OUTTYPES = ("f32", "f16", "bf16")
-
-
-@dataclass(frozen=True)
-class GgufArch:
-    """How one Hugging Face architecture maps onto a llama.cpp architecture."""
-
-    gguf_arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES value)
-    permute_qk: bool  # reorder Q/K head rows to llama.cpp's interleaved rotary pairs
-    norm_offset: float  # added to every norm weight (Gemma: HF computes x * (1 + w))
-    sliding_window: bool  # write the sliding window and the per-layer pattern
-
-
-# Keyed by config.architectures[0]; anything else is refused with the list of these.
-ARCHITECTURES: dict[str, GgufArch] = {
-    "LlamaForCausalLM": GgufArch("llama", permute_qk=True, norm_offset=0.0, sliding_window=False),
-    "Gemma3ForCausalLM": GgufArch("gemma3", permute_qk=False, norm_offset=1.0, sliding_window=True),
-}
 
 
 @dataclass(frozen=True)
@@ -390,9 +375,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
     check_plain(folder, cfg, names)
     archs = cfg.get("architectures") or []
     arch_name = archs[0] if archs else None
-    spec = ARCHITECTURES.get(arch_name)
+    spec = arch.gguf_spec(arch_name)  # the family's "gguf" entry in the arch table (ghosted/_data/architectures)
     if spec is None:
-        raise GhostedError(f"architecture {arch_name} has no GGUF export yet; supported: {', '.join(ARCHITECTURES)}")
+        supported = ", ".join(arch.gguf_architectures())
+        raise GhostedError(f"architecture {arch_name} has no GGUF export yet; supported: {supported}")
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)

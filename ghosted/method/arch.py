@@ -3,16 +3,15 @@
 Families are data (`ghosted/_data/architectures/<family>.json`), looked up by `config.architectures[0]` (or the
 model's class) and then `config.model_type`; unknown families get a heuristic spec from `_no_split_modules`.
 Layer indices: layer i is `get_layers(model)[i]`; its input is `hidden_states[i]` (`[0]` = embeddings).
+The table also carries each family's rotation layout for a folded c Q (fold.py) and its GGUF mapping
+(checkpoint/gguf.py); removing layers in place lives in removal.py.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
@@ -29,8 +28,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Config lists that transformers itself treats as one entry per layer, whatever the family.
-_GENERIC_PER_LAYER_KEYS = ("layer_types", "mlp_layer_types")
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """Inside one decoder layer: each pre-norm and the linears that read it, and the residual writers; what
+    fold.py needs to fold a rotation c Q of the residual stream into the weights."""
+
+    readers: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path, linears reading its output), in layer order
+    writers: tuple[str, ...]  # linears whose output is added straight to the residual
+    note: str = ""  # why this layout is exact for the family, where not obvious
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How the family maps onto a llama.cpp architecture (checkpoint/gguf.py)."""
+
+    gguf_arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES value)
+    permute_qk: bool  # reorder Q/K head rows to llama.cpp's interleaved rotary pairs
+    norm_offset: float  # added to every norm weight (Gemma: HF computes x * (1 + w))
+    sliding_window: bool  # write the sliding window and the per-layer pattern
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,10 @@ class ArchSpec:
     layer_idx_attrs: tuple[str, ...]  # inside a layer: attributes holding the layer's index (KV-cache slot)
     # Config flags that, when truthy, make a layer's computation depend on its index: removal is refused.
     unsupported_flags: tuple[str, ...] = ()
+    # A folded rotation (--recovery foldable): the layout, or why the family cannot take one.
+    rotation: RotationLayout | None = None
+    rotation_refused: str = ""
+    gguf: GgufArch | None = None  # GGUF export (ghosted export --gguf); None: not exportable
     notes: str = ""
 
 
@@ -76,23 +96,48 @@ def _parse_spec(raw: Any, source: str) -> ArchSpec:
     missing = sorted(_REQUIRED - set(raw))
     if missing:
         raise GhostedError(f"{source}: missing keys {missing}")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        kind = _FIELDS[key].type
-        if kind == "bool":
-            ok = isinstance(value, bool)
-        elif kind == "str":
-            ok = isinstance(value, str) and (bool(value) or key == "notes")
-        else:  # tuple[str, ...]
-            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-            value = tuple(value)
-        if not ok:
-            raise GhostedError(f"{source}: key {key!r} must be {kind} (lists as JSON arrays), got {value!r}")
-        values[key] = value
+    values = {key: _parse_value(key, _FIELDS[key].type, value, source) for key, value in raw.items()}
     spec = ArchSpec(**values)
     if not spec.architectures or not spec.model_type:
         raise GhostedError(f"{source}: 'architectures' and 'model_type' must not be empty")
+    if spec.rotation is not None and spec.rotation_refused:
+        raise GhostedError(f"{source}: give 'rotation' or 'rotation_refused', not both")
     return spec
+
+
+def _parse_value(key: str, kind: str, value: Any, source: str) -> Any:
+    if kind == "RotationLayout | None":
+        return _parse_nested(RotationLayout, value, f"{source}: key {key!r}")
+    if kind == "GgufArch | None":
+        return _parse_nested(GgufArch, value, f"{source}: key {key!r}")
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "str":
+        ok = isinstance(value, str) and (bool(value) or key in ("notes", "note", "rotation_refused"))
+    elif kind == "tuple[tuple[str, tuple[str, ...]], ...]":  # JSON: {norm path: [linear paths]}
+        ok = isinstance(value, dict) and all(isinstance(v, list) and v for v in value.values())
+        value = tuple((k, _parse_value(k, "tuple[str, ...]", v, source)) for k, v in value.items()) if ok else value
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        value = tuple(value)
+    if not ok:
+        raise GhostedError(f"{source}: key {key!r} must be {kind} (lists as JSON arrays), got {value!r}")
+    return value
+
+
+def _parse_nested(cls: type, raw: Any, where: str) -> Any:
+    """A nested JSON object as the frozen dataclass `cls` (strict: no unknown or missing keys)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict):
+        raise GhostedError(f"{where} must be a JSON object, got {raw!r}")
+    unknown = sorted(set(raw) - set(fields))
+    missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw)
+    if unknown or missing:
+        raise GhostedError(f"{where}: unknown keys {unknown}, missing keys {missing}; allowed: {sorted(fields)}")
+    return cls(**{k: _parse_value(k, fields[k].type, v, where) for k, v in raw.items()})
 
 
 @lru_cache(maxsize=1)
@@ -116,6 +161,18 @@ def _table() -> tuple[dict[str, ArchSpec], dict[str, ArchSpec]]:
 def supported_architectures() -> list[str]:
     """Architecture class names with a spec in the table, sorted."""
     return sorted(_table()[0])
+
+
+def gguf_spec(architecture: str | None) -> GgufArch | None:
+    """The GGUF mapping of a `config.architectures[0]` name; None when the family has no GGUF export."""
+    spec = _table()[0].get(architecture) if architecture is not None else None
+    return None if spec is None else spec.gguf
+
+
+def gguf_architectures() -> list[str]:
+    """Architecture class names that export to GGUF, sorted."""
+    by_arch = _table()[0]
+    return [a for a in sorted(by_arch) if by_arch[a].gguf is not None]
 
 
 def _resolves(model: nn.Module, spec: ArchSpec) -> bool:
@@ -268,168 +325,3 @@ def layer_submodule(layer: nn.Module, path: str) -> nn.Module:
         return layer.get_submodule(path)
     except AttributeError as err:
         raise GhostedError(f"decoder layer {type(layer).__name__} has no submodule {path!r}") from err
-
-
-def _validate_removal(remove: Sequence[int], n: int) -> list[int]:
-    indices: list[int] = []
-    for i in remove:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            indices.append(operator.index(i))
-        except TypeError:
-            raise GhostedError(f"layer index {i!r} is not an integer; give indices in [0, {n})") from None
-    for i in indices:
-        if not 0 <= i < n:
-            raise GhostedError(f"layer index {i} is out of range: the model has {n} layers, indices 0..{n - 1}")
-    duplicates = sorted({i for i in indices if indices.count(i) > 1})
-    if duplicates:
-        raise GhostedError(f"layer indices {duplicates} are listed more than once; give each layer once")
-    if len(indices) >= n:
-        raise GhostedError(f"cannot remove all {n} layers; keep at least one")
-    return sorted(indices)
-
-
-def _pruned_lists(config: PretrainedConfig, spec: ArchSpec, keep: list[int], n: int) -> dict[str, list[Any]]:
-    """New values of the per-layer config lists; checked before anything is changed."""
-    out: dict[str, list[Any]] = {}
-    for key in dict.fromkeys(spec.per_layer_keys + _GENERIC_PER_LAYER_KEYS):
-        value = getattr(config, key, None)
-        if value is None and key not in spec.per_layer_keys:
-            continue
-        if not isinstance(value, (list, tuple)) or len(value) != n:
-            raise GhostedError(
-                f"config.{key} should list one entry per layer ({n}) but is {value!r}; fix the model's config"
-            )
-        out[key] = [value[i] for i in keep]
-    return out
-
-
-def _index_owner(layer: nn.Module, path: str, spec: ArchSpec) -> tuple[nn.Module, str]:
-    owner_path, _, attr = path.rpartition(".")
-    owner = layer_submodule(layer, owner_path) if owner_path else layer
-    if not hasattr(owner, attr):
-        raise GhostedError(f"{spec.name}: decoder layer has no attribute {path!r}; the spec is wrong")
-    return owner, attr
-
-
-def _renumber_device_map(model: nn.Module, layers_path: str, keep: list[int]) -> None:
-    device_map = getattr(model, "hf_device_map", None)
-    if not isinstance(device_map, dict):
-        return
-    prefix = layers_path + "."
-    new_position = {str(old): str(new) for new, old in enumerate(keep)}
-    renumbered: dict[str, Any] = {}
-    for key, device in device_map.items():
-        if key.startswith(prefix):
-            index, _, rest = key[len(prefix) :].partition(".")
-            if index not in new_position:
-                continue  # a removed layer
-            key = prefix + new_position[index] + ("." + rest if rest else "")
-        renumbered[key] = device
-    model.hf_device_map = renumbered  # type: ignore[assignment]
-
-
-_ABSENT = object()  # an attribute the model did not have
-
-
-@dataclass
-class RemovalUndo:
-    """Everything remove_layers changed, kept so that restore() puts the model back exactly: the same layer
-    modules in the same ModuleList, the same config values (layer count, per-layer lists, per-layer config),
-    the layers' own indices and `hf_device_map`."""
-
-    model: nn.Module
-    layers: nn.ModuleList
-    removed: list[tuple[int, nn.Module]]  # (dense index, layer)
-    config: PretrainedConfig
-    config_values: dict[str, Any]  # key -> the value before removal (the objects themselves, never mutated)
-    heterogeneity: Any  # config._heterogeneity_spec before removal, or None (then removal left it alone)
-    layer_idx: list[tuple[nn.Module, str, Any]]  # (owner, attribute, value before removal)
-    device_map: Any = _ABSENT
-    restored: bool = False
-
-    def restore(self) -> None:
-        """Put back what remove_layers changed. Once only."""
-        if self.restored:
-            raise RuntimeError("this layer removal was already undone")
-        for i, layer in self.removed:  # ascending: each insert lands at its dense index
-            self.layers.insert(i, layer)
-        for key, value in self.config_values.items():
-            setattr(self.config, key, value)
-        if self.heterogeneity is not None:
-            # The spec object from before removal (remove_layers set a new one and left this one untouched).
-            self.config._heterogeneity_spec = self.heterogeneity
-        for owner, attr, value in self.layer_idx:
-            setattr(owner, attr, value)
-        if self.device_map is _ABSENT:
-            if hasattr(self.model, "hf_device_map"):
-                del self.model.hf_device_map
-        else:
-            self.model.hf_device_map = self.device_map  # type: ignore[assignment]
-        self.restored = True
-
-
-def remove_layers(model: nn.Module, remove: Sequence[int]) -> RemovalUndo:
-    """Delete the decoder layers at `remove` in place and fix the config and layer indices so that
-    generation with a KV cache and save_pretrained -> from_pretrained work on the smaller model.
-    Returns the undo snapshot (RemovalUndo.restore puts the dense model back exactly)."""
-    spec = get_arch(model)
-    layers = get_layers(model)
-    n = len(layers)
-    removed = _validate_removal(remove, n)
-    keep = sorted(set(range(n)) - set(removed))
-    # Composite models (e.g. vision-language) keep the decoder's keys in a sub-config.
-    config: PretrainedConfig = model.config.get_text_config(decoder=True)  # type: ignore[operator,union-attr]
-    for flag in spec.unsupported_flags:
-        if getattr(config, flag, False):
-            raise GhostedError(
-                f"config.{flag} is set: {spec.name} layers then compute with their own index, so removing layers "
-                "cannot give an exact standard checkpoint"
-            )
-    lists = _pruned_lists(config, spec, keep, n)
-    for layer in layers:  # fail before anything changes
-        for path in spec.layer_idx_attrs:
-            _index_owner(layer, path, spec)
-    heterogeneity = getattr(config, "_heterogeneity_spec", None)  # transformers' sparse per_layer_config
-    undo = RemovalUndo(
-        model, layers, [(i, layers[i]) for i in removed], config,
-        {key: getattr(config, key) for key in (spec.num_layers_key, *lists)}, heterogeneity,
-        _index_values(layers, spec), getattr(model, "hf_device_map", _ABSENT),
-    )  # fmt: skip
-
-    for i in reversed(removed):
-        del layers[i]  # ModuleList renames the remaining children 0..len-1
-    for new, (old, layer) in enumerate(zip(keep, layers, strict=True)):
-        for path in spec.layer_idx_attrs:
-            setattr(*_index_owner(layer, path, spec), new)
-        # Also any other submodule still holding the old index (e.g. GPT-2 cross-attention), which the KV
-        # cache would otherwise index wrongly.
-        for module in layer.modules():
-            if getattr(module, "layer_idx", None) == old and not isinstance(module.layer_idx, bool):
-                module.layer_idx = new  # type: ignore[assignment]
-
-    setattr(config, spec.num_layers_key, len(keep))
-    for key, value in lists.items():
-        setattr(config, key, value)
-    if heterogeneity is not None:
-        overrides = heterogeneity.per_layer_overrides
-        rekeyed: dict[int | str, dict[str, Any]] = {
-            new: copy.deepcopy(overrides[old]) for new, old in enumerate(keep) if old in overrides
-        }
-        config.per_layer_config = rekeyed or None
-    _renumber_device_map(model, spec.layers, keep)
-    return undo
-
-
-def _index_values(layers: nn.ModuleList, spec: ArchSpec) -> list[tuple[nn.Module, str, Any]]:
-    """Every layer-index attribute remove_layers may renumber, with its current value."""
-    out: list[tuple[nn.Module, str, Any]] = []
-    for layer in layers:
-        for path in spec.layer_idx_attrs:
-            owner, attr = _index_owner(layer, path, spec)
-            out.append((owner, attr, getattr(owner, attr)))
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                out.append((module, "layer_idx", module.layer_idx))
-    return out

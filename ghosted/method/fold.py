@@ -11,14 +11,12 @@ after the cut and in the head:
 the product of the first j maps. Exact up to the norms' eps: the folded norms see rms(r~) = rms(r) / c, which
 changes eps / rms^2 by (c^2 - 1) eps / rms^2, negligible for real residual streams (|r| >> sqrt(eps)).
 
-Which norm feeds which linears is data: one RotationLayout per architecture family (ArchSpec.name); families
-whose norms are not rotation invariant (LayerNorm's mean subtraction, Gemma's 1 + w weight with norms on the
-writer side, post-norm blocks) are listed in REFUSED with the reason.
+Which norm feeds which linears is data: the "rotation" layout of each family's arch table entry
+(ArchSpec.rotation); families whose norms are not rotation invariant (LayerNorm's mean subtraction, Gemma's
+1 + w weight with norms on the writer side, post-norm blocks) carry the reason in "rotation_refused" instead.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,49 +26,12 @@ from ghosted.method import arch
 from ghosted.method.sums import F64
 
 
-@dataclass(frozen=True)
-class RotationLayout:
-    """Inside one decoder layer: each pre-norm and the linears that read it; the residual writers."""
-
-    readers: dict[str, tuple[str, ...]]  # norm path -> linears reading its output
-    writers: tuple[str, ...]  # linears whose output is added straight to the residual
-
-
-_PRE_NORM = RotationLayout(
-    readers={"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
-    writers=("self_attn.o_proj", "mlp.down_proj"),
-)
-
-LAYOUTS: dict[str, RotationLayout] = {
-    "llama": _PRE_NORM,
-    "mistral": _PRE_NORM,
-    "qwen2": _PRE_NORM,
-    "qwen3": _PRE_NORM,  # q_norm / k_norm act per head after q_proj / k_proj: untouched by a rotation of the input
-    "granite": _PRE_NORM,  # residual_multiplier and logits_scaling are scalars: they commute with c Q
-    "smollm3": _PRE_NORM,
-    "phi3": RotationLayout(readers={"input_layernorm": ("self_attn.qkv_proj",),
-                                    "post_attention_layernorm": ("mlp.gate_up_proj",)},
-                           writers=("self_attn.o_proj", "mlp.down_proj")),
-}
-
-REFUSED: dict[str, str] = {
-    "gemma2": "its post_attention/post_feedforward norms normalise what the layers write, so a rotation of the "
-              "stream cannot be folded into the writers",
-    "gemma3_text": "its post_attention/post_feedforward norms normalise what the layers write, so a rotation of "
-                   "the stream cannot be folded into the writers",
-    "olmo2": "its norms sit on the writer side (post-norm blocks), so a rotation of the stream cannot be folded "
-             "into the writers",
-    "olmo": "its LayerNorm subtracts the mean, which a rotation does not preserve",
-    "gpt2": "its LayerNorm subtracts the mean, which a rotation does not preserve",
-}
-
-
-def layout_for(spec: arch.ArchSpec) -> RotationLayout:
+def layout_for(spec: arch.ArchSpec) -> arch.RotationLayout:
     """The family's rotation layout, or GhostedError saying why this family cannot take a folded rotation."""
-    if spec.name in LAYOUTS:
-        return LAYOUTS[spec.name]
-    why = REFUSED.get(spec.name, "no rotation layout is known for this family (add one to ghosted/fold.py)")
+    if spec.rotation is not None:
+        return spec.rotation
+    why = spec.rotation_refused or ('no rotation layout is known for this family (add a "rotation" to its '
+                                    "ghosted/_data/architectures/<family>.json)")
     alt = "replaceme, scalar or none" if spec.fold_exact else ("scalar or none" if spec.scalar_fold_exact else
                                                                "ghost (a hooked operator) or none")
     raise GhostedError(f"--recovery foldable cannot fold a rotation exactly into {spec.name}: {why}; "
@@ -172,10 +133,11 @@ def fold_rotations(model: nn.Module, rotations: list[tuple[int, torch.Tensor, fl
         if rot is None or i in removed_set:
             continue
         Q, c = rot
-        extra = [n for n, m in layer.named_children() if "norm" in type(m).__name__.lower() and n not in layout.readers]
+        norms = dict(layout.readers)
+        extra = [n for n, m in layer.named_children() if "norm" in type(m).__name__.lower() and n not in norms]
         if extra:  # a norm the layout does not know would see a rotated stream
             raise GhostedError(f"layer {i} has norms {extra} outside the {spec.name} rotation layout: cannot fold")
-        for norm_path, readers in layout.readers.items():
+        for norm_path, readers in layout.readers:
             norm = arch.layer_submodule(layer, norm_path)
             g = _norm_weight(norm, norm_path)
             rotate_readers([_linear(layer, r) for r in readers], g.data.detach().clone(), Q)

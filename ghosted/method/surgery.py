@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ghosted._remote.modeling_ghosted import Ghost, attach_ghosts
 from ghosted.errors import GhostedError
-from ghosted.method import arch
+from ghosted.method import arch, removal
 from ghosted.method.fold import fold_rotations
 from ghosted.method.linalg import fold_down_proj
 from ghosted.method.operator import Operator
@@ -169,7 +169,7 @@ def apply(model: torch.nn.Module, removed: list[int], operators: dict[Pair, Oper
             raise GhostedError("a folded rotation cannot be combined with ghosts or scalar folds in one plan")
         applied.folded.append(fold_rotations(model, plan.rotations, plan.removed))
 
-    arch.remove_layers(model, plan.removed)
+    removal.remove_layers(model, plan.removed)
     if plan.ghosts:
         install_ghosts(model, plan.ghosts)  # permanent: the hooks stay, as when the checkpoint is loaded
     applied.ghosts = [g for g, _ in plan.ghosts]
@@ -233,14 +233,14 @@ def temporarily_pruned(model: torch.nn.Module, removed: list[int],
     saved_ghosts = getattr(model, "ghosts", None)
     hooks = HookOwner()
     saved_weights: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
-    undo: arch.RemovalUndo | None = None
+    undo: removal.RemovalUndo | None = None
     try:
         for cut, op in plan.down_folds:  # fold now (dense indices), restore the weights afterwards
             down = arch.layer_submodule(layers[cut[0] - 1], spec.mlp_down)
             saved_weights.append((down, down.weight.data.clone(),
                                   None if down.bias is None else down.bias.data.clone()))
             _fold_replaceme(model, spec, layers, cut, op)
-        undo = arch.remove_layers(model, plan.removed)
+        undo = removal.remove_layers(model, plan.removed)
         if plan.ghosts:
             hooks.own(install_ghosts(model, plan.ghosts))
         yield model

@@ -24,9 +24,9 @@ from ghosted.method.arch import (
     get_layers,
     layer_submodule,
     num_layers,
-    remove_layers,
     supported_architectures,
 )
+from ghosted.method.removal import remove_layers
 
 try:
     from tests.tiny_models import FAMILIES, make_tiny, make_tiny_tokenizer

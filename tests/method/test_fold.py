@@ -15,7 +15,6 @@ import ghosted
 from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.evaluate.perplexity import mean_nll
 from ghosted.method import arch
-from ghosted.method.fold import LAYOUTS, REFUSED
 from ghosted.method.linalg import (
     fold_residual,
     procrustes,
@@ -30,8 +29,9 @@ from ghosted.models import Loaded, ModelRef
 from ghosted.solve.solver import PruneConfig, build_checkpoint, heldout_windows, load_solution, save_solution, solve
 from tests.tiny_models import FAMILIES, make_tiny
 
-FOLDABLE = [f for f in FAMILIES if f in LAYOUTS]
-NOT_FOLDABLE = [f for f in FAMILIES if f not in LAYOUTS]
+SPECS = {spec.name: spec for spec in arch._table()[0].values()}  # the arch table by family name
+FOLDABLE = [f for f in FAMILIES if SPECS[f].rotation is not None]
+NOT_FOLDABLE = [f for f in FAMILIES if SPECS[f].rotation is None]
 
 
 def _orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def test_fold_equals_hooked_form(family, with_T, tmp_path):
 
 @pytest.mark.parametrize("family", NOT_FOLDABLE)
 def test_families_without_an_exact_fold_are_refused(family):
-    assert family in REFUSED
+    assert SPECS[family].rotation_refused
     loaded = _loaded(family, layers=4)
     ids = _ids(loaded.model.config.vocab_size)
     calib = Calibration(ids, "random", 0, tokens_sha256(ids))
