@@ -200,8 +200,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     try:
         cfg_path = Path(ref.path) / "config.json"
         if ref.kind != "hub" and cfg_path.exists() and "ghosted" in json.loads(cfg_path.read_text()):
-            from ghosted.checkpoint.format import load as load_ghosted
             from ghosted.checkpoint.format import load_tokenizer
+            from ghosted.checkpoint.load import load as load_ghosted
 
             model = load_ghosted(ref.path, dtype=dtype)  # verifies the folder first
             tok = load_tokenizer(ref.path)
@@ -243,11 +243,13 @@ def load_tokenizer(name_or_path: str):
     try:
         cfg_path = Path(ref.path) / "config.json"
         if ref.kind != "hub" and cfg_path.is_file() and "ghosted" in json.loads(cfg_path.read_text()):
-            from ghosted.checkpoint.format import _base_config, _read_config
+            from ghosted.checkpoint.format import base_config
             from ghosted.checkpoint.format import load_tokenizer as checkpoint_tokenizer
+            from ghosted.checkpoint.meta import CheckpointMeta, read_config
 
-            doc = _read_config(Path(ref.path))  # a ghosted checkpoint: its base config, never the folder's code
-            return checkpoint_tokenizer(ref.path), _base_config(doc, doc["ghosted"].get("base_architecture"))
+            doc = read_config(Path(ref.path))  # a ghosted checkpoint: its base config, never the folder's code
+            base = CheckpointMeta.from_dict(doc["ghosted"]).base_architecture or None
+            return checkpoint_tokenizer(ref.path), base_config(doc, base)
         return AutoTokenizer.from_pretrained(ref.path, **extra), AutoConfig.from_pretrained(ref.path, **extra)
     except Exception as exc:  # noqa: BLE001 - user files: bad GGUF, JSON, tokenizer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ghosted.checkpoint.format import MODEL_TYPE
+from ghosted.checkpoint.meta import CheckpointMeta, is_ghost_class
 from ghosted.errors import GhostedError
 from ghosted.method import arch
 from ghosted.method.arch import GgufArch
@@ -90,11 +92,10 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def check_plain(ckpt: Path, cfg: dict, names: list[str]) -> None:
     """Refuse a checkpoint that needs ghost code to run: exporting it would silently drop the ghosts."""
-    meta = cfg.get("ghosted") or {}
-    ghosts = meta.get("ghosts") or []
+    ghosts = CheckpointMeta.from_dict(cfg.get("ghosted") or {}).ghost_list
     ghost_tensors = [n for n in names if n.startswith("ghosts.") or ".ghosts." in n]
     archs = cfg.get("architectures") or []
-    custom = cfg.get("model_type") == "ghosted" or any(str(a).startswith("Ghosted") for a in archs)
+    custom = cfg.get("model_type") == MODEL_TYPE or any(is_ghost_class(a) for a in archs)
     if ghosts or ghost_tensors or custom:
         what = f"{len(ghosts)} ghost operator(s)" if ghosts else (
             f"{len(ghost_tensors)} ghost tensor(s)" if ghost_tensors else f"architecture {archs[0] if archs else 'ghosted'}")
@@ -137,7 +138,7 @@ def _source_gguf(ckpt: Path, cfg: dict) -> Path | None:
     """The GGUF the base model came from, when it is at hand and matches the recorded fingerprint."""
     from ghosted.models import SHIPPED, _shipped_gguf, file_sha256
 
-    meta = cfg.get("ghosted") or {}
+    meta = CheckpointMeta.from_dict(cfg.get("ghosted") or {}).to_dict()
     candidates: list[Path] = []
     src = ckpt / "ghosted_source.json"  # a converted shipped model folder itself
     if src.is_file():

@@ -20,17 +20,18 @@ for measuring the cost at a scale whose weights are not at hand.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
+from ghosted.config import PruneConfig
 from ghosted.corpora import Calibration, build_calibration, tokens_sha256
 from ghosted.errors import GhostedError
 from ghosted.evaluate.harness import peak_memory, proc_bytes, sync
@@ -38,7 +39,7 @@ from ghosted.io import release_memory
 from ghosted.method import arch
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef, load_model
-from ghosted.solve.solver import PruneConfig, solve
+from ghosted.solve.solver import solve
 
 # The benchmark's targets (issue 17): prune+fit / one dense forward on a quiet machine, peak / parameter bytes,
 # pruned+ghost throughput / the ideal speed-up.
@@ -199,7 +200,8 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
             "runtime_bytes": runtime, "runtime_includes": base["runtime_includes"] if runtime else "nothing",
             "peak_over_model": (peak - runtime) / size,
             # the earlier definition, net of the RSS before the model's code was imported
-            "preload_bytes": preload, "peak_over_model_preload": (peak - preload) / size, "removed": sol.removed, "capture_passes": sol.meta["capture_passes"],
+            "preload_bytes": preload, "peak_over_model_preload": (peak - preload) / size, "removed": sol.removed,
+            "capture_passes": sol.meta.capture_passes,
             "hidden": model.config.hidden_size, "layers": arch.num_layers(model), "layerwise": layerwise,
             "offload_budget": offload_budget}
 
@@ -242,20 +244,26 @@ def run_speed(model_name: str, remove: int, device: str, dtype: str, prompt: int
     return out
 
 
+def _run_one_in_worker(*args) -> dict:
+    """run_one in a fresh process (bench() spawns one per calibration size), as JSON data."""
+    return json.loads(json.dumps(run_one(*args)))
+
+
 def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: str = "cpu", dtype: str = "float32",
           batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3, layerwise: bool = False,
           offload_budget: int | None = None) -> dict:
     """Every calibration size in a fresh process, then the speed test; returns the whole report."""
     if model_name.startswith("random:"):
-        random_spec(model_name)  # fail before the first subprocess
+        random_spec(model_name)  # fail before the first worker process
     runs = []
     for n in sizes:
-        cmd = [sys.executable, "-m", "ghosted.evaluate.bench", model_name, str(n), str(seq_len), str(remove), device, dtype,
-               str(batch_size), str(int(layerwise)), "" if offload_budget is None else str(offload_budget)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            raise GhostedError(f"bench run with {n} sequences failed: {proc.stderr.strip().splitlines()[-1]}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                runs.append(pool.submit(_run_one_in_worker, model_name, n, seq_len, remove, device, dtype,
+                                        batch_size, layerwise, offload_budget).result())
+            except Exception as exc:  # noqa: BLE001 - the worker's error (or its death), named with the size
+                why = " ".join(str(exc).split()) or type(exc).__name__
+                raise GhostedError(f"bench run with {n} sequences failed: {why}") from exc
     speed = run_speed(model_name, remove, device, dtype, prompt, new, repeats, runs[0]["removed"])
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -292,9 +300,3 @@ def to_markdown(r: dict) -> str:
                      f"{s[f'{key}_speedup']:.3f} | {s[f'{key}_over_ideal']:.3f} | {100 * s[f'{key}_ghost_overhead']:.1f}% |")
     lines += ["", f"Median of {s.get('repeats', '?')} rounds in which the three variants take turns (after a warm-up round)."]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # one calibration size in a fresh process (called by bench())
-    name, n, t, k, device, dtype, bs, lw, budget = sys.argv[1:10]
-    print(json.dumps(run_one(name, int(n), int(t), int(k), device, dtype, int(bs), lw == "1",
-                             int(budget) if budget else None)))

@@ -1,20 +1,18 @@
 """`ghosted eval`: quality (perplexity, zero-shot) and, if asked, efficiency of one model.
 
 Quality is perplexity on text sources (protocol in perplexity.py) plus zero-shot accuracy through lm-eval
-(zeroshot.py), on an in-memory model: evaluate_quality also serves every cell of a grid (ghosted/grid.py).
-Efficiency of a model is measured in a fresh Python process (the CLI re-invoked with a hidden flag), one
+(zeroshot.py), on an in-memory model: evaluate_quality also serves every cell of a grid (ghosted/solve/grid.py).
+Efficiency of a model is measured in a fresh Python process (a spawned worker running measure_loaded), one
 per model, so that CPU peak RSS reflects that model alone and not what this process did before.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,22 +65,24 @@ def measure_loaded(loaded, eff: EfficiencySettings) -> dict:
     return stats
 
 
+def _measure_in_worker(model: str, eff: EfficiencySettings, dtype: str, device: str,
+                       device_map: str | None) -> dict:
+    """The worker side of measure_isolated: load `model` in this (fresh) process and measure it, as JSON data."""
+    from ghosted.models import load_model
+
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    return json.loads(json.dumps(measure_loaded(loaded, eff), default=float))
+
+
 def measure_isolated(model: str, eff: EfficiencySettings, dtype: str = "float32", device: str = "cpu",
                      device_map: str | None = None) -> dict:
     """measure_efficiency of `model` in a fresh Python process: peak memory counts that model alone."""
-    with tempfile.TemporaryDirectory(prefix="ghosted-eff-") as tmp:
-        out = Path(tmp) / "efficiency.json"
-        cmd = [sys.executable, "-m", "ghosted.cli", "eval", str(model), "--dtype", dtype, "--device", device,
-               "--efficiency-worker", "--prompt-len", str(eff.prompt_len), "--new-tokens", str(eff.new_tokens),
-               "--repeats", str(eff.repeats), "--efficiency-batch-sizes", ",".join(map(str, eff.batch_sizes)),
-               "--out", str(out), "--quiet", *(["--device-map", device_map] if device_map else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0 or not out.is_file():
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            errors = [ln.removeprefix("ghosted: error: ") for ln in lines if ln.startswith("ghosted: error:")]
-            why = errors[-1] if errors else (lines[-1] if lines else f"exit status {proc.returncode}")
-            raise GhostedError(f"efficiency measurement of {model} failed: {why}")
-        return json.loads(out.read_text())
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_measure_in_worker, model, eff, dtype, device, device_map).result()
+        except Exception as exc:  # noqa: BLE001 - the worker's error (or its death), named with the model
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            raise GhostedError(f"efficiency measurement of {model} failed: {why}") from exc
 
 
 def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32", device: str = "cpu",

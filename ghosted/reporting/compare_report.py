@@ -22,10 +22,9 @@ SCORES_PLOT = "layer_scores.png"
 ACCURACY_PLOT = "accuracy.png"
 PLOTS = (PPL_PLOT, SCORES_PLOT, ACCURACY_PLOT)
 SOURCE_LABELS = {"wiki": "wiki", "ptb": "PTB", "passages": "passages", "ptb-train": "PTB train"}
-# kind -> (title, the command that writes it)
+# kind -> (title, the command that writes it); a document of another kind names its own `title` and `command`
 KINDS = {"compare": ("Layer removal and recovery", "ghosted compare"),
-         "sweep": ("Sweep", "python -m flows.sweep"),
-         "robust": ("Robust ghost study", "python -m studies.robust_study")}
+         "sweep": ("Sweep", "python -m flows.sweep")}
 
 
 def _label(source: str) -> str:
@@ -40,7 +39,7 @@ def task_score(task: dict) -> float | None:
 
 
 def _name(cell: dict) -> str:
-    return cell.get("label") or cell["method"]
+    return cell["method"]
 
 
 # --------------------------------------------------------------------------- rows
@@ -127,7 +126,8 @@ def markdown(result: dict, plots: list[str]) -> str:
     """NAME.md: the table, how it was made, and the plots."""
     ev = result["settings"]["eval"]
     sources, tasks = ev["ppl"], ev["tasks"]
-    title, generator = KINDS[result.get("kind", "compare")]
+    kind = result.get("kind", "compare")
+    title, generator = KINDS.get(kind) or (result.get("title", kind), result.get("command", kind))
     head = ["k", "method", "removed layers", *[f"{_label(s)} PPL" for s in sources]]
     if tasks:
         head += [*tasks, "average", "retained"]

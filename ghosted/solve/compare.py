@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from ghosted.config import PPL_SOURCES_HELP, EfficiencySettings, EvalSettings, parse_names  # noqa: F401  (re-exported)
+from ghosted.config import (  # noqa: F401  (re-exported: the grid's settings live in ghosted.config)
+    PPL_SOURCES_HELP,
+    CompareConfig,
+    EfficiencySettings,
+    EvalSettings,
+    parse_ks,
+    parse_names,
+)
 from ghosted.errors import GhostedError
 from ghosted.method import arch
-from ghosted.solve.grid import CellResult, brief, config_dict, grid_header, run_cell, run_dense
+from ghosted.solve.fit import config_dict
+from ghosted.solve.grid import CellResult, brief, grid_header, run_cell, run_dense
 from ghosted.version import __version__
 
 Log = Callable[[str], None]
@@ -28,50 +34,6 @@ def _nolog(_msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """A (layers removed) x (recovery method) grid; `prune` is the template every cell's PruneConfig copies."""
-
-    ks: tuple[int, ...]
-    methods: tuple[str, ...]
-    prune: Any  # PruneConfig: selection, token policy, ridge, guard, ... (remove/recovery set per cell)
-    evaluation: EvalSettings = field(default_factory=EvalSettings)
-
-    def __post_init__(self) -> None:
-        from ghosted.method.recovery import RECOVERY
-
-        if not self.ks:
-            raise GhostedError("--remove needs at least one layer count, e.g. --remove 6,9")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise GhostedError(f"--remove takes whole numbers >= 1, got {list(self.ks)}")
-        if len(set(self.ks)) != len(self.ks):
-            raise GhostedError(f"--remove {','.join(map(str, self.ks))} lists a count twice")
-        if not self.methods:
-            raise GhostedError("--recovery needs at least one method, e.g. none,ghost")
-        for m in self.methods:
-            RECOVERY.get(m)
-        if len(set(self.methods)) != len(self.methods):
-            raise GhostedError(f"--recovery {','.join(self.methods)} lists a method twice")
-        if not self.evaluation.tasks and not self.evaluation.ppl:
-            raise GhostedError("nothing to evaluate: give --tasks or --ppl (not both 'none')")
-        for cell in self.cells():  # every cell's config is valid before anything runs
-            self.cell_config(*cell)
-
-    def cells(self) -> list[tuple[int, str]]:
-        """Grid order: k ascending, methods in the order given."""
-        return [(k, m) for k in sorted(self.ks) for m in self.methods]
-
-    def cell_config(self, k: int, method: str):
-        return replace(self.prune, remove=k, layers=None, recovery=method)
-
-
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError as exc:
-        raise GhostedError(f"--remove takes layer counts like 6,9, got '{text}'") from exc
 
 
 def _resume_key(loaded, calib, cfg: CompareConfig) -> str:

@@ -17,35 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ghosted.config import DistillConfig  # noqa: F401  (re-exported: the settings live in ghosted.config)
 from ghosted.errors import GhostedError
 from ghosted.evaluate.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
-from ghosted.method.linalg import F64, Operator
+from ghosted.method.operator import Operator
+from ghosted.method.sums import F64
 from ghosted.method.surgery import Pair, ghost_site, temporarily_pruned
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How the recovery parameters are trained (steps = 0: no distillation, the training-free default)."""
-
-    steps: int = 0
-    lr: float = 2e-5
-    top_k: int = 32  # teacher log-probs cached per token
-    batch_size: int = 2  # windows per step
-    warmup: float = 0.05  # fraction of steps with a linear warm-up
-    weight_decay: float = 0.0  # toward zero would pull W away from identity: off by default
-    eval_every: int = 10  # steps between held-out evaluations
-    patience: int = 3  # evaluations without improvement before stopping
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("top_k", 1), ("batch_size", 1), ("eval_every", 1), ("patience", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise GhostedError(f"distill.{name} must be a whole number >= {low}, got {v!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise GhostedError(f"distill.lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.warmup < 1:
-            raise GhostedError(f"distill.warmup must be in [0, 1), got {self.warmup!r}")
 
 
 @dataclass

@@ -39,7 +39,6 @@ class CellResult:
 
     k: int
     method: str
-    label: str | None = None  # a variant's name where one method runs with several settings (robust study)
     removed: list[int] = field(default_factory=list)
     removed_text: str = "-"
     cuts: list[list[int]] = field(default_factory=list)
@@ -59,21 +58,16 @@ class CellResult:
     error: str | None = None
     worker: dict = field(default_factory=dict)  # where it ran (the sweep: worker pid, threads)
 
-    @property
-    def name(self) -> str:
-        return self.label or self.method
-
     def as_dict(self) -> dict[str, Any]:
         """The JSON row; a failed cell keeps only what identifies it, its error and its time."""
         d = asdict(self)
         if self.error is not None:
-            keep = ("k", "method", "label", "error", "seconds", "worker")
+            keep = ("k", "method", "error", "seconds", "worker")
             d = {key: d[key] for key in keep}
         else:
             d.pop("error")
-        for key in ("label", "worker"):
-            if not d.get(key):
-                d.pop(key, None)
+        if not d.get("worker"):
+            d.pop("worker", None)
         return d
 
     @classmethod
@@ -115,7 +109,7 @@ def run_dense(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bo
 
 
 def run_cell(loaded: Loaded, calib: Calibration, shared: CaptureResult | None, cfg: PruneConfig,
-             evaluation: EvalSettings, *, label: str | None = None, dense_average: float | None = None,
+             evaluation: EvalSettings, *, dense_average: float | None = None,
              progress: bool = False, log: Log = _nolog) -> CellResult:
     """Solve `cfg` (from `shared` when it holds what the configuration needs), patch the loaded model in
     memory, evaluate it, restore it. A GhostedError of the solve becomes the cell's `error`."""
@@ -128,37 +122,32 @@ def run_cell(loaded: Loaded, calib: Calibration, shared: CaptureResult | None, c
     try:
         sol = solve(loaded, calib, cfg, progress=progress, log=log, shared=shared)
     except GhostedError as exc:  # e.g. replaceme on a cut at layer 0: report it, run the other cells
-        log(f"WARNING: k={k} {label or method} failed: {exc}")
-        return CellResult(k=k, method=method, label=label, error=str(exc), seconds=time.perf_counter() - t0)
+        log(f"WARNING: k={k} {method} failed: {exc}")
+        return CellResult(k=k, method=method, error=str(exc), seconds=time.perf_counter() - t0)
     meta = sol.meta
     with temporarily_pruned(loaded.model, sol.removed, sol.operators) as pruned:
         quality = evaluate_quality(pruned, loaded.tokenizer, evaluation, progress)
     avg = average(quality["zeroshot"])
     cell = CellResult(
-        k=len(sol.removed), method=method, label=label, removed=sol.removed, removed_text=format_layers(sol.removed),
-        cuts=meta["cuts"], ridge=meta["ridge"], token_policy=meta["token_policy"], guard=meta["guard"],
-        calibration_relative_residual=meta["calibration_relative_residual"],
-        selection={key: v for key, v in meta.get("selection", {}).items() if key != "scores"},
-        capture_passes=meta["capture_passes"], ppl=quality["ppl"], zeroshot=quality["zeroshot"], average=avg,
+        k=len(sol.removed), method=method, removed=sol.removed, removed_text=format_layers(sol.removed),
+        cuts=meta.cuts, ridge=meta.ridge, token_policy=meta.token_policy, guard=meta.guard.to_dict(),
+        calibration_relative_residual=meta.calibration_relative_residual,
+        selection={key: v for key, v in (meta.selection or {}).items() if key != "scores"},
+        capture_passes=meta.capture_passes, ppl=quality["ppl"], zeroshot=quality["zeroshot"], average=avg,
         retained=(avg / dense_average) if avg is not None and dense_average else None,
-        solve_seconds=meta["solve_seconds"], eval_seconds=quality["seconds"], seconds=time.perf_counter() - t0)
+        solve_seconds=meta.solve_seconds, eval_seconds=quality["seconds"], seconds=time.perf_counter() - t0)
     return cell
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """A frozen config dataclass as JSON-ready data (tuples as lists)."""
-    return {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(cfg).items()}
 
 
 def grid_header(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: list[int], names: list[str],
                 evaluation: EvalSettings, shared: CaptureResult, capture_seconds: float) -> dict[str, Any]:
     """Everything a grid document says besides its rows: model, calibration, settings, the shared capture's
-    selection scores. `names`: the methods (or variant labels) of the grid, in order."""
+    selection scores. `names`: the methods of the grid, in order."""
     import torch
 
     from ghosted.method import arch
     from ghosted.method.selection import block_scores, layer_scores
-    from ghosted.solve.solver import heldout_windows
+    from ghosted.solve.fit import config_dict, heldout_windows
 
     model = loaded.model
     param = next(model.parameters())

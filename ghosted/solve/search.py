@@ -22,37 +22,30 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ghosted.calibration.capture import CapturePlan, CaptureResult, capture
+from ghosted.checkpoint.meta import SolveMeta
 from ghosted.config import EvalSettings, GateConfig, PruneConfig, SearchConfig
 from ghosted.corpora import Calibration
 from ghosted.errors import GhostedError
 from ghosted.evaluate.perplexity import mean_nll
 from ghosted.method import arch
-from ghosted.method.linalg import Operator
+from ghosted.method.operator import Operator
 from ghosted.method.policies import get_policy
 from ghosted.method.selection import block_scores, ghost_block_errors
 from ghosted.method.surgery import Pair, runs, temporarily_pruned
 from ghosted.models import Loaded
+from ghosted.reporting.search_report import write_report_files
+from ghosted.solve.fit import heldout_windows, solve_cut
 from ghosted.solve.grid import average, format_layers
-from ghosted.solve.solver import (
-    Solution,
-    _bos,
-    _loss_fns,
-    distill_operators,
-    heldout_windows,
-    shared_capture,
-    solve,
-    solve_cut,
-)
+from ghosted.solve.guard import compare
+from ghosted.solve.solution import Solution, build_checkpoint
+from ghosted.solve.solver import _bos, _loss_fns, distill_operators, shared_capture, solve
 
 Log = Callable[[str], None]
-SEARCH_JSON = "search.json"
-SEARCH_MD = "search.md"
-FRONTIER_PLOT = "frontier.png"
 CHECKPOINT = "checkpoint"
 
 
@@ -202,32 +195,26 @@ def solve_plan(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captur
     t0 = time.perf_counter()
     policy, ridge = _screen_choice(cfg)
     held = sorted(heldout_windows(calib.n, cfg.holdout))
-    ids = calib.input_ids[held]
     fit_ops, passes = fit_progressive(loaded, calib, cfg, removed, "fit", policy, ridge, res, progress)
-    with temporarily_pruned(loaded.model, removed) as m:
-        none_loss = mean_nll(m, ids, cfg.batch_size)
-    with temporarily_pruned(loaded.model, removed, fit_ops) as m:
-        ghost_loss = mean_nll(m, ids, cfg.batch_size)
     key = f"{policy}/ridge={ridge:g}"
-    guard = {"mode": "loss", "criterion": "held-out next-token loss", "scores": {"none": none_loss, key: ghost_loss},
-             "heldout_windows": len(held), "progressive": True}
-    if ghost_loss < none_loss:
+    best, guard = compare(loaded.model, calib.input_ids[held], removed, {key: fit_ops}, lambda ops: ops, mode="loss",
+                          batch_size=cfg.batch_size, windows=len(held), progressive=True)
+    if best != "none":
         operators, more = fit_progressive(loaded, calib, cfg, removed, "total", policy, ridge, res, progress)
         passes += more
-        guard.update(chosen=key, fallback=False)
     else:
         operators = {c: Operator("identity") for c in runs(removed)}
         policy, ridge = "none", 0.0
-        guard.update(chosen="none", fallback=True, reason="the progressive ghosts did not beat plain removal")
+        guard = guard.updated(reason="the progressive ghosts did not beat plain removal")
         log(f"WARNING: guard fell back to no recovery for layers {format_layers(removed)}")
-    meta = {"removed_layers": removed, "cuts": [list(c) for c in runs(removed)],
-            "num_layers_dense": arch.num_layers(loaded.model), "recovery": cfg.recovery, "ridge": ridge,
-            "token_policy": policy, "token_policy_requested": cfg.token_policy,
-            "selection": {"metric": "search", "progressive": True}, "guard": guard,
-            "calibration_relative_residual": {}, "capture_passes": passes,
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plain_cfg).items()},
-            "solve_seconds": time.perf_counter() - t0}
-    return Solution(removed, operators, meta, fit_ops if keep_fit_operators and not guard["fallback"] else None)
+    meta = SolveMeta(removed_layers=removed, cuts=[list(c) for c in runs(removed)],
+                     num_layers_dense=arch.num_layers(loaded.model), recovery=cfg.recovery, ridge=ridge,
+                     token_policy=policy, token_policy_requested=cfg.token_policy,
+                     selection={"metric": "search", "progressive": True}, guard=guard,
+                     calibration_relative_residual={}, capture_passes=passes,
+                     config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plain_cfg).items()},
+                     solve_seconds=time.perf_counter() - t0)
+    return Solution(removed, operators, meta, fit_ops if keep_fit_operators and not guard.fallback else None)
 
 
 # --------------------------------------------------------------------------- full evaluation of a finalist
@@ -254,6 +241,76 @@ class SearchOutcome:
     chosen: Solution | None
 
 
+@dataclass
+class _Search:
+    """The state of one search: the shared capture, the dense model's evaluation, every screened and evaluated
+    plan so far."""
+
+    loaded: Loaded
+    calib: Calibration
+    cfg: PruneConfig
+    scfg: SearchConfig
+    evaluation: EvalSettings
+    gate: GateConfig
+    res: CaptureResult
+    dense: dict
+    progress: bool
+    log: Log
+    full_evals: int = 1  # the dense model
+    screen_seconds: float = 0.0
+    screening: dict[int, list[Candidate]] = field(default_factory=dict)
+    frontier: list[dict[str, Any]] = field(default_factory=list)
+    solutions: dict[tuple[int, str, int], Solution] = field(default_factory=dict)
+
+    def visit(self, k: int) -> bool:
+        """Screen k, then evaluate its finalists best first until one passes."""
+        ts = time.perf_counter()
+        self.screening[k] = screen(self.loaded, self.calib, self.cfg, self.scfg, self.res, k, progress=False,
+                                   log=self.log)
+        self.screen_seconds += time.perf_counter() - ts
+        for rank, cand in enumerate(self.screening[k][:self.scfg.finalists], start=1):
+            if self.evaluate_finalist(k, rank, cand):
+                return True
+        return False
+
+    def _variants(self, sol: Solution) -> list[tuple[str, Solution, float, float | None]]:
+        """The training-free solution and, with search.distill, its distilled form: (name, solution, solve s,
+        distill s)."""
+        variants = [("ghost", sol, sol.meta.solve_seconds, None)]
+        if self.scfg.distill:
+            td = time.perf_counter()
+            ops, info = distill_operators(self.loaded, self.calib, replace(self.cfg, distill=self.scfg.distill),
+                                          sol.removed, sol.operators, self.progress, self.log,
+                                          fit_operators=sol.fit_operators)
+            meta = sol.meta.updated(distill={x: v for x, v in info.items() if x != "curve"})
+            variants.append(("ghost+distill", Solution(sol.removed, ops, meta),
+                             sol.meta.solve_seconds, time.perf_counter() - td))
+        return variants
+
+    def evaluate_finalist(self, k: int, rank: int, best: Candidate) -> bool:
+        sol = solve_plan(self.loaded, self.calib, self.cfg, self.res, best.removed, progress=False, log=self.log,
+                         keep_fit_operators=bool(self.scfg.distill))
+        passed = False
+        for name, s, solve_s, distill_s in self._variants(sol):
+            self.log(f"k={k} {name}: full evaluation of layers {format_layers(s.removed)} (finalist {rank} of "
+                     f"{min(self.scfg.finalists, len(self.screening[k]))})")
+            row = evaluate_solution(self.loaded, s, self.evaluation, self.dense, self.gate, self.progress)
+            self.full_evals += 1
+            row = {"k": k, "removed": s.removed, "layers": format_layers(s.removed),
+                   "cuts": [list(c) for c in runs(s.removed)], "recovery": name, "finalist": rank,
+                   "guard": s.meta.guard.to_dict().get("chosen"), "screen_heldout_loss": best.loss,
+                   "solve_seconds": solve_s, "distill_seconds": distill_s, **row}
+            if s.meta.has("distill"):
+                row["distill"] = s.meta.distill
+            self.frontier.append(row)
+            self.solutions[(k, name, rank)] = s
+            passed = passed or row["passed"]
+            ratios = ", ".join(f"{src} x{r:.3f}" for src, r in row["ppl_ratio"].items())
+            self.log(f"k={k} {name}: {'PASS' if row['passed'] else 'fail'} ({ratios}, retained "
+                     f"{row['retained_acc'] if row['retained_acc'] is None else round(row['retained_acc'], 3)})")
+        return passed
+
+
 def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: SearchConfig, evaluation: EvalSettings,
                gate: GateConfig, progress: bool = True, log: Log = _nolog) -> SearchOutcome:
     """Screen, then binary-search k with full evaluations of the best plan per k; see the module docstring."""
@@ -272,75 +329,39 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
 
     log("evaluating the dense model")
     dq = evaluate_quality(loaded.model, loaded.tokenizer, evaluation, progress)
-    dense = {"ppl": dq["ppl"], "zeroshot": dq["zeroshot"]}
     dense_row = {"ppl": {s: v["ppl"] for s, v in dq["ppl"].items()}, "average": average(dq["zeroshot"]),
                  "eval_seconds": dq["seconds"]}
     held = sorted(heldout_windows(calib.n, cfg.holdout))
     dense_loss = mean_nll(loaded.model, calib.input_ids[held], cfg.batch_size)
-    full_evals = 1
-    screening: dict[int, list[Candidate]] = {}
-    frontier: list[dict[str, Any]] = []
-    solutions: dict[tuple[int, str], Solution] = {}
-    screen_seconds = 0.0
-
-    def visit(k: int) -> bool:
-        nonlocal screen_seconds
-        ts = time.perf_counter()
-        screening[k] = screen(loaded, calib, cfg, scfg, res, k, progress=False, log=log)
-        screen_seconds += time.perf_counter() - ts
-        for rank, cand in enumerate(screening[k][:scfg.finalists], start=1):
-            if evaluate_finalist(k, rank, cand):
-                return True
-        return False
-
-    def evaluate_finalist(k: int, rank: int, best: Candidate) -> bool:
-        nonlocal full_evals
-        sol = solve_plan(loaded, calib, cfg, res, best.removed, progress=False, log=log,
-                         keep_fit_operators=bool(scfg.distill))
-        variants = [("ghost", sol, sol.meta["solve_seconds"], None)]
-        if scfg.distill:
-            td = time.perf_counter()
-            ops, info = distill_operators(loaded, calib, replace(cfg, distill=scfg.distill), sol.removed,
-                                          sol.operators, progress, log, fit_operators=sol.fit_operators)
-            meta = {**sol.meta, "distill": {x: v for x, v in info.items() if x != "curve"}}
-            variants.append(("ghost+distill", Solution(sol.removed, ops, meta),
-                             sol.meta["solve_seconds"], time.perf_counter() - td))
-        passed = False
-        for name, s, solve_s, distill_s in variants:
-            log(f"k={k} {name}: full evaluation of layers {format_layers(s.removed)} (finalist {rank} of "
-                f"{min(scfg.finalists, len(screening[k]))})")
-            row = evaluate_solution(loaded, s, evaluation, dense, gate, progress)
-            full_evals += 1
-            row = {"k": k, "removed": s.removed, "layers": format_layers(s.removed),
-                   "cuts": [list(c) for c in runs(s.removed)], "recovery": name, "finalist": rank,
-                   "guard": s.meta["guard"].get("chosen"), "screen_heldout_loss": best.loss,
-                   "solve_seconds": solve_s, "distill_seconds": distill_s, **row}
-            if "distill" in s.meta:
-                row["distill"] = s.meta["distill"]
-            frontier.append(row)
-            solutions[(k, name, rank)] = s
-            passed = passed or row["passed"]
-            ratios = ", ".join(f"{src} x{r:.3f}" for src, r in row["ppl_ratio"].items())
-            log(f"k={k} {name}: {'PASS' if row['passed'] else 'fail'} ({ratios}, retained "
-                f"{row['retained_acc'] if row['retained_acc'] is None else round(row['retained_acc'], 3)})")
-        return passed
+    state = _Search(loaded, calib, cfg, scfg, evaluation, gate, res, {"ppl": dq["ppl"], "zeroshot": dq["zeroshot"]},
+                    progress, log)
 
     lo, hi = ks[0] - 1, ks[-1] + 1  # invariant: lo passes (or is below the range), hi fails (or is above)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if visit(mid):
+        if state.visit(mid):
             lo = mid
         else:
             hi = mid
 
     chosen_row, chosen_sol = None, None
     if lo >= ks[0]:
-        rows = [r for r in frontier if r["k"] == lo and r["passed"]]
+        rows = [r for r in state.frontier if r["k"] == lo and r["passed"]]
         chosen_row = min(rows, key=lambda r: (r["rank_value"] if r["rank_value"] is not None else math.inf))
-        chosen_sol = solutions[(lo, chosen_row["recovery"], chosen_row["finalist"])]
-    frontier.sort(key=lambda r: (r["k"], r["recovery"], r["finalist"]))
-    doc = {
-        "kind": "search", "model": loaded.ref.name, "num_layers": L, "searched": ks,
+        chosen_sol = state.solutions[(lo, chosen_row["recovery"], chosen_row["finalist"])]
+    state.frontier.sort(key=lambda r: (r["k"], r["recovery"], r["finalist"]))
+    doc = _document(state, ks, L, lo, chosen_row, dense_row, dense_loss, len(held))
+    doc["seconds"] = {"capture": capture_seconds, "screening": state.screen_seconds,
+                      "total": time.perf_counter() - t0}
+    return SearchOutcome(doc, chosen_sol)
+
+
+def _document(state: _Search, ks: list[int], L: int, lo: int, chosen_row: dict | None, dense_row: dict,
+              dense_loss: float, heldout: int) -> dict[str, Any]:
+    """search.json (but its `seconds`)."""
+    gate, calib = state.gate, state.calib
+    return {
+        "kind": "search", "model": state.loaded.ref.name, "num_layers": L, "searched": ks,
         "chosen": None if chosen_row is None else {
             "removed": chosen_row["removed"], "k": chosen_row["k"], "recovery": chosen_row["recovery"],
             "checkpoint": None, "passed": True,
@@ -348,20 +369,17 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
                         "ppl_ratio": chosen_row["ppl_ratio"], "retained_acc": chosen_row["retained_acc"]}},
         "message": (f"k={lo}: the most layers that pass the gate in {ks[0]}..{ks[-1]}" if chosen_row else
                     f"no plan of {ks[0]}..{ks[-1]} layers passes the gate"),
-        "frontier": frontier,
+        "frontier": state.frontier,
         "dense": dense_row,
         "gate": {"max_ppl_ratio": gate.max_ppl_ratio, "min_retained_acc": gate.min_retained_acc,
                  "rank_by": gate.rank_by, "acc_metric": gate.acc_metric},
-        "screening": {"dense_heldout_loss": dense_loss, "heldout_windows": len(held),
-                      "by_k": {str(k): [c.as_dict() for c in cands] for k, cands in sorted(screening.items())}},
+        "screening": {"dense_heldout_loss": dense_loss, "heldout_windows": heldout,
+                      "by_k": {str(k): [c.as_dict() for c in cands] for k, cands in sorted(state.screening.items())}},
         "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256},
-        "settings": {"eval": evaluation.as_dict(), "search": {k: v for k, v in vars(scfg).items()},
-                     "prune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}},
-        "full_evaluations": full_evals,
-        "seconds": {"capture": capture_seconds, "screening": screen_seconds,
-                    "total": time.perf_counter() - t0},
+        "settings": {"eval": state.evaluation.as_dict(), "search": {k: v for k, v in vars(state.scfg).items()},
+                     "prune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(state.cfg).items()}},
+        "full_evaluations": state.full_evals,
     }
-    return SearchOutcome(doc, chosen_sol)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -370,7 +388,6 @@ def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: Searc
 def write_search(loaded: Loaded, calib: Calibration, outcome: SearchOutcome, out: Path, force: bool = False) -> None:
     """DIR/search.json, search.md, frontier.png and (when a plan passed) DIR/checkpoint, atomically."""
     from ghosted.io import atomic_dir
-    from ghosted.solve.solver import build_checkpoint
 
     doc = outcome.doc
     with atomic_dir(out, force=force, kind="search") as tmp:
@@ -378,100 +395,3 @@ def write_search(loaded: Loaded, calib: Calibration, outcome: SearchOutcome, out
             build_checkpoint(loaded, outcome.chosen, calib.sha256, tmp / CHECKPOINT)  # patches the model in place
             doc["chosen"]["checkpoint"] = str(Path(out) / CHECKPOINT)
         write_report_files(doc, tmp)
-
-
-def write_report_files(doc: dict[str, Any], folder: Path) -> None:
-    """search.json, search.md and frontier.png of a search document into `folder` (inside an atomic write)."""
-    import json
-
-    plotted = plot_frontier(doc, folder / FRONTIER_PLOT)
-    (folder / SEARCH_MD).write_text(markdown(doc, [FRONTIER_PLOT] if plotted else []))
-    (folder / SEARCH_JSON).write_text(json.dumps(doc, indent=2, default=float) + "\n")
-
-
-def _f(x: float | None, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def markdown(doc: dict[str, Any], plots: list[str]) -> str:
-    """The frontier as a table: one row per evaluated plan, training-free and distilled side by side."""
-    from ghosted.reporting.compare_report import duration
-
-    g = doc["gate"]
-    sources = list(doc["dense"]["ppl"])
-    lines = [f"# Search: {doc['model']}, the most layers that pass the gate", "",
-             f"Generated by `ghosted search`. Gate: every PPL ratio <= {g['max_ppl_ratio']}, retained "
-             f"{g['acc_metric']} >= {g['min_retained_acc']}. Searched k = {doc['searched'][0]}..{doc['searched'][-1]}"
-             f" of {doc['num_layers']} layers; {doc['full_evaluations']} full evaluations (dense included); "
-             f"{duration(doc['seconds']['total'])} in all.", "", f"**{doc['message']}**", ""]
-    dense = doc["dense"]
-    head = ["k", "layers", "recovery", *[f"{s} PPL (x dense)" for s in sources], "avg acc (retained)",
-            "held-out loss", "solve", "distill", "eval", "gate"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append("| 0 | - | dense | " + " | ".join(f"{dense['ppl'][s]:.2f}" for s in sources) +
-                 f" | {_f(dense['average'])} | {doc['screening']['dense_heldout_loss']:.4f} | - | - | "
-                 f"{duration(dense['eval_seconds'])} | - |")
-    for r in doc["frontier"]:
-        ppl = [f"{r['ppl'][s]:.2f} (x{_f(r['ppl_ratio'].get(s))})" for s in sources]
-        dist = "-" if r["distill_seconds"] is None else (
-            f"{duration(r['distill_seconds'])} ({r['distill']['kept']})")
-        layers = r["layers"] if r.get("finalist", 1) == 1 else f"{r['layers']} (finalist {r['finalist']})"
-        lines.append(f"| {r['k']} | {layers} | {r['recovery']} | " + " | ".join(ppl) +
-                     f" | {_f(r['average'])} ({_f(r['retained_acc'])}) | {r['screen_heldout_loss']:.4f} | "
-                     f"{duration(r['solve_seconds'])} | {dist} | {duration(r['eval_seconds'])} | "
-                     f"{'pass' if r['passed'] else 'fail'} |")
-    lines += ["", "Held-out loss: next-token loss on the held-out calibration windows of the screened plan "
-              "(training-free ghost fitted on the fit windows); the gate uses the `eval:` data only. A k's "
-              "finalists (its best screened plans) are evaluated best first until one passes.", ""]
-    lines.append("Screening (held-out calibration loss of every candidate, best first):")
-    lines.append("")
-    for k, cands in doc["screening"]["by_k"].items():
-        lines.append(f"- k={k}: " + "; ".join(f"{c['layers']} ({c['source']}) {c['heldout_loss']:.4f}"
-                                               for c in cands))
-    lines.append("")
-    for p in plots:
-        lines += [f"![frontier]({p})", ""]
-    return "\n".join(lines)
-
-
-def plot_frontier(doc: dict[str, Any], path: Path) -> bool:
-    """Layers removed vs each PPL ratio and retained accuracy, one line per recovery, the gate's thresholds."""
-    from ghosted.reporting.compare_report import _figure, _save
-
-    rows = doc["frontier"]
-    if not rows:
-        return False
-    sources = list(doc["dense"]["ppl"])
-    panels = [(s, f"{s} PPL ratio (pruned / dense)", doc["gate"]["max_ppl_ratio"]) for s in sources]
-    if any(r["retained_acc"] is not None for r in rows):
-        panels.append((None, f"retained {doc['gate']['acc_metric']}", doc["gate"]["min_retained_acc"]))
-    fig = _figure(4.2 * len(panels), 3.6)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    chosen = doc["chosen"]
-    for ax, (src, label, threshold) in zip(axes, panels):
-        for name in dict.fromkeys(r["recovery"] for r in rows):
-            # the line runs through each k's deciding plan (the one that passed, else its best-screened);
-            # the other finalists are unconnected markers
-            mine = [r for r in rows if r["recovery"] == name]
-            lead = {}
-            for r in sorted(mine, key=lambda r: (not r["passed"], r.get("finalist", 1))):
-                lead.setdefault(r["k"], r)
-            value = (lambda r, src=src: r["ppl_ratio"].get(src)) if src else (lambda r: r["retained_acc"])
-            pts = sorted((k, value(r)) for k, r in lead.items() if value(r) is not None)
-            if pts:
-                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)[0]
-                others = [(r["k"], value(r)) for r in mine if r is not lead[r["k"]] and value(r) is not None]
-                if others:
-                    ax.scatter([p[0] for p in others], [p[1] for p in others], marker="x", color=line.get_color(),
-                               label=f"{name}, other finalists")
-        if threshold is not None:
-            ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label="gate")
-        if chosen is not None:
-            ax.axvline(chosen["k"], color="green", linestyle=":", linewidth=1, label=f"chosen k={chosen['k']}")
-        ax.set_xlabel("layers removed")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{doc['model']}: search frontier")
-    _save(fig, path)
-    return True

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghosted.checkpoint.format import read_meta
+from ghosted.checkpoint.meta import read_meta
 from ghosted.config import SearchConfig
 from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.method import arch
@@ -160,7 +160,7 @@ def test_search_writes_the_document_and_the_chosen_checkpoint(tiny_folder, tmp_p
     assert chosen["k"] == 3 and len(chosen["removed"]) == 3  # everything passes a ratio of 1000: the top of the range
     assert set(chosen["metrics"]) >= {"ppl", "ppl_ratio", "retained_acc"}
     meta = read_meta(out / "checkpoint")
-    assert meta["removed_layers"] == chosen["removed"]
+    assert meta.removed_layers == chosen["removed"]
     # binary search over 1..3: k=2, then k=3; the dense model once
     assert [r["k"] for r in doc["frontier"]] == [2, 3] and doc["full_evaluations"] == 3
     for r in doc["frontier"]:
@@ -209,7 +209,7 @@ def test_solve_with_search_enabled_writes_the_chosen_plan_and_its_report(tiny_fo
     assert run("search", tiny_folder, "--config", params, "--out", searched, "--quiet")[0] == 0
     assert json.loads((searched / "search.json").read_text())["chosen"]["removed"] == plan["removed"]
     assert run("fuse", tiny_folder, "--ops", ops, "--out", tmp_path / "fused", "--quiet")[0] == 0
-    assert read_meta(tmp_path / "fused")["removed_layers"] == plan["removed"]
+    assert read_meta(tmp_path / "fused").removed_layers == plan["removed"]
     # --remove on the command line wins over search.enabled (an explicit plan)
     code, _, err = run("solve", tiny_folder, "--config", params, "--remove", "1", "--out", tmp_path / "one", "--quiet")
     assert code == 0 and len(json.loads((tmp_path / "one" / "plan.json").read_text())["removed"]) == 1, err
@@ -228,12 +228,12 @@ def test_distill_hook_records_its_outcome_in_the_checkpoint(tmp_path):
     calib = _calib(loaded.model)
     cfg = PruneConfig(remove=2, holdout=0.25, distill=4, distill_lr=1e-3)
     sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
-    info = sol.meta["distill"]
+    info = sol.meta.distill
     assert info["steps"] == 4 and info["kept"] in ("distilled", "training-free")
-    if sol.meta["guard"]["chosen"] != "none":
+    if sol.meta.guard.chosen != "none":
         assert 1 <= info["steps_run"] <= 4 and info["heldout_nll_distilled"] <= info["heldout_nll_training_free"]
     meta = build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ckpt")
-    assert read_meta(tmp_path / "ckpt")["distill"] == meta["distill"] == info
+    assert read_meta(tmp_path / "ckpt").distill == meta.distill == info
 
 
 def test_distill_needs_ghost_recovery():
@@ -252,11 +252,11 @@ def test_distill_starts_from_operators_that_never_saw_the_heldout_windows(tmp_pa
     cfg = PruneConfig(remove=2, holdout=0.25, distill=3, distill_lr=1e-2, token_policy="all", guard="loss")
     sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
     plain = solve(loaded, calib, replace(cfg, distill=0), progress=False, log=lambda m: None)
-    guard = sol.meta["guard"]
-    assert guard["chosen"] != "none"  # the planted setting gives the ghost something to do
-    info = sol.meta["distill"]
+    guard = sol.meta.guard
+    assert guard.chosen != "none"  # the planted setting gives the ghost something to do
+    info = sol.meta.distill
     assert info["start"] == "fit windows only"
-    assert abs(info["heldout_nll_training_free"] - guard["scores"][guard["chosen"]]) < 1e-5
+    assert abs(info["heldout_nll_training_free"] - guard.scores[guard.chosen]) < 1e-5
     cut = next(iter(sol.operators))
     shipped = plain.operators[cut]
     if info["kept"] == "training-free":  # the operators fitted on every window are the ones kept

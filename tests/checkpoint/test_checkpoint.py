@@ -15,13 +15,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
 import ghosted
 from ghosted.checkpoint import format as checkpoint
+from ghosted.checkpoint.verify import verify
 from ghosted.cli import main
 from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.errors import GhostedError
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model
 from ghosted.solve.solver import PruneConfig, build_checkpoint, solve
-from tests.test_prune import _calib, _ids, _loaded, _logits
+from tests.solve.test_prune import _calib, _ids, _loaded, _logits
 
 WEIGHTS = "model.ghosted.safetensors"
 
@@ -114,7 +115,7 @@ def test_config_names_its_own_type(llama_ck) -> None:
     assert cfg["auto_map"] == {"AutoConfig": "configuration_ghosted.GhostedConfig",
                                "AutoModelForCausalLM": "modeling_ghosted.GhostedForCausalLM"}
     assert (ck / WEIGHTS).is_file() and not (ck / "model.safetensors").exists()
-    assert checkpoint.verify(ck)["kind"] == "ghost"
+    assert verify(ck)["kind"] == "ghost"
 
 
 def test_remote_model_saved_again_stays_ghosted(llama_ck, tmp_path: Path) -> None:
@@ -142,7 +143,7 @@ def test_plain_checkpoints_stay_plain(recovery: str, tmp_path: Path) -> None:
     assert not list((tmp_path / "ck").glob("*.py")) and (tmp_path / "ck" / "model.safetensors").is_file()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
     assert torch.equal(_logits(plain, ids), _logits(ghosted.load(str(tmp_path / "ck")), ids))
-    assert checkpoint.verify(tmp_path / "ck")["kind"] == "plain"
+    assert verify(tmp_path / "ck")["kind"] == "plain"
 
 
 def test_guard_rejected_ghost_is_a_plain_checkpoint(tmp_path: Path) -> None:
@@ -153,10 +154,10 @@ def test_guard_rejected_ghost_is_a_plain_checkpoint(tmp_path: Path) -> None:
     calib = Calibration(ids, "random", 0, tokens_sha256(ids))
     sol = solve(loaded, calib, PruneConfig(layers="1-2", guard="loss", holdout=0.5, ridge=0.0),
                 progress=False, log=lambda m: None)
-    assert sol.meta["guard"]["fallback"] is True
+    assert sol.meta.guard.fallback is True
     meta = build_checkpoint(loaded, sol, calib.sha256, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert meta["ghosts"] == [] and cfg["ghosted"]["guard"]["fallback"] is True
+    assert meta.ghosts == [] and cfg["ghosted"]["guard"]["fallback"] is True
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in cfg
     assert not list((tmp_path / "ck").glob("*.py"))
     probe = _ids(loaded.model.config.vocab_size, 2, 12, seed=1)
@@ -310,12 +311,12 @@ def test_upgrade_rewrites_the_code_of_an_intact_checkpoint_from_another_version(
     modeling.write_text(modeling.read_text() + "\n# written by an older ghosted\n")
     checkpoint.write_manifest(old)  # as that version wrote it: intact
     with pytest.raises(GhostedError, match="ghosted upgrade"):
-        checkpoint.verify(old)
+        verify(old)
     tampered = _copy(old, tmp_path / "tampered")
     (tampered / "modeling_ghosted.py").write_text(modeling.read_text() + "import os\n")
     assert main(["upgrade", str(old)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["upgraded"] is True
-    assert checkpoint.verify(old)["ghosts"] == 1
+    assert verify(old)["ghosts"] == 1
     assert torch.allclose(_logits(ghosted.load(str(old)), ids), hooked, atol=1e-5)
     assert main(["upgrade", str(tampered)]) == 2
     assert "modified after it was written" in capsys.readouterr().err
@@ -328,4 +329,4 @@ def test_upgrade_never_reblesses_a_tampered_checkpoint(llama_ck, tmp_path: Path,
     assert main(["upgrade", str(bad)]) == 2
     assert "modified after it was written" in capsys.readouterr().err
     with pytest.raises(GhostedError):
-        checkpoint.verify(bad)
+        verify(bad)

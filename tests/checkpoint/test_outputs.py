@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from ghosted.checkpoint import format as checkpoint
+from ghosted.checkpoint.verify import verify
 from ghosted.cli import main
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, atomic_dir, check_out_dir, remove_stale
 from tests.tiny_models import make_tiny
 
 TEXT = "\n\n".join(f"Paragraph {i}: layer pruning removes whole blocks of a language model. " * 3 for i in range(40))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,14 @@ def test_existing_output_needs_force(tiny, tmp_path: Path, capsys) -> None:
     assert code == 2 and "pass --force" in err
     assert (out / "ghosted_manifest.json").read_bytes() == first
     assert _run(capsys, _prune_argv(tiny, out, "--force"))[0] == 0
-    checkpoint.verify(out)
+    verify(out)
     assert _hidden(tmp_path) == []
 
 
 def test_an_empty_folder_is_filled(tiny, tmp_path: Path, capsys) -> None:
     (tmp_path / "ck").mkdir()
     assert _run(capsys, _prune_argv(tiny, tmp_path / "ck"))[0] == 0
-    checkpoint.verify(tmp_path / "ck")
+    verify(tmp_path / "ck")
 
 
 @pytest.mark.parametrize("command", ["calibrate", "solve"])
@@ -270,7 +270,7 @@ def test_kill_9_during_prune(point: str, existing: bool, tiny, tmp_path: Path, c
     # Nothing partial is visible: the output is absent, or whole (the old one, when the kill came before the swap).
     visible = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
     if out.exists():
-        checkpoint.verify(out)
+        verify(out)
         assert existing and (out / "ghosted_manifest.json").read_bytes() == old_manifest
     else:
         assert point == "rename-2" or not existing
@@ -280,7 +280,7 @@ def test_kill_9_during_prune(point: str, existing: bool, tiny, tmp_path: Path, c
         assert left, "the kill should have left a temp folder behind"
     # The next run writing into the same parent removes the leftovers and writes a whole output.
     assert _run(capsys, _prune_argv(tiny, out, "--force"))[0] == 0
-    checkpoint.verify(out)
+    verify(out)
     assert _hidden(parent) == []
     assert _snapshot(parent, ("mine", ".cache")) == user
     assert json.loads((out / "config.json").read_text())["ghosted"]["num_layers"] == 2

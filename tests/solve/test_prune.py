@@ -104,7 +104,7 @@ def test_ghost_checkpoint_round_trip(family, policy, tmp_path):
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["ghosted"]["removed_layers"] == [1, 2] and cfg["ghosted"]["num_layers"] == 2
     assert cfg[arch.get_arch(loaded.model).num_layers_key] == 2
-    assert meta["ghosts"] and (tmp_path / "ck" / "modeling_ghosted.py").exists()
+    assert meta.ghosts and (tmp_path / "ck" / "modeling_ghosted.py").exists()
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", trust_remote_code=True).eval()
     own = ghosted.load(str(tmp_path / "ck"))
     assert torch.allclose(_logits(remote, ids), hooked, atol=1e-5)
@@ -213,7 +213,7 @@ def test_every_selection_metric_runs(select):
     assert len(sol.removed) == 2 and all(0 <= i < 6 for i in sol.removed)
     if select in ("angular", "cosine", "ghost"):
         assert sol.removed[1] == sol.removed[0] + 1
-        assert sol.meta["capture_passes"] == 1  # scores and sums from the same pass
+        assert sol.meta.capture_passes == 1  # scores and sums from the same pass
 
 
 def test_bi_selection_takes_the_layers_of_lowest_block_influence():
@@ -289,12 +289,12 @@ def test_guard_falls_back_when_no_ghost_beats_plain_removal(policy):
     calib = _calib(loaded.model, n=8)
     cfg = PruneConfig(layers="1-2", guard="loss", holdout=0.25, token_policy=policy)
     sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None)
-    g = sol.meta["guard"]
-    assert g["fallback"] is True and g["chosen"] == "none" and sol.meta["token_policy"] == "none"
+    g = sol.meta.guard
+    assert g.fallback is True and g.chosen == "none" and sol.meta.token_policy == "none"
     assert all(op.kind == "identity" for op in sol.operators.values())
     expected = {"none"} | {f"{p}/ridge={r:g}" for p in get_policy(policy).guard_choices for r in cfg.ridge_grid}
-    assert set(g["scores"]) == expected
-    assert all(v == g["scores"]["none"] for v in g["scores"].values())  # a tie is not a win
+    assert set(g.scores) == expected
+    assert all(v == g.scores["none"] for v in g.scores.values())  # a tie is not a win
 
 
 def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
@@ -303,7 +303,7 @@ def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
     removal: the fallback is certain."""
     from ghosted.calibration.capture import CaptureResult
     from ghosted.method.sums import PairSums
-    from ghosted.solve.solver import _guard
+    from ghosted.solve.guard import ghost_guard
 
     loaded = _loaded("llama", layers=4)
     calib = _calib(loaded.model, n=8)
@@ -315,9 +315,9 @@ def test_guard_falls_back_on_a_ghost_fitted_to_another_map():
     held.add(X_held, X_held + 0.1 * torch.randn(200, d, generator=g, dtype=F64))
     res = CaptureResult(4, {cut: fit}, {cut: held}, None, None, 0)
     cfg = PruneConfig(layers="1-2", guard="boundary", holdout=0.25, token_policy="all")
-    choice, info = _guard(loaded, calib, cfg, res, [1, 2], [cut], log=lambda m: None)
-    assert choice is None and info["fallback"] is True and info["chosen"] == "none"
-    assert min(v for k, v in info["scores"].items() if k != "none") > 100.0
+    choice, info = ghost_guard(loaded, calib, cfg, res, [1, 2], [cut], log=lambda m: None)
+    assert choice is None and info.fallback is True and info.chosen == "none"
+    assert min(v for k, v in info.scores.items() if k != "none") > 100.0
 
 
 def test_lowrank_ghost_saves_and_loads(tmp_path):
@@ -528,7 +528,7 @@ def test_norm_feature_ghost_captures_exact_sums_saves_and_loads(tmp_path):
     tokens, the fit beats the plain ghost on its own data, and the saved checkpoint (its verify included)
     reloads with the hooked logits."""
     from ghosted._remote.modeling_ghosted import scale_free
-    from ghosted.checkpoint.format import verify
+    from ghosted.checkpoint.verify import verify
     from ghosted.method.linalg import relative_residual
 
     loaded = _loaded("llama")

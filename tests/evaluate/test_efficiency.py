@@ -153,7 +153,7 @@ def test_harness_timing_and_peak_memory() -> None:
              "method = harness.memory_method(cpu)\nwith harness.peak_memory(cpu, method) as memory:\n"
              "    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written\n    del block\n"
              "print(json.dumps([method, memory]))")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": root})
     method, memory = json.loads(done.stdout.strip().splitlines()[-1])

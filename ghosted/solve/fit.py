@@ -1,0 +1,50 @@
+"""The operator of one cut from captured sums, and the held-out windows they are split by."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from ghosted.calibration.capture import CaptureResult
+from ghosted.config import PruneConfig
+from ghosted.method.operator import Operator
+from ghosted.method.policies import get_policy
+from ghosted.method.recovery import RECOVERY, SolveOptions
+from ghosted.method.surgery import Pair
+
+
+def heldout_windows(n: int, fraction: float) -> frozenset[int]:
+    """The last ceil(fraction * n) windows (never all of them)."""
+    if fraction <= 0 or n < 2:
+        return frozenset()
+    h = min(n - 1, max(1, math.ceil(fraction * n)))
+    return frozenset(range(n - h, n))
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A frozen config dataclass as JSON-ready data (tuples as lists)."""
+    return {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(cfg).items()}
+
+
+def solve_options(cfg: PruneConfig, ridge: float) -> SolveOptions:
+    return SolveOptions(ridge=ridge, norm=cfg.norm_features, shift=cfg.token_shift, rank=cfg.rank,
+                        variant=cfg.variant, fold=cfg.fold)
+
+
+def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: PruneConfig, ridge: float) -> Operator:
+    """The operator of one cut from the sums of `group` windows under an (effective) token policy.
+
+    A policy with a sink shift ("sink") gives the positions left out of the fit (position 0, BOS) their
+    own map at inference, h <- h + mean(Y - X) over the left-out calibration tokens: the first token's state
+    is nearly the same vector in every window, and a cut that removes the layers that build that attention
+    sink must rebuild it, which no map fitted on ordinary tokens does (see README, "Attention sinks").
+    A capture that kept the left-out tokens apart (every policy but "all") serves every policy."""
+    method = RECOVERY.get(cfg.recovery)
+    pol = get_policy(policy)
+    op = method.solve(pol.fit_sums(res, cut, group), solve_options(cfg, ridge))
+    if method.residual and op.kind in ("full", "lowrank"):
+        shift = pol.shift(res, cut, group)
+        if shift is not None:
+            op.sink_shift = shift
+    return op
