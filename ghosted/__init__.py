@@ -21,7 +21,7 @@ def load(path: str, dtype=None, device: str | None = None):
     """Verify, then load a ghosted checkpoint folder (ghosts included) without running the folder's code."""
     import torch
 
-    from ghosted.checkpoint.format import load as _load
+    from ghosted.checkpoint.load import load as _load
     from ghosted.checks import check_device
 
     if device is not None:
@@ -32,7 +32,7 @@ def load(path: str, dtype=None, device: str | None = None):
 def verify(path: str) -> dict:
     """Check a checkpoint folder (manifest hashes, code, layer count, ghost sites and shapes, finite values);
     GhostedError with the reason if it must not be loaded."""
-    from ghosted.checkpoint.format import verify as _verify
+    from ghosted.checkpoint.verify import verify as _verify
 
     return _verify(path)
 

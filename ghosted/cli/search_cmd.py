@@ -12,7 +12,7 @@ from ghosted.cli.options import add_options
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ghosted.api import search
-    from ghosted.solve.search import SEARCH_JSON
+    from ghosted.reporting.search_report import SEARCH_JSON
 
     params = search_params(args)
     doc = search(args.model, params, args.out, calibration=args.calib, force=args.force, progress=not args.quiet,

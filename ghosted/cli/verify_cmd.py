@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ghosted.checkpoint.format import verify
+    from ghosted.checkpoint.verify import verify
     from ghosted.errors import GhostedError
 
     try:
@@ -20,7 +20,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from ghosted.checkpoint.format import upgrade
+    from ghosted.checkpoint.upgrade import upgrade
 
     print(json.dumps(upgrade(args.checkpoint)))
     return 0

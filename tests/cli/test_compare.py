@@ -235,8 +235,8 @@ def test_run_cell_reports_a_failed_solve_as_a_row(tiny_folder, tmp_path):
     ev = EvalSettings(tasks="none", ppl=str(text), ppl_windows=2, seq_len=32)
     logged: list[str] = []
     cell = run_cell(loaded, calib, None, PruneConfig(layers="8", recovery="ghost"), ev, log=logged.append)
-    assert cell.error and cell.ppl == {} and cell.name == "beyond"
-    assert logged == [f"WARNING: k=0 beyond failed: {cell.error}"]
+    assert cell.error and cell.ppl == {} and cell.method == "ghost"
+    assert logged == [f"WARNING: k=0 ghost failed: {cell.error}"]
     row = cell.as_dict()
     assert set(row) == {"k", "method", "error", "seconds"}
     ok = run_cell(loaded, calib, None, PruneConfig(layers="2-3", recovery="ghost", guard="off"), ev)
