@@ -377,7 +377,7 @@ YAMLS = [
     Bad("yaml-unknown-key", "did you mean 'remove'", P + " --config {cfg}", yaml="prune:\n  remov: 2\n"),
     Bad("yaml-unknown-section", "did you mean 'prune'", YAML_RUN, yaml="prunee:\n  remove: 2\n"),
     Bad("yaml-norm-features-text", "prune.norm_features", YAML_RUN, yaml="prune:\n  norm_features: yes please\n"),
-    Bad("yaml-norm-features-text", "prune.norm_features", YAML_RUN, yaml="prune:\n  norm_features: maybe\n"),
+    Bad("yaml-norm-features-maybe", "prune.norm_features", YAML_RUN, yaml="prune:\n  norm_features: maybe\n"),
     Bad("yaml-norm-features-linearpatch", "needs --recovery ghost", YAML_RUN,
         yaml="prune:\n  recovery: linearpatch\n  norm_features: true\n"),
     Bad("search-finalists-zero", "search.finalists", "search {tiny} --finalists 0 --out {sb}/s"),
