@@ -83,7 +83,7 @@ def tiny_logits_check(tmp: Path, threads: int) -> list[dict]:
 
     sys.path.insert(0, str(ROOT))
     from ghosted.checkpoint.gguf import export_gguf
-    from tests.test_export import make_tiny_folder
+    from tests.checkpoint.test_export import make_tiny_folder
 
     rows = []
     for i, (family, types) in enumerate(TINY_CASES):

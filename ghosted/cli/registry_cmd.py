@@ -99,7 +99,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pruned: dict, why: str) -> dict:
     """The register stage without a registration: the same reports, nothing written to MLflow."""
-    from ghosted.checkpoint.format import read_meta
+    from ghosted.checkpoint.meta import read_meta
     from ghosted.errors import GhostedError
     from ghosted.mlops.registry import read_json, registered_name
     from ghosted.reporting.pipeline_report import write_reports
@@ -107,7 +107,7 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
     if not Path(args.checkpoint).is_dir():
         raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
     meta = read_meta(args.checkpoint)
-    res = {"name": reg.name or registered_name(str(meta.get("base_model"))), "version": None, "run_id": None,
+    res = {"name": reg.name or registered_name(str(meta.to_dict().get("base_model"))), "version": None, "run_id": None,
            "gate": "pass" if verdict.passed else "fail", "reasons": list(verdict.reasons),
            "ppl_ratio": verdict.ppl_ratio, "retained_acc": verdict.retained_acc, "champion_moved": False,
            "champion": None, "decision": f"not registered: {why}", "tracking_uri": reg.tracking_uri,

@@ -50,7 +50,7 @@ def main() -> None:
             calib = build_calibration(tok, source, n, seq_len, 0)
             t0 = time.perf_counter()
             sol = solve(loaded, calib, PruneConfig(layers=layers), progress=False, log=lambda m: None)
-            guard = sol.meta.get("guard", {})
+            guard = sol.meta.guard.to_dict()
             row = {"layers": layers, "calibration": spec, "sha256": calib.sha256[:12],
                    "chosen": guard.get("chosen") if isinstance(guard, dict) else None}
             with temporarily_pruned(loaded.model, sol.removed, sol.operators) as m:

@@ -52,7 +52,7 @@ def main() -> None:
         t0 = time.perf_counter()
         sol = solve(loaded, calib, cfg, progress=False, log=lambda m: None, keep_fit_operators=True)
         t_free = time.perf_counter() - t0
-        row = {"k": k, "removed": sol.removed, "guard": sol.meta.get("guard"), "seconds_training_free": t_free,
+        row = {"k": k, "removed": sol.removed, "guard": sol.meta.guard.to_dict(), "seconds_training_free": t_free,
                "training_free": ppl(loaded, sol.removed, sol.operators, a.ppl_windows), "distilled": []}
         for lr in lrs:
             ops, info = distill_operators(loaded, calib, replace(cfg, distill=a.steps, distill_lr=lr), sol.removed,

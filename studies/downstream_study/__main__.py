@@ -91,8 +91,8 @@ def study(loaded, calib, layers: str, site_lists: list[list[int]], ridge: float,
             finally:
                 for h in handles:
                     h.remove()
-    return {"layers": layers, "removed": removed, "token_policy": sol.meta["token_policy"],
-            "ridge": sol.meta["ridge"], "correction_ridge": ridge, "rows": rows}
+    return {"layers": layers, "removed": removed, "token_policy": sol.meta.token_policy,
+            "ridge": sol.meta.ridge, "correction_ridge": ridge, "rows": rows}
 
 
 def main() -> None:

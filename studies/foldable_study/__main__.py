@@ -54,7 +54,7 @@ def checkpoint_row(args, calib, sol, hooked_logits: torch.Tensor, probe: torch.T
         scores = ppl(plain, loaded.tokenizer, args.ppl_windows)
     return {"architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
             "auto_map": "auto_map" in cfg, "tie_word_embeddings": cfg.get("tie_word_embeddings"),
-            "num_layers": meta["num_layers"], "ghosts": meta["ghosts"], "folded": meta["folded"],
+            "num_layers": meta.num_layers, "ghosts": meta.ghosts, "folded": meta.folded,
             "guard_chosen": cfg["ghosted"]["guard"].get("chosen"), "files": files,
             "max_abs_logit_diff_folded_vs_hooked": diff_memory, "max_abs_logit_diff_plain_reload_vs_hooked": diff_plain,
             **scores}
@@ -88,12 +88,12 @@ def main() -> None:
     def run(k: int, variant: str, cfg: PruneConfig):
         sol = solve(loaded, calib, cfg, progress=False, log=quiet, shared=res)
         with temporarily_pruned(model, sol.removed, sol.operators) as m:
-            row = {"k": k, "variant": variant, "removed": sol.removed, "token_policy": sol.meta["token_policy"],
-                   "solve_seconds": sol.meta["solve_seconds"],
+            row = {"k": k, "variant": variant, "removed": sol.removed, "token_policy": sol.meta.token_policy,
+                   "solve_seconds": sol.meta.solve_seconds,
                    "info": [op.info for op in sol.operators.values()],
-                   "guard_chosen": sol.meta["guard"].get("chosen", "off"),
+                   "guard_chosen": sol.meta.guard.to_dict().get("chosen", "off"),
                    "scale": [op.scale for op in sol.operators.values() if op.scale is not None],
-                   "calibration_relative_residual": sol.meta["calibration_relative_residual"],
+                   "calibration_relative_residual": sol.meta.calibration_relative_residual,
                    **ppl(m, tok, args.ppl_windows)}
         rows.append(row)
         print({k_: v for k_, v in row.items() if k_ != "guard_scores"}, flush=True)
@@ -112,7 +112,7 @@ def main() -> None:
     for k in ks:  # the headline first: removal and the guard's pick
         run(k, "none", PruneConfig(remove=k, recovery="none"))
         autos[k] = run(k, "foldable (guard: auto)", PruneConfig(remove=k, recovery="foldable"))
-        rows[-1]["guard_scores"] = autos[k].meta["guard"]["scores"]
+        rows[-1]["guard_scores"] = autos[k].meta.guard.scores
         save()
     for k in ks:  # the pick as a saved plain checkpoint
         auto = autos[k]
@@ -122,7 +122,7 @@ def main() -> None:
         print({"k": k, "checkpoint": checkpoints[k]}, flush=True)
         save()
     for k in ks:  # each fold alone, at the fit policy the guard scored best for it
-        scores = autos[k].meta["guard"]["scores"]
+        scores = autos[k].meta.guard.scores
         for fold in ("cq", "replaceme", "cq+replaceme"):
             mine = {key: v for key, v in scores.items() if key.split("/")[0] == fold}
             if not mine:

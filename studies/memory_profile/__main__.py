@@ -157,7 +157,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     stage, (peak, live, free) = max(s.peaks.items(), key=lambda kv: kv[1][0])
     return {"model": model, "n_seqs": n, "seq_len": seq_len, "batch_size": batch_size, "remove": remove,
             "guard": guard, "layers": L, "hidden": d, "removed": sol.removed,
-            "capture_passes": sol.meta["capture_passes"], "runtime": base["runtime_bytes"],
+            "capture_passes": sol.meta.capture_passes, "runtime": base["runtime_bytes"],
             "preload": base["preload_bytes"], "model_code": base["model_code"], "params": params,
             "start_rss": start_rss, "start_live": start_live, "peak_stage": stage, "peak": peak,
             "peak_live": live, "peak_free": free, "sums": sum(seen.values()),

@@ -191,8 +191,8 @@ def study(loaded, calib, layers: str, variants: list[str], ridges: list[float], 
             rows.append(row)
             log(f"{layers}: {row}")
         del Z
-    return {"layers": layers, "removed": removed, "token_policy": sol.meta["token_policy"],
-            "ridge": sol.meta["ridge"], "rows": rows}
+    return {"layers": layers, "removed": removed, "token_policy": sol.meta.token_policy,
+            "ridge": sol.meta.ridge, "rows": rows}
 
 
 def main() -> None:

@@ -62,13 +62,13 @@ def main() -> None:
     cells = []
     for k in ks:
         for name, kw in VARIANTS.items():
-            cell = run_cell(loaded, calib, shared, PruneConfig(remove=k, **kw), evaluation, label=name,
+            cell = run_cell(loaded, calib, shared, PruneConfig(remove=k, **kw), evaluation,
                             dense_average=dense.average)
-            cells.append(cell.as_dict())
-            print({key: cells[-1].get(key) for key in ("k", "label", "removed", "token_policy", "ridge", "error")},
+            cells.append({**cell.as_dict(), "method": name})  # the variant's name, where the report shows a method
+            print({key: cells[-1].get(key) for key in ("k", "method", "removed", "token_policy", "ridge", "error")},
                   flush=True)
     seconds = time.perf_counter() - t0
-    result = {**header, "kind": "robust", "dense": dense.as_dict(), "cells": cells, "versions": versions(),
+    result = {**header, "kind": "robust", "title": "Robust ghost study", "dense": dense.as_dict(), "cells": cells, "versions": versions(),
               "seconds": seconds, "command": shlex.join([".venv/bin/python", "-m", "studies.robust_study", *sys.argv[1:]])}
     name = f"robust_{args.model.replace('/', '_')}"
     for path in write_report(result, args.out, name=name, plot_prefix=f"{name}_"):

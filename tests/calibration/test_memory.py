@@ -14,7 +14,7 @@ from ghosted.corpora import Calibration, tokens_sha256
 from ghosted.models import Loaded, ModelRef
 from ghosted.solve import solver as prune
 from ghosted.solve.solver import PruneConfig, candidate_sums_bytes, solve
-from tests.test_prune import _assert_same_capture, _ids
+from tests.solve.test_prune import _assert_same_capture, _ids
 from tests.tiny_models import FAMILIES, make_tiny
 
 
@@ -105,7 +105,7 @@ def test_shortlisted_pass_gives_the_same_plan_and_operators(select, monkeypatch)
         monkeypatch.setattr(prune, "SHORTLIST_BLOCKS", m)
         out[m] = solve(loaded, calib, cfg, progress=False, log=lambda _: None)
     assert out[1].removed == out[99].removed
-    assert out[1].meta["guard"] == out[99].meta["guard"]
+    assert out[1].meta.guard == out[99].meta.guard
     for c, op in out[99].operators.items():
         other = out[1].operators[c]
         assert op.kind == other.kind == "full"

@@ -16,7 +16,7 @@ from ghosted.method import arch
 from ghosted.method.linalg import relative_residual, residual, solve_ghost
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.solve.solver import PruneConfig, build_checkpoint, load_solution, save_solution, solve
-from tests.test_prune import _calib, _ids, _loaded, _logits
+from tests.solve.test_prune import _calib, _ids, _loaded, _logits
 
 
 def _states(model, ids, layers):
@@ -126,7 +126,7 @@ def test_token_shift_ghost_refuses_a_cache_it_did_not_fill():
 
 
 def test_token_shift_checkpoint_generates_greedy_and_beam_like_full_recompute(tmp_path):
-    from ghosted.checkpoint.format import verify
+    from ghosted.checkpoint.verify import verify
 
     loaded, calib, sol = _shift_solution()
     ids = _ids(loaded.model.config.vocab_size, 2, 10, seed=8)

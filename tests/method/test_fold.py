@@ -132,13 +132,14 @@ def test_fold_equals_hooked_form(family, with_T, tmp_path):
     assert arch.num_layers(model) == 6 and not hasattr(model, "ghosts")
     assert torch.equal(_logits(model, ids), dense)
     assert not torch.allclose(hooked, dense, atol=1e-2)  # the operators matter
+    from ghosted.checkpoint.meta import SolveMeta
     from ghosted.solve.solver import Solution
 
-    sol = Solution(removed, ops, {"recovery": "foldable"})
+    sol = Solution(removed, ops, SolveMeta(recovery="foldable"))
     meta = build_checkpoint(loaded, sol, "0" * 64, tmp_path / "ck")
     folded = _logits(model, ids)
     assert (folded - hooked).abs().max() < 1e-4
-    assert not meta["ghosts"] and any("rotation" in f for f in meta["folded"])
+    assert not meta.ghosts and any("rotation" in f for f in meta.folded)
     ck = tmp_path / "ck"
     cfg = json.loads((ck / "config.json").read_text())
     assert "auto_map" not in cfg and not (ck / "modeling_ghosted.py").exists()
@@ -173,7 +174,7 @@ def test_guard_picks_among_the_folds_and_records_its_choice(tmp_path):
     calib = Calibration(ids, "random", 0, tokens_sha256(ids))
     sol = solve(loaded, calib, PruneConfig(layers="2-3", recovery="foldable", holdout=0.25), progress=False,
                 log=lambda m: None)
-    g = sol.meta["guard"]
+    g = sol.meta.guard.to_dict()
     assert {k.split("/")[0] for k in g["scores"]} == {"none", "cq", "replaceme", "cq+replaceme"}
     assert g["scores"][g["chosen"]] == min(g["scores"].values())  # never worse than removal on held-out
     op = sol.operators[(2, 4)]
@@ -206,7 +207,7 @@ def test_forced_fold_without_guard(fold):
                 progress=False, log=lambda m: None)
     op = sol.operators[(1, 3)]
     assert op.kind == ("fold_down" if fold == "replaceme" else "rotate")
-    assert 0 <= sol.meta["calibration_relative_residual"]["1-3"] < 1.0
+    assert 0 <= sol.meta.calibration_relative_residual["1-3"] < 1.0
 
 
 def test_cut_at_layer_zero_has_no_replaceme_candidate():
@@ -215,7 +216,7 @@ def test_cut_at_layer_zero_has_no_replaceme_candidate():
     calib = Calibration(ids, "random", 0, tokens_sha256(ids))
     sol = solve(loaded, calib, PruneConfig(layers="0-1", recovery="foldable", holdout=0.25), progress=False,
                 log=lambda m: None)
-    assert not any(k.startswith("replaceme") for k in sol.meta["guard"]["scores"])
+    assert not any(k.startswith("replaceme") for k in sol.meta.guard.scores)
     with pytest.raises(ghosted.GhostedError, match="layer 0"):
         solve(loaded, calib, PruneConfig(layers="0-1", recovery="foldable", fold="replaceme", guard="off"),
               progress=False, log=lambda m: None)
@@ -236,6 +237,7 @@ def test_shipped_smollm2_fold_equals_hooked(tmp_path):
     (the norms' eps is the only inexact part: measured 2.9e-5 on logits of magnitude 28)."""
     from pathlib import Path
 
+    from ghosted.checkpoint.meta import SolveMeta
     from ghosted.models import load_model
     from ghosted.solve.solver import Solution
 
@@ -250,7 +252,7 @@ def test_shipped_smollm2_fold_equals_hooked(tmp_path):
                            return_tensors="pt").input_ids
     with temporarily_pruned(model, removed, ops) as m:
         hooked = _logits(m, ids)
-    build_checkpoint(loaded, Solution(removed, ops, {"recovery": "foldable"}), "0" * 64, Path(tmp_path) / "ck")
+    build_checkpoint(loaded, Solution(removed, ops, SolveMeta(recovery="foldable")), "0" * 64, Path(tmp_path) / "ck")
     assert (_logits(model, ids) - hooked).abs().max() < 1e-4
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
     assert (_logits(plain, ids) - hooked).abs().max() < 1e-4
