@@ -106,8 +106,8 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
 
     if not Path(args.checkpoint).is_dir():
         raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
-    meta = read_meta(args.checkpoint)
-    res = {"name": reg.name or registered_name(str(meta.to_dict().get("base_model"))), "version": None, "run_id": None,
+    meta = read_meta(args.checkpoint).to_dict()  # the `ghosted` block as written, as `register` reads it
+    res = {"name": reg.name or registered_name(str(meta.get("base_model"))), "version": None, "run_id": None,
            "gate": "pass" if verdict.passed else "fail", "reasons": list(verdict.reasons),
            "ppl_ratio": verdict.ppl_ratio, "retained_acc": verdict.retained_acc, "champion_moved": False,
            "champion": None, "decision": f"not registered: {why}", "tracking_uri": reg.tracking_uri,
