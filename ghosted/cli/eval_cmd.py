@@ -48,8 +48,6 @@ def _eval(args: argparse.Namespace) -> int:
     from ghosted.api import evaluate
 
     t0 = time.perf_counter()
-    if args.efficiency_worker:
-        return _efficiency_worker(args)
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None
     result = evaluate(args.model, settings, efficiency=_efficiency_settings(args) if want_eff else None,
@@ -66,18 +64,6 @@ def _eval(args: argparse.Namespace) -> int:
     if "efficiency" in result and "ratios" in result["efficiency"]:
         summary["efficiency_ratios"] = result["efficiency"]["ratios"]
     print(json.dumps(summary if args.out else result, default=float))
-    return 0
-
-
-def _efficiency_worker(args: argparse.Namespace) -> int:
-    """Hidden: measure this one model in this (fresh) process and write the JSON (see evaluate.run.measure_isolated)."""
-    from ghosted.api import open_model
-    from ghosted.evaluate.run import measure_loaded
-
-    if args.out is None:
-        raise GhostedError("--efficiency-worker needs --out")
-    loaded = open_model(args.model, log=logger(args), **load_options(args))
-    write_json(args.out, measure_loaded(loaded, _efficiency_settings(args)))
     return 0
 
 
@@ -152,7 +138,6 @@ def add_parser(sub) -> None:
     e.add_argument("--baseline", help="dense model to measure in the same run for pruned/dense ratios "
                                       "(implies --efficiency)")
     add_options(p, EfficiencySettings, groups={"efficiency": e}, group="efficiency")
-    e.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="write the results JSON here (atomically); without it, print it")
     p.set_defaults(func=cmd_eval)
 

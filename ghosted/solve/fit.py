@@ -38,7 +38,7 @@ def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: Prune
     A policy with a sink shift ("sink") gives the positions left out of the fit (position 0, BOS) their
     own map at inference, h <- h + mean(Y - X) over the left-out calibration tokens: the first token's state
     is nearly the same vector in every window, and a cut that removes the layers that build that attention
-    sink must rebuild it, which no map fitted on ordinary tokens does (see README, "Attention sinks").
+    sink must rebuild it, which no map fitted on ordinary tokens does (see docs/findings.md).
     A capture that kept the left-out tokens apart (every policy but "all") serves every policy."""
     method = RECOVERY.get(cfg.recovery)
     pol = get_policy(policy)

@@ -220,7 +220,7 @@ def test_shipped_smollm2_pruned_gguf_predicts_like_the_folder(tmp_path, capsys):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert (got - ref).abs().max() < 1e-3
     # The tokenizer written from tokenizer.json alone has the base GGUF's tokens, merges and types.
-    from ghosted.checkpoint.gguf import _write_hf_tokenizer
+    from ghosted.checkpoint.gguf_tokenizer import write_hf_tokenizer as _write_hf_tokenizer
 
     w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
     _write_hf_tokenizer(w, ckpt)
