@@ -53,15 +53,15 @@ BASE_MODEL_FILE = "data/base_model.json"  # written by the `fingerprint` stage
 
 def load_params(path: Path) -> dict[str, Any]:
     """params.yaml checked up front by ghosted.config (the one reader), as plain per-section dicts for the tasks."""
-    from ghosted.config import as_mapping
     from ghosted.config import load_params as typed_params
+    from ghosted.config import to_json
 
     params = typed_params(path)
     if not params.model:
         raise GhostedError(f"{path}: `model:` is missing (a shipped name, a local folder or a hub id)")
     if params.prune is None or params.prune.remove is None:
         raise GhostedError(f"{path}: the pipeline needs prune.remove (the score stage scores blocks of that size)")
-    return {"model": params.model, "calibration": as_mapping(params.calibration),
+    return {"model": params.model, "calibration": to_json(params.calibration),
             **{s: dict(params.raw[s]) for s in SECTIONS[2:]}}
 
 

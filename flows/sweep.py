@@ -38,13 +38,13 @@ from ghosted.reporting.compare_report import write_report
 
 def sweep_settings(params: dict[str, Any]) -> dict[str, Any]:
     """The `sweep:` section of params.yaml (ghosted.config.SweepConfig) as a dict; every cell's config checked."""
-    from ghosted.config import PruneConfig, SweepConfig, as_mapping, build
+    from ghosted.config import PruneConfig, SweepConfig, build, to_json
 
     cfg = build(SweepConfig, params.get("sweep") or {}, "sweep")
     for k in cfg.remove:
         for m in cfg.recovery:
             build(PruneConfig, _cell_prune(params, k, m), "prune")
-    s = as_mapping(cfg)
+    s = to_json(cfg)
     s["eval"] = {k: v for k, v in s["eval"].items()}
     return s
 

@@ -13,7 +13,6 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,9 +118,10 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
 def efficiency_report(model: str, eff: EfficiencySettings, dtype: str, device: str, baseline: str | None,
                       log: Log = _nolog, device_map: str | None = None) -> dict:
     """Efficiency of `model` (and of `baseline`, with pruned/dense ratios), each measured in its own process."""
+    from ghosted.config import to_json
     from ghosted.evaluate.efficiency import efficiency_ratios
 
-    out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": asdict(eff)}
+    out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": to_json(eff)}
     log(f"measuring efficiency of {model} on {device} (own process)")
     out["model"] = measure_isolated(model, eff, dtype, device, device_map)
     if baseline is not None:

@@ -20,10 +20,10 @@ from ghosted.config import (  # noqa: F401  (re-exported: the grid's settings li
     EvalSettings,
     parse_ks,
     parse_names,
+    to_json,
 )
 from ghosted.errors import GhostedError
 from ghosted.method import arch
-from ghosted.solve.fit import config_dict
 from ghosted.solve.grid import CellResult, brief, grid_header, run_cell, run_dense
 from ghosted.version import __version__
 
@@ -40,7 +40,7 @@ def _resume_key(loaded, calib, cfg: CompareConfig) -> str:
     import hashlib
 
     doc = {"model": loaded.ref.name, "path": loaded.ref.path, "calibration": calib.sha256, "ghosted": __version__,
-           "dtype": str(next(loaded.model.parameters()).dtype), "prune": config_dict(cfg.prune),
+           "dtype": str(next(loaded.model.parameters()).dtype), "prune": to_json(cfg.prune),
            "eval": cfg.evaluation.as_dict()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -70,7 +70,7 @@ def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list) or not isinstance(doc.get("dense"), dict):
         raise GhostedError(f"--merge {path}: not a compare result (no dense model and list of cells)")
     old_prune = (doc.get("settings") or {}).get("prune") or {}
-    new_prune = {k: v for k, v in config_dict(cfg.prune).items() if k not in ("remove", "layers", "recovery")}
+    new_prune = {k: v for k, v in to_json(cfg.prune).items() if k not in ("remove", "layers", "recovery")}
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     checks = {"model": (doc.get("model"), loaded.ref.name), "dtype": (doc.get("dtype"), dtype),
               "calibration": ((doc.get("calibration") or {}).get("sha256"), calib.sha256),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-from typing import Any
 
 from ghosted.calibration.capture import CaptureResult
 from ghosted.config import PruneConfig
@@ -20,11 +18,6 @@ def heldout_windows(n: int, fraction: float) -> frozenset[int]:
         return frozenset()
     h = min(n - 1, max(1, math.ceil(fraction * n)))
     return frozenset(range(n - h, n))
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """A frozen config dataclass as JSON-ready data (tuples as lists)."""
-    return {key: (list(v) if isinstance(v, tuple) else v) for key, v in asdict(cfg).items()}
 
 
 def solve_options(cfg: PruneConfig, ridge: float) -> SolveOptions:

@@ -145,9 +145,10 @@ def grid_header(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: l
     selection scores. `names`: the methods of the grid, in order."""
     import torch
 
+    from ghosted.config import to_json
     from ghosted.method import arch
     from ghosted.method.selection import block_scores, layer_scores
-    from ghosted.solve.fit import config_dict, heldout_windows
+    from ghosted.solve.fit import heldout_windows
 
     model = loaded.model
     param = next(model.parameters())
@@ -161,7 +162,7 @@ def grid_header(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: l
         "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "seed": calib.seed,
                         "sha256": calib.sha256, "heldout_windows": len(heldout_windows(calib.n, template.holdout))},
         "settings": {"remove": sorted(ks), "recovery": list(names),
-                     "prune": {key: v for key, v in config_dict(template).items()
+                     "prune": {key: v for key, v in to_json(template).items()
                                if key not in ("remove", "layers", "recovery")},
                      "eval": evaluation.as_dict()},
         "scores": {"tokens": shared.score_tokens, "layers": layer_scores(shared),

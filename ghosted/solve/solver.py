@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from ghosted.calibration.capture import CapturePlan, CaptureResult, capture
 from ghosted.checkpoint.meta import GuardRecord, SolveMeta
-from ghosted.config import PruneConfig
+from ghosted.config import PruneConfig, to_json
 from ghosted.corpora import Calibration
 from ghosted.evaluate.perplexity import mean_nll
 from ghosted.method import arch
@@ -23,7 +23,7 @@ from ghosted.method.recovery import RECOVERY
 from ghosted.method.selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from ghosted.method.surgery import Pair, runs, temporarily_pruned
 from ghosted.models import Loaded
-from ghosted.solve.fit import config_dict, heldout_windows, solve_cut
+from ghosted.solve.fit import heldout_windows, solve_cut
 from ghosted.solve.guard import foldable_guard, ghost_guard
 from ghosted.solve.solution import Solution, build_checkpoint, load_solution, save_solution
 
@@ -221,7 +221,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
         removed_layers=removed, cuts=[list(c) for c in cuts], num_layers_dense=L,
         recovery=cfg.recovery, ridge=ridge, token_policy=policy, token_policy_requested=cfg.token_policy,
         selection=selection_info, guard=guard, calibration_relative_residual=_fit_quality(res, cfg, operators),
-        capture_passes=passes, config=config_dict(cfg),
+        capture_passes=passes, config=to_json(cfg),
         tokens_fit={f"{c[0]}-{c[1]}": res.total(c).n for c in cuts},
         solve_seconds=time.perf_counter() - t0,
         # what the statistics saw, for the checkpoint's lineage (the registry logs it as a dataset input)
