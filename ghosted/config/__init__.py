@@ -24,7 +24,6 @@ from ghosted.config.typed import (
     REGISTER_MODES,
     VARIANTS,
     Flag,
-    as_mapping,
     build,
     default,
     flag_of,
@@ -36,6 +35,6 @@ from ghosted.config.typed import (
 
 __all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",
            "CalibrationConfig", "CompareConfig", "DistillConfig", "EfficiencySettings", "EvalSettings", "Flag",
-           "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig", "as_mapping",
+           "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig",
            "build", "check_sources", "check_tasks", "default", "flag_of", "load_params", "merged", "option",
            "parse_ks", "parse_names", "read_yaml", "resolve", "to_json"]

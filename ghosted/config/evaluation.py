@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ghosted.config.typed import PPL_SOURCES_HELP, _typed, _whole, build, option, parse_names, to_json
+from ghosted.config.typed import PPL_SOURCES_HELP, _typed, _whole, build, option, parse_names
 from ghosted.errors import GhostedError
 
 
@@ -68,9 +68,6 @@ class EvalSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> EvalSettings:
         return build(cls, d, "eval")
-
-    def as_dict(self) -> dict:
-        return to_json(self)
 
 
 @dataclass(frozen=True)

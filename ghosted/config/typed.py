@@ -149,8 +149,6 @@ def to_json(cfg: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg) if f.init}
 
 
-as_mapping = to_json  # the older name, kept for callers outside the config package
-
 
 def default(cls: type, name: str) -> str:
     """A field's default as help text shows it (lists as 'a,b')."""

@@ -89,7 +89,7 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
                    baseline: str | None = None, progress: bool = True, log: Log = _nolog) -> dict:
     """Everything `ghosted eval` reports for one model: perplexity, zero-shot accuracy and, if asked, efficiency
     (with `baseline`: the dense model measured in the same run, and pruned/dense ratios)."""
-    from ghosted.config import EfficiencySettings
+    from ghosted.config import EfficiencySettings, to_json
     from ghosted.models import load_model, resolve
 
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
         log(f"loaded {model} ({type(loaded.model).__name__}, {arch.num_layers(loaded.model)} layers)")
         quality = evaluate_quality(loaded.model, loaded.tokenizer, settings, progress)
         result["ppl"], result["zeroshot"] = quality["ppl"], quality["zeroshot"]
-    result["settings"] = settings.as_dict()
+    result["settings"] = to_json(settings)
     result["versions"] = versions()
     result["seconds"] = time.perf_counter() - t0
     return result

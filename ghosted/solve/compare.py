@@ -41,7 +41,7 @@ def _resume_key(loaded, calib, cfg: CompareConfig) -> str:
 
     doc = {"model": loaded.ref.name, "path": loaded.ref.path, "calibration": calib.sha256, "ghosted": __version__,
            "dtype": str(next(loaded.model.parameters()).dtype), "prune": to_json(cfg.prune),
-           "eval": cfg.evaluation.as_dict()}
+           "eval": to_json(cfg.evaluation)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -74,7 +74,7 @@ def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     checks = {"model": (doc.get("model"), loaded.ref.name), "dtype": (doc.get("dtype"), dtype),
               "calibration": ((doc.get("calibration") or {}).get("sha256"), calib.sha256),
-              "evaluation settings": ((doc.get("settings") or {}).get("eval"), cfg.evaluation.as_dict()),
+              "evaluation settings": ((doc.get("settings") or {}).get("eval"), to_json(cfg.evaluation)),
               **{f"prune.{k}": (old_prune[k], new_prune[k]) for k in sorted(set(old_prune) & set(new_prune))}}
     for what, (old, new) in checks.items():
         if old != new:

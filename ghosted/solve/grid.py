@@ -164,7 +164,7 @@ def grid_header(loaded: Loaded, calib: Calibration, template: PruneConfig, ks: l
         "settings": {"remove": sorted(ks), "recovery": list(names),
                      "prune": {key: v for key, v in to_json(template).items()
                                if key not in ("remove", "layers", "recovery")},
-                     "eval": evaluation.as_dict()},
+                     "eval": to_json(evaluation)},
         "scores": {"tokens": shared.score_tokens, "layers": layer_scores(shared),
                    "blocks": {str(k): block_scores(shared, k) for k in sorted(ks)}},
         "capture": {"pairs": len(shared.fit), "seconds": capture_seconds},

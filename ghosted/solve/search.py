@@ -28,7 +28,7 @@ from typing import Any
 
 from ghosted.calibration.capture import CapturePlan, CaptureResult, capture
 from ghosted.checkpoint.meta import SolveMeta
-from ghosted.config import EvalSettings, GateConfig, PruneConfig, SearchConfig
+from ghosted.config import EvalSettings, GateConfig, PruneConfig, SearchConfig, to_json
 from ghosted.corpora import Calibration
 from ghosted.errors import GhostedError
 from ghosted.evaluate.perplexity import mean_nll
@@ -376,7 +376,7 @@ def _document(state: _Search, ks: list[int], L: int, lo: int, chosen_row: dict |
         "screening": {"dense_heldout_loss": dense_loss, "heldout_windows": heldout,
                       "by_k": {str(k): [c.as_dict() for c in cands] for k, cands in sorted(state.screening.items())}},
         "calibration": {"source": calib.source, "n": calib.n, "seq_len": calib.seq_len, "sha256": calib.sha256},
-        "settings": {"eval": state.evaluation.as_dict(), "search": {k: v for k, v in vars(state.scfg).items()},
+        "settings": {"eval": to_json(state.evaluation), "search": to_json(state.scfg),
                      "prune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(state.cfg).items()}},
         "full_evaluations": state.full_evals,
     }
