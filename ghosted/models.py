@@ -62,7 +62,7 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _shipped_gguf(name: str) -> Path:
+def shipped_gguf(name: str) -> Path:
     info = SHIPPED[name]
     pkg = _package_dir(info["package"])
     if pkg is None:
@@ -113,7 +113,7 @@ def resolve(name_or_path: str) -> ModelRef:
     """Map what the user typed to something transformers can load; convert shipped GGUFs once."""
     ref = str(name_or_path)
     if ref in SHIPPED:
-        gguf = _shipped_gguf(ref)
+        gguf = shipped_gguf(ref)
         folder = cache_dir() / "models" / ref
         if not (folder / "config.json").exists():
             _convert_gguf(gguf, folder)

@@ -12,7 +12,7 @@ from ghosted.errors import GhostedError
 
 def source_gguf(ckpt: Path, cfg: dict) -> Path | None:
     """The GGUF the base model came from, when it is at hand and matches the recorded fingerprint."""
-    from ghosted.models import SHIPPED, _shipped_gguf, file_sha256
+    from ghosted.models import SHIPPED, file_sha256, shipped_gguf
 
     meta = CheckpointMeta.from_dict(cfg.get("ghosted") or {}).to_dict()
     candidates: list[Path] = []
@@ -22,7 +22,7 @@ def source_gguf(ckpt: Path, cfg: dict) -> Path | None:
     base = meta.get("base_model")
     if base in SHIPPED:
         try:
-            candidates.append(_shipped_gguf(base))
+            candidates.append(shipped_gguf(base))
         except GhostedError:
             pass
     elif base and str(base).endswith(".gguf"):

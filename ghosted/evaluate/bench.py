@@ -90,7 +90,7 @@ def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
     return Loaded(model.eval(), None, ModelRef(name, "random", spec))
 
 
-def _calibration(loaded: Loaded, n: int, seq_len: int) -> Calibration:
+def bench_calibration(loaded: Loaded, n: int, seq_len: int) -> Calibration:
     if loaded.tokenizer is not None:
         return build_calibration(loaded.tokenizer, "passages", n, seq_len, 0)
     g = torch.Generator().manual_seed(0)
@@ -136,7 +136,7 @@ def runtime_baseline(name: str) -> dict:
 
 
 @torch.no_grad()
-def _forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
     sync(device)
     t0 = time.perf_counter()
@@ -175,11 +175,11 @@ def run_one(model_name: str, n: int, seq_len: int, remove: int, device: str, dty
     model = loaded.model
     dev = next(model.parameters()).device
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    calib = _calibration(loaded, n, seq_len)
+    calib = bench_calibration(loaded, n, seq_len)
     ids = calib.input_ids
     if dev.type == "cuda":
         runtime = preload = 0
-    fwd = _forward_seconds(model, ids, batch_size)
+    fwd = forward_seconds(model, ids, batch_size)
     release_memory()  # the forward's logits stay in glibc's free lists otherwise, and in the high-water mark
     cfg = PruneConfig(remove=remove, select="angular", recovery="ghost", guard="off", holdout=0.0,
                       token_policy="sink", batch_size=batch_size)

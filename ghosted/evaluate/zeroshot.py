@@ -206,7 +206,7 @@ def task_configs(tasks: Sequence[str], cache_dir: Path) -> list[dict[str, Any]]:
     return configs
 
 
-def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any:
+def make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any:
     from lm_eval.models.huggingface import HFLM
 
     class _GhostedHFLM(HFLM):
@@ -252,7 +252,7 @@ def evaluate_zeroshot(
 
     configs = task_configs(names, cache_dir)
     data_files = {c["task"]: Path(c["dataset_kwargs"]["data_files"]["validation"]) for c in configs}
-    lm = _make_lm(model, tokenizer, int(batch_size), progress)
+    lm = make_lm(model, tokenizer, int(batch_size), progress)
     raw = lm_eval.simple_evaluate(
         model=lm,
         tasks=configs,

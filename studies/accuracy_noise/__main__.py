@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghosted.evaluate.zeroshot import _make_lm, default_cache_dir, task_configs
+from ghosted.evaluate.zeroshot import default_cache_dir, make_lm, task_configs
 from ghosted.models import load_model
 from studies.common import report_dir
 
@@ -33,7 +33,7 @@ def item_scores(model: str, tasks: list[str], metric: str, batch_size: int) -> d
     from lm_eval.tasks import TaskManager
 
     loaded = load_model(model)
-    lm = _make_lm(loaded.model, loaded.tokenizer, batch_size, progress=True)
+    lm = make_lm(loaded.model, loaded.tokenizer, batch_size, progress=True)
     raw = lm_eval.simple_evaluate(
         model=lm, tasks=task_configs(tasks, default_cache_dir()), num_fewshot=0, limit=None,
         task_manager=TaskManager(include_defaults=False), log_samples=True, random_seed=0,

@@ -30,9 +30,9 @@ def main() -> None:
     print("runtime", r0)
     L = bench.load_bench_model("smollm2-135m", "float32", "cpu")
     print("after load rss", rss(), "hwm", hwm())
-    c = bench._calibration(L, 8, 512)  # private: see studies/README.md
+    c = bench.bench_calibration(L, 8, 512)
     print("after calib", rss())
-    bench._forward_seconds(L.model, c.input_ids, 4)  # private: see studies/README.md
+    bench.forward_seconds(L.model, c.input_ids, 4)
     print("after forward rss", rss(), "hwm", hwm())
     reset_cpu_peak()
     print("after reset hwm", hwm())

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from ghosted._remote.modeling_ghosted import first_positions, scale_free
 from ghosted.config import PruneConfig
 from ghosted.evaluate.perplexity import mean_nll, perplexity
 from ghosted.method import arch
+from ghosted.method.sums import first_positions, scale_free
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.solve.solver import heldout_windows, solve
 from studies.common import fit, layer_inputs, load_for_study, study_parser, write_report

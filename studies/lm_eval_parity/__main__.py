@@ -43,7 +43,7 @@ def main() -> int:
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
     from ghosted.evaluate.zeroshot import export_task_data
-    from ghosted.models import SHIPPED, _shipped_gguf
+    from ghosted.models import SHIPPED, shipped_gguf
 
     tasks = args.tasks.split(",")
     bin_dir = Path(sys.executable).parent
@@ -59,7 +59,7 @@ def main() -> int:
         yaml_dir = tmp / "yaml"
         yaml_dir.mkdir()
         names = {t: stock_yaml(t, export_task_data(t, tmp / "data"), yaml_dir) for t in tasks}
-        gguf = _shipped_gguf("smollm2-135m")
+        gguf = shipped_gguf("smollm2-135m")
         t0 = time.perf_counter()
         subprocess.run([str(bin_dir / "lm_eval"), "run", "--model", "hf", "--model_args",
                         f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32",

@@ -130,7 +130,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
     prune.SELECTION.get = get
     loaded = bench.load_bench_model(model, "float32", "cpu")
     params = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    calib = bench._calibration(loaded, n, seq_len)
+    calib = bench.bench_calibration(loaded, n, seq_len)
     for p in loaded.model.parameters():  # page every weight in, as the dense forward of `bench` does
         p.data.sum()
     L, d = int(loaded.model.config.num_hidden_layers), int(loaded.model.config.hidden_size)  # before pruning
