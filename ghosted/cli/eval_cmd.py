@@ -30,10 +30,10 @@ def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
 
 
 def _efficiency_settings(args: argparse.Namespace):
-    """EfficiencySettings from defaults < flags (no params-file section)."""
+    """EfficiencySettings from defaults < the `efficiency:` section of --config < flags."""
     from ghosted.config import EfficiencySettings, resolve
 
-    return resolve(EfficiencySettings, "efficiency", None, vars(args))
+    return resolve(EfficiencySettings, "efficiency", params_file(args).raw.get("efficiency"), vars(args))
 
 
 # --------------------------------------------------------------------------- eval

@@ -72,9 +72,10 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class EfficiencySettings:
-    """Inputs of evaluate.efficiency.measure_efficiency (random prompts, greedy decoding); flags only, no section."""
+    """`efficiency:` inputs of `ghosted eval --efficiency` (random prompts, greedy decoding)."""
 
-    batch_sizes: tuple[int, ...] = option((1, 8), "decode batch sizes of the efficiency timings (default {default})", name="efficiency-batch-sizes")
+    batch_sizes: tuple[int, ...] = option((1, 8), "decode batch sizes of the efficiency timings (default {default})",
+                                          name="efficiency-batch-sizes")
     prompt_len: int = option(128, "prompt tokens for the timings (default {default})")
     new_tokens: int = option(32, "generated tokens for decode speed (default {default})")
     repeats: int = option(3, "timed runs per measurement, median kept (default {default})")

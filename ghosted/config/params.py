@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ghosted.config.evaluation import EvalSettings, GateConfig
+from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig
 from ghosted.config.runs import RegistryConfig, SearchConfig, SweepConfig
 from ghosted.config.sections import CalibrationConfig, PruneConfig
 from ghosted.config.typed import build, flag_of
@@ -16,7 +16,7 @@ from ghosted.errors import GhostedError
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "prune": PruneConfig, "eval": EvalSettings,
                              "gate": GateConfig, "registry": RegistryConfig, "sweep": SweepConfig,
-                             "search": SearchConfig}
+                             "search": SearchConfig, "efficiency": EfficiencySettings}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Params:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    efficiency: EfficiencySettings = field(default_factory=EfficiencySettings)  # ghosted eval --efficiency
     path: Path | None = None  # the file it came from (relative registry URIs resolve against its folder)
     raw: dict[str, dict] = field(default_factory=dict, compare=False)  # each section as written in the file
 

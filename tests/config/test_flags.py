@@ -86,6 +86,20 @@ def test_resolve_precedence_defaults_file_flags(tmp_path):
         resolve(CalibrationConfig, "calibration", {}, {"n_seqs": 0})
 
 
+def test_efficiency_settings_come_from_their_section_and_flags(tmp_path):
+    from ghosted.cli.eval_cmd import _efficiency_settings
+
+    cfg_file = tmp_path / "params.yaml"
+    cfg_file.write_text("efficiency:\n  prompt_len: 16\n  repeats: 5\n")
+    assert load_params(cfg_file).efficiency.prompt_len == 16
+    args = _subparser("eval").parse_args(["m", "--config", str(cfg_file), "--efficiency", "--repeats", "2"])
+    eff = _efficiency_settings(args)
+    assert (eff.prompt_len, eff.repeats, eff.new_tokens) == (16, 2, 32)
+    cfg_file.write_text("efficiency:\n  prompt_len: 0\n")
+    with pytest.raises(GhostedError, match="prompt-len"):
+        load_params(cfg_file)
+
+
 def test_bad_list_flag_is_a_one_line_parser_error():
     with pytest.raises(SystemExit):
         _subparser("prune").parse_args(["m", "--out", "o", "--remove", "1", "--ridge-grid", "1e-6,x"])
