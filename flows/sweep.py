@@ -147,7 +147,7 @@ def sweep_cell(model: str, shared: dict[str, Any], k: int, method: str, prune: d
 @flow(name="ghosted-sweep", log_prints=True)
 def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_task: int = 1) -> dict[str, Any]:
     """Shared statistics once, then every configuration (and the dense model) as concurrent tasks."""
-    from ghosted.evaluate.run import versions
+    from ghosted.evaluation.run import versions
 
     t0 = time.perf_counter()
     p = load_params(Path(params))

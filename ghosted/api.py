@@ -172,7 +172,7 @@ def evaluate(model: str, settings: EvalSettings | None = None, *, efficiency: Ef
              progress: bool = True, log: Log = _nolog) -> dict:
     """What `ghosted eval` does: perplexity and zero-shot accuracy of MODEL (settings: EvalSettings()), and with
     `efficiency` (or a dense `baseline` to compare with) size, latency, throughput and peak memory."""
-    from ghosted.evaluate.run import evaluate_model
+    from ghosted.evaluation.run import evaluate_model
 
     settings = settings or EvalSettings()
     if baseline is not None and efficiency is None:

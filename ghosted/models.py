@@ -17,10 +17,7 @@ from pathlib import Path
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import (
-    file_sha256,  # noqa: F401  re-exported: models.file_sha256
-    release_memory,
-)
+from ghosted.io import file_sha256, release_memory
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {

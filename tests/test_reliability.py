@@ -432,7 +432,7 @@ def _api_cases() -> list[Bad]:
 
     def ppl(seq_len):
         def run(p):
-            from ghosted.evaluate.perplexity import perplexity
+            from ghosted.evaluation.perplexity import perplexity
             from ghosted.models import load_model as lm
 
             loaded = lm(str(p["tiny"]))

@@ -9,7 +9,7 @@ from ghosted.errors import GhostedError
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ghosted.evaluate.bench import bench, to_markdown
+    from ghosted.evaluation.bench import bench, to_markdown
     from ghosted.io import write_json_atomic, write_text_atomic
 
     try:

@@ -63,7 +63,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     import sys
 
     from ghosted.config import RegistryConfig, load_params
-    from ghosted.evaluate.gate import apply_gate
+    from ghosted.evaluation.gate import apply_gate
     from ghosted.mlops.dvc import registration_skipped
     from ghosted.mlops.registry import read_json, register
 

@@ -18,19 +18,19 @@ from ghosted.config.params import SECTIONS, Params, load_params, read_yaml, reso
 from ghosted.config.runs import CompareConfig, DistillConfig, RegistryConfig, SearchConfig, SweepConfig, parse_ks
 from ghosted.config.sections import CalibrationConfig, PruneConfig
 from ghosted.config.typed import (
-    DEFAULT_TRACKING_URI,
-    GUARDS,
-    PPL_SOURCES_HELP,
-    REGISTER_MODES,
-    VARIANTS,
-    Flag,
-    build,
-    default,
-    flag_of,
-    merged,
-    option,
-    parse_names,
-    to_json,
+           DEFAULT_TRACKING_URI,
+           GUARDS,
+           PPL_SOURCES_HELP,
+           REGISTER_MODES,
+           VARIANTS,
+           Flag,
+           build,
+           default,
+           flag_of,
+           merged,
+           option,
+           parse_names,
+           to_json,
 )
 
 __all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",

@@ -13,7 +13,7 @@ from ghosted.errors import GhostedError
 
 
 def check_tasks(tasks: tuple[str, ...]) -> None:
-    from ghosted.evaluate.zeroshot import SUPPORTED_TASKS
+    from ghosted.evaluation.zeroshot import SUPPORTED_TASKS
 
     for name in tasks:
         if name not in SUPPORTED_TASKS:
@@ -35,7 +35,7 @@ def check_sources(sources: tuple[str, ...]) -> None:
 
 
 def _default_tasks() -> tuple[str, ...]:
-    from ghosted.evaluate.zeroshot import DEFAULT_TASKS
+    from ghosted.evaluation.zeroshot import DEFAULT_TASKS
 
     return tuple(DEFAULT_TASKS)
 

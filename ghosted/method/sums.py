@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: F401  (public: the ghost's token rules)
+from ghosted._remote.modeling_ghosted import first_positions, scale_free  # noqa: F401  public: the ghost's token rules
 from ghosted.errors import GhostedError
 
 F64 = torch.float64

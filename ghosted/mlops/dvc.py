@@ -65,9 +65,9 @@ def _task_acc(entry: Mapping[str, Any], metric: str) -> float | None:
 
 def compact_metrics(dense: Mapping[str, Any], pruned: Mapping[str, Any], verdict: Any,
                     acc_metric: str) -> dict[str, Any]:
-    """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: ghosted.evaluate.gate.apply_gate's)."""
-    from ghosted.evaluate.efficiency import efficiency_ratios
-    from ghosted.evaluate.gate import perplexities, zeroshot_average
+    """The decisive numbers only, for reports/pipeline/metrics.json (`verdict`: ghosted.evaluation.gate.apply_gate's)."""
+    from ghosted.evaluation.efficiency import efficiency_ratios
+    from ghosted.evaluation.gate import perplexities, zeroshot_average
 
     def drop_none(d: dict) -> dict:
         return {k: v for k, v in d.items() if v is not None}

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ghosted.evaluate.gate import Verdict, gate_report, perplexities, zeroshot_average
+from ghosted.evaluation.gate import Verdict, gate_report, perplexities, zeroshot_average
 from ghosted.io import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:

@@ -93,7 +93,7 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
 
     merge: an earlier compare.json (see merge_source) whose dense model and cells are kept as they are; only
     the cells it lacks are run, and the result lists both (each old cell keeps the versions it ran with)."""
-    from ghosted.evaluate.run import versions
+    from ghosted.evaluation.run import versions
     from ghosted.io import write_json_atomic
     from ghosted.method.selection import check_k
     from ghosted.solve.solver import shared_capture

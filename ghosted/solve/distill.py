@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ghosted.config import DistillConfig  # noqa: F401  (re-exported: the settings live in ghosted.config)
+from ghosted.config import DistillConfig  # noqa: F401  re-exported: the settings live in ghosted.config
 from ghosted.errors import GhostedError
-from ghosted.evaluate.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
+from ghosted.evaluation.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
 from ghosted.method.operator import Operator
 from ghosted.method.sums import F64
 from ghosted.method.surgery import Pair, ghost_site, temporarily_pruned
@@ -69,7 +69,7 @@ def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> 
 
 def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> float:
     """topk_kl of one batch, its gradient accumulated into the trainable parameters; the LM head runs on one
-    chunk of tokens at a time (ghosted.evaluate.perplexity), so no [B, T, V] logits or their gradient are
+    chunk of tokens at a time (ghosted.evaluation.perplexity), so no [B, T, V] logits or their gradient are
     held. Nothing is accumulated when the loss is not finite (the value says so)."""
     split = split_head(model)
     if split is None:  # plain forward: full logits

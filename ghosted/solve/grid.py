@@ -98,7 +98,7 @@ def brief(cell: CellResult) -> str:
 
 def run_dense(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bool = False) -> CellResult:
     """The dense model's row (k = 0)."""
-    from ghosted.evaluate.run import evaluate_quality
+    from ghosted.evaluation.run import evaluate_quality
 
     t0 = time.perf_counter()
     quality = evaluate_quality(model, tokenizer, evaluation, progress)
@@ -113,7 +113,7 @@ def run_cell(loaded: Loaded, calib: Calibration, shared: CaptureResult | None, c
              progress: bool = False, log: Log = _nolog) -> CellResult:
     """Solve `cfg` (from `shared` when it holds what the configuration needs), patch the loaded model in
     memory, evaluate it, restore it. A GhostedError of the solve becomes the cell's `error`."""
-    from ghosted.evaluate.run import evaluate_quality
+    from ghosted.evaluation.run import evaluate_quality
     from ghosted.method.surgery import temporarily_pruned
     from ghosted.solve.solver import solve
 

@@ -18,7 +18,7 @@ from ghosted.calibration.capture import CaptureResult
 from ghosted.checkpoint.meta import ABSENT, GuardRecord
 from ghosted.config import PruneConfig
 from ghosted.corpora import Calibration
-from ghosted.evaluate.perplexity import mean_nll
+from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method import arch
 from ghosted.method.fold import allowed_folds
 from ghosted.method.linalg import fold_residual, relative_residual

@@ -31,7 +31,7 @@ from ghosted.checkpoint.meta import SolveMeta
 from ghosted.config import EvalSettings, GateConfig, PruneConfig, SearchConfig, to_json
 from ghosted.corpora import Calibration
 from ghosted.errors import GhostedError
-from ghosted.evaluate.perplexity import mean_nll
+from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method import arch
 from ghosted.method.operator import Operator
 from ghosted.method.policies import get_policy
@@ -223,8 +223,8 @@ def solve_plan(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captur
 def evaluate_solution(loaded: Loaded, sol: Solution, evaluation: EvalSettings, dense: dict, gate: GateConfig,
                       progress: bool = False) -> dict[str, Any]:
     """The gate's verdict on a solution (patched in memory, restored afterwards), evaluated on `eval:` data."""
-    from ghosted.evaluate.gate import apply_gate
-    from ghosted.evaluate.run import evaluate_quality
+    from ghosted.evaluation.gate import apply_gate
+    from ghosted.evaluation.run import evaluate_quality
 
     with temporarily_pruned(loaded.model, sol.removed, sol.operators) as pruned:
         quality = evaluate_quality(pruned, loaded.tokenizer, evaluation, progress)
@@ -314,7 +314,7 @@ class _Search:
 def run_search(loaded: Loaded, calib: Calibration, cfg: PruneConfig, scfg: SearchConfig, evaluation: EvalSettings,
                gate: GateConfig, progress: bool = True, log: Log = _nolog) -> SearchOutcome:
     """Screen, then binary-search k with full evaluations of the best plan per k; see the module docstring."""
-    from ghosted.evaluate.run import evaluate_quality
+    from ghosted.evaluation.run import evaluate_quality
 
     if cfg.recovery != "ghost":
         raise GhostedError(f"search fits ghosts: prune.recovery must be ghost, not {cfg.recovery}")

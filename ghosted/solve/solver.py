@@ -13,7 +13,7 @@ from ghosted.calibration.capture import CapturePlan, CaptureResult, capture
 from ghosted.checkpoint.meta import GuardRecord, SolveMeta
 from ghosted.config import PruneConfig, to_json
 from ghosted.corpora import Calibration
-from ghosted.evaluate.perplexity import mean_nll
+from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method import arch
 from ghosted.method.fold import layout_for
 from ghosted.method.linalg import fold_residual, relative_residual

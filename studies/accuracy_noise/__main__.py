@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghosted.evaluate.zeroshot import default_cache_dir, make_lm, task_configs
+from ghosted.evaluation.zeroshot import default_cache_dir, make_lm, task_configs
 from ghosted.models import load_model
 from studies.common import report_dir
 

@@ -16,8 +16,8 @@ import argparse
 def main() -> None:
     argparse.ArgumentParser(prog="python -m studies.bench_memory_breakdown",
                             description=__doc__.split("\n\n")[0]).parse_args()
-    from ghosted.evaluate import bench
-    from ghosted.evaluate.harness import proc_bytes, reset_cpu_peak
+    from ghosted.evaluation import bench
+    from ghosted.evaluation.harness import proc_bytes, reset_cpu_peak
     from ghosted.solve.solver import PruneConfig, solve
 
     def rss() -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ghosted.config import PruneConfig
 from ghosted.corpora import build_calibration
-from ghosted.evaluate.perplexity import perplexity
+from ghosted.evaluation.perplexity import perplexity
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model
 from ghosted.solve.solver import solve
@@ -57,7 +57,7 @@ def main() -> None:
                 for s in ("wiki", "ptb"):
                     row[s] = perplexity(m, tok, s, 512, a.ppl_windows, progress=False)["ppl"]
                 if a.tasks:
-                    from ghosted.evaluate.zeroshot import evaluate_zeroshot
+                    from ghosted.evaluation.zeroshot import evaluate_zeroshot
 
                     z = evaluate_zeroshot(m, tok, a.tasks.split(","), a.limit, progress=False)
                     row["acc_norm"] = z["average"]["acc_norm"]

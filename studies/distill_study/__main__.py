@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ghosted.config import PruneConfig
 from ghosted.corpora import build_calibration
-from ghosted.evaluate.perplexity import perplexity
+from ghosted.evaluation.perplexity import perplexity
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model
 from ghosted.solve.solver import distill_operators, solve

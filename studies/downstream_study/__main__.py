@@ -19,7 +19,7 @@ import time
 import torch
 
 from ghosted.config import PruneConfig
-from ghosted.evaluate.perplexity import mean_nll, perplexity
+from ghosted.evaluation.perplexity import mean_nll, perplexity
 from ghosted.method import arch
 from ghosted.method.sums import first_positions, scale_free
 from ghosted.method.surgery import temporarily_pruned

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ghosted.corpora import build_calibration
-from ghosted.evaluate.perplexity import perplexity
+from ghosted.evaluation.perplexity import perplexity
 from ghosted.io import write_json_atomic, write_text_atomic
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import load_model

@@ -27,7 +27,7 @@ METRICS = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")
 
 def stock_yaml(task: str, data_file: Path, yaml_dir: Path) -> str:
     """Write lm-eval's own YAML for `task`, renamed `<task>_local`, reading `data_file`; returns the name."""
-    from ghosted.evaluate.zeroshot import stock_yaml_override
+    from ghosted.evaluation.zeroshot import stock_yaml_override
 
     name = f"{task}_local"
     (yaml_dir / f"{name}.yaml").write_text(json.dumps(stock_yaml_override(task, data_file, name)))  # JSON is YAML
@@ -42,7 +42,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
-    from ghosted.evaluate.zeroshot import export_task_data
+    from ghosted.evaluation.zeroshot import export_task_data
     from ghosted.models import SHIPPED, shipped_gguf
 
     tasks = args.tasks.split(",")

@@ -101,7 +101,7 @@ def one(model: str, n: int, seq_len: int, remove: int, batch_size: int, guard: s
 
     from ghosted.calibration.capture import capture_batch
     from ghosted.checkpoint import format as checkpoint
-    from ghosted.evaluate import bench, perplexity
+    from ghosted.evaluation import bench, perplexity
     from ghosted.solve import solver as prune
 
     base = bench.runtime_baseline(model)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ghosted.config import EvalSettings
 from ghosted.corpora import build_calibration
-from ghosted.evaluate.run import versions
+from ghosted.evaluation.run import versions
 from ghosted.models import load_model
 from ghosted.reporting.compare_report import write_report
 from ghosted.solve.grid import grid_header, run_cell, run_dense

@@ -14,7 +14,7 @@ from studies.common import printed_to, text_report_parser
 def run() -> None:
     from ghosted.calibration.capture import CapturePlan, capture
     from ghosted.corpora import build_calibration, load_documents, make_windows
-    from ghosted.evaluate.perplexity import mean_nll
+    from ghosted.evaluation.perplexity import mean_nll
     from ghosted.method.linalg import PairSums, solve_ghost
     from ghosted.method.surgery import temporarily_pruned
     from ghosted.models import load_model

@@ -16,7 +16,7 @@ def run() -> None:
 
     from ghosted.calibration.capture import CapturePlan, capture
     from ghosted.corpora import build_calibration, load_documents, make_windows
-    from ghosted.evaluate.perplexity import mean_nll
+    from ghosted.evaluation.perplexity import mean_nll
     from ghosted.method import arch
     from ghosted.method.linalg import F64, Operator, ridge_lambda, solve_ghost
     from ghosted.method.surgery import temporarily_pruned

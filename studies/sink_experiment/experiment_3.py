@@ -18,7 +18,7 @@ def run(N: int) -> None:
 
     from ghosted.calibration.capture import CapturePlan, capture
     from ghosted.corpora import build_calibration, load_documents, make_windows
-    from ghosted.evaluate.perplexity import mean_nll
+    from ghosted.evaluation.perplexity import mean_nll
     from ghosted.method import arch
     from ghosted.method.linalg import solve_ghost
     from ghosted.method.surgery import temporarily_pruned

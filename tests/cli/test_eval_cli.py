@@ -24,7 +24,7 @@ def test_eval_writes_results_json(tiny_folder, tmp_path, run):
     from transformers import AutoTokenizer
 
     from ghosted.corpora import load_documents, make_windows, tokens_sha256
-    from ghosted.evaluate.zeroshot import default_cache_dir, items_sha256
+    from ghosted.evaluation.zeroshot import default_cache_dir, items_sha256
 
     ids = make_windows(AutoTokenizer.from_pretrained(tiny_folder), load_documents("wiki"), 32)[:2]
     assert wiki["sha256"] == tokens_sha256(ids)

@@ -13,15 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import ghosted
 from ghosted.corpora import Calibration, tokens_sha256
-from ghosted.evaluate.perplexity import mean_nll
+from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method import arch
-from ghosted.method.linalg import (
-    fold_residual,
-    procrustes,
-    solve_replaceme,
-    solve_rotate,
-    solve_rotate_replaceme,
-)
+from ghosted.method.linalg import fold_residual, procrustes, solve_replaceme, solve_rotate, solve_rotate_replaceme
 from ghosted.method.operator import Operator
 from ghosted.method.sums import F64, PairSums
 from ghosted.method.surgery import apply, temporarily_pruned

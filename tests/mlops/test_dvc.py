@@ -63,7 +63,7 @@ def test_register_switch_parses_and_decides(monkeypatch):
 
 def test_compact_metrics_keep_the_decisive_numbers_only():
     from ghosted.config import GateConfig
-    from ghosted.evaluate.gate import apply_gate
+    from ghosted.evaluation.gate import apply_gate
     from ghosted.mlops.dvc import compact_metrics
 
     def doc(wiki: float, piqa: float, arc: float, params: int, gen_ms: float) -> dict:

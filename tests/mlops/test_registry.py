@@ -30,7 +30,7 @@ pytest.importorskip("mlflow")
 
 from ghosted.cli import main  # noqa: E402
 from ghosted.config import GateConfig  # noqa: E402
-from ghosted.evaluate.gate import apply_gate  # noqa: E402
+from ghosted.evaluation.gate import apply_gate  # noqa: E402
 from tests.tiny_models import make_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,7 +290,7 @@ def _head() -> str | None:
 
 
 def test_run_has_measurements_as_metrics_configuration_as_params_and_its_datasets(evaluated, tmp_path, capsys):
-    from ghosted.evaluate.zeroshot import default_cache_dir
+    from ghosted.evaluation.zeroshot import default_cache_dir
     from ghosted.mlops.registry import CONFIG_KEYS, is_configuration
 
     ckpt, pruned, dense = evaluated

@@ -13,7 +13,7 @@ pytest.importorskip("mlflow")
 from ghosted.cli import main  # noqa: E402
 from ghosted.config import GateConfig, RegistryConfig  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
-from ghosted.evaluate.gate import apply_gate, beats  # noqa: E402
+from ghosted.evaluation.gate import apply_gate, beats  # noqa: E402
 from ghosted.mlops.registry import registered_name  # noqa: E402
 from tests.tiny_models import make_tiny  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.evaluate.perplexity import mean_nll
+from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method.operator import Operator
 from ghosted.method.sums import F64
 from ghosted.method.surgery import temporarily_pruned

@@ -236,7 +236,7 @@ def test_bi_selection_takes_the_layers_of_lowest_block_influence():
 def test_ppl_selection_is_greedy_on_held_out_loss():
     """The first pick is the single layer whose removal costs the least held-out loss; the second is the
     best layer to add to it."""
-    from ghosted.evaluate.perplexity import mean_nll
+    from ghosted.evaluation.perplexity import mean_nll
     from ghosted.solve.solver import heldout_windows
 
     loaded = _loaded("llama", layers=5)

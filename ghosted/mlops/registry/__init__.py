@@ -5,7 +5,7 @@ thresholds and the evaluations' configuration; metrics: the evaluations' measure
 two told apart by `is_configuration`; dataset inputs: the calibration set and every evaluation set with its sha256;
 the tag `mlflow.source.git.commit`; artifacts: the checkpoint as an MLflow pyfunc model (ghosted/mlops/serving.py),
 both metrics files and the reports), registers that model as a new version of `ghosted-<base model>`, tags the
-version with its lineage, the gate's verdict (ghosted/evaluate/gate.py) and the champion decision, and moves the
+version with its lineage, the gate's verdict (ghosted/evaluation/gate.py) and the champion decision, and moves the
 `champion` alias when the version passes and beats the champion.
 
 - Idempotent: a checkpoint whose content sha256 is already a version of the model is not registered again;
@@ -32,31 +32,31 @@ settings (the `gate:` and `registry:` sections of a params file), faults (named 
 from ghosted.mlops.registry.commands import list_versions, promote, recorded_fingerprint, rollback
 from ghosted.mlops.registry.connection import DB_TIMEOUT_S, LOCK_TIMEOUT_S, NoRegistry, registry_lock, sqlite_path
 from ghosted.mlops.registry.evaluation import (
-                                               CONFIG_KEYS,
-                                               DATASET_CONTEXT,
-                                               DIGEST_LEN,
-                                               dataset_inputs,
-                                               evaluation_params,
-                                               is_configuration,
-                                               read_json,
-                                               split_evaluation,
+    CONFIG_KEYS,
+    DATASET_CONTEXT,
+    DIGEST_LEN,
+    dataset_inputs,
+    evaluation_params,
+    is_configuration,
+    read_json,
+    split_evaluation,
 )
 from ghosted.mlops.registry.names import (
-                                               CHAMPION,
-                                               DECISION_TAG,
-                                               FINGERPRINT_TAG,
-                                               GIT_COMMIT_TAG,
-                                               HISTORY_TAG,
-                                               MODEL_ARTIFACT,
-                                               OWNER_TAG,
-                                               SHA_TAG,
-                                               STATE_TAG,
-                                               Log,
-                                               checkpoint_sha256,
-                                               flatten_params,
-                                               git_info,
-                                               lineage,
-                                               registered_name,
+    CHAMPION,
+    DECISION_TAG,
+    FINGERPRINT_TAG,
+    GIT_COMMIT_TAG,
+    HISTORY_TAG,
+    MODEL_ARTIFACT,
+    OWNER_TAG,
+    SHA_TAG,
+    STATE_TAG,
+    Log,
+    checkpoint_sha256,
+    flatten_params,
+    git_info,
+    lineage,
+    registered_name,
 )
 from ghosted.mlops.registry.recovery import recover
 from ghosted.mlops.registry.register import register

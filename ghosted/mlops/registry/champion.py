@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from ghosted.evaluate.gate import beats
+from ghosted.evaluation.gate import beats
 from ghosted.mlops.registry.connection import Client
 from ghosted.mlops.registry.names import CHAMPION, HISTORY_TAG
 

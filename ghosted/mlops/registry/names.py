@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ghosted.errors import GhostedError
-from ghosted.evaluate.gate import FINGERPRINT_KEY
+from ghosted.evaluation.gate import FINGERPRINT_KEY
 
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"

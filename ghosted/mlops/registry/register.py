@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import ghosted.mlops.registry.faults as faults
 from ghosted.errors import GhostedError
-from ghosted.evaluate.gate import Verdict, apply_gate
+from ghosted.evaluation.gate import Verdict, apply_gate
 from ghosted.mlops.registry.champion import champion, decide, description, set_champion
 from ghosted.mlops.registry.connection import (
     DB_TIMEOUT_S,

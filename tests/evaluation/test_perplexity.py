@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ghosted.checkpoint.format import ghost_classes
-from ghosted.evaluate import perplexity
-from ghosted.evaluate.perplexity import chunk_rows, mean_nll, split_head
+from ghosted.evaluation import perplexity
+from ghosted.evaluation.perplexity import chunk_rows, mean_nll, split_head
 from ghosted.method.operator import Operator
 from ghosted.method.surgery import temporarily_pruned
 from tests.tiny_models import FAMILIES, HIDDEN, make_tiny, tiny_config

@@ -20,8 +20,8 @@ import transformers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ghosted.errors import GhostedError
-from ghosted.evaluate import zeroshot
-from ghosted.evaluate.zeroshot import (
+from ghosted.evaluation import zeroshot
+from ghosted.evaluation.zeroshot import (
     DEFAULT_TASKS,
     SUPPORTED_TASKS,
     TASK_SOURCES,

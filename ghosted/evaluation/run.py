@@ -32,8 +32,8 @@ def _nolog(_msg: str) -> None:
 
 def evaluate_quality(model: Any, tokenizer: Any, settings: EvalSettings, progress: bool = True) -> dict:
     """Perplexity on each source and zero-shot accuracy of an in-memory model (dense, pruned or patched)."""
-    from ghosted.evaluate.perplexity import perplexity
-    from ghosted.evaluate.zeroshot import evaluate_zeroshot
+    from ghosted.evaluation.perplexity import perplexity
+    from ghosted.evaluation.zeroshot import evaluate_zeroshot
 
     t0 = time.perf_counter()
     ppl = {src: perplexity(model, tokenizer, src, seq_len=settings.seq_len, windows=settings.ppl_windows,
@@ -55,7 +55,7 @@ def checkpoint_folder(ref) -> Path | None:
 
 def measure_loaded(loaded, eff: EfficiencySettings) -> dict:
     """measure_efficiency of an already loaded model, in THIS process (the worker side)."""
-    from ghosted.evaluate.efficiency import measure_efficiency
+    from ghosted.evaluation.efficiency import measure_efficiency
 
     stats = measure_efficiency(loaded.model, loaded.tokenizer, batch_sizes=eff.batch_sizes, prompt_len=eff.prompt_len,
                                new_tokens=eff.new_tokens, repeats=eff.repeats,
@@ -119,7 +119,7 @@ def efficiency_report(model: str, eff: EfficiencySettings, dtype: str, device: s
                       log: Log = _nolog, device_map: str | None = None) -> dict:
     """Efficiency of `model` (and of `baseline`, with pruned/dense ratios), each measured in its own process."""
     from ghosted.config import to_json
-    from ghosted.evaluate.efficiency import efficiency_ratios
+    from ghosted.evaluation.efficiency import efficiency_ratios
 
     out: dict[str, Any] = {"isolation": "each model measured in a fresh process", "settings": to_json(eff)}
     log(f"measuring efficiency of {model} on {device} (own process)")

@@ -34,7 +34,7 @@ import torch
 from ghosted.config import PruneConfig
 from ghosted.corpora import Calibration, build_calibration, tokens_sha256
 from ghosted.errors import GhostedError
-from ghosted.evaluate.harness import peak_memory, proc_bytes, sync
+from ghosted.evaluation.harness import peak_memory, proc_bytes, sync
 from ghosted.io import release_memory
 from ghosted.method import arch
 from ghosted.method.surgery import temporarily_pruned

@@ -2,8 +2,8 @@
 
 run.py is `ghosted eval` (one model); harness.py the timing/memory harness of efficiency.py and bench."""
 
-from ghosted.evaluate.efficiency import efficiency_ratios, measure_efficiency
-from ghosted.evaluate.zeroshot import DEFAULT_TASKS, SUPPORTED_TASKS, evaluate_zeroshot, task_configs
+from ghosted.evaluation.efficiency import efficiency_ratios, measure_efficiency
+from ghosted.evaluation.zeroshot import DEFAULT_TASKS, SUPPORTED_TASKS, evaluate_zeroshot, task_configs
 
 __all__ = [
     "DEFAULT_TASKS",

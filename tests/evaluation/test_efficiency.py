@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ghosted.errors import GhostedError
-from ghosted.evaluate.efficiency import efficiency_ratios, measure_efficiency
+from ghosted.evaluation.efficiency import efficiency_ratios, measure_efficiency
 
 VOCAB = 512
 
@@ -141,7 +141,7 @@ def test_harness_timing_and_peak_memory() -> None:
     import statistics
     import time
 
-    from ghosted.evaluate import harness
+    from ghosted.evaluation import harness
 
     cpu = torch.device("cpu")
     calls: list[int] = []
@@ -149,7 +149,7 @@ def test_harness_timing_and_peak_memory() -> None:
     assert len(runs) == len(calls) == 3 and median == statistics.median(runs) and min(runs) >= 2.0
     # In a fresh process: in this one, memory freed by earlier tests (a worker runs many) can be reused without
     # a new page, so the high-water mark need not move.
-    probe = ("import json, torch\nfrom ghosted.evaluate import harness\ncpu = torch.device('cpu')\n"
+    probe = ("import json, torch\nfrom ghosted.evaluation import harness\ncpu = torch.device('cpu')\n"
              "method = harness.memory_method(cpu)\nwith harness.peak_memory(cpu, method) as memory:\n"
              "    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written\n    del block\n"
              "print(json.dumps([method, memory]))")

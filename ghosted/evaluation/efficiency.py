@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.evaluate.harness import memory_method, peak_memory, timed
+from ghosted.evaluation.harness import memory_method, peak_memory, timed
 
 # ----------------------------------------------------------------------------- model facts
 
