@@ -11,7 +11,7 @@ Two tables:
   concurrent registers.
 
 Cases marked REGISTRY (ids starting "registry:") exercise the registry robustness work (issue 13 item 4,
-ghosted/tracking.py); cases marked CKPT exercise the stale-temp cleanup (item 1). They are written against the
+ghosted/mlops/registry/settings.py); cases marked CKPT exercise the stale-temp cleanup (item 1). They are written against the
 public CLI and pass once that work is merged.
 
 With GHOSTED_RELIABILITY_LOG=path every case appends its outcome as one JSON line: python -m studies.reliability_report

@@ -1,15 +1,5 @@
-"""Evaluation of dense and pruned models: perplexity, zero-shot accuracy (lm-eval) and efficiency.
+"""Evaluation of dense and pruned models: perplexity, zero-shot accuracy (lm-eval), efficiency and the gate.
 
-run.py is `ghosted eval` (one model); harness.py the timing/memory harness of efficiency.py and bench."""
-
-from ghosted.evaluation.efficiency import efficiency_ratios, measure_efficiency
-from ghosted.evaluation.zeroshot import DEFAULT_TASKS, SUPPORTED_TASKS, evaluate_zeroshot, task_configs
-
-__all__ = [
-    "DEFAULT_TASKS",
-    "SUPPORTED_TASKS",
-    "efficiency_ratios",
-    "evaluate_zeroshot",
-    "measure_efficiency",
-    "task_configs",
-]
+run.py is `ghosted eval` (one model); harness.py the timing/memory harness of efficiency.py and bench.py;
+gate.py the pure pass/fail rule the registry and the search apply. Import the modules themselves: this package
+imports nothing, so reading the gate does not load torch."""

@@ -191,7 +191,7 @@ def markdown(result: dict, plots: list[str]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -200,7 +200,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, metadata={"Software": None})
 
 
@@ -230,7 +230,7 @@ def plot_ppl(result: dict, path: Path) -> bool:
     if not sources:
         return False
     ks = result["settings"]["remove"]
-    fig = _figure(5.0 * len(sources), 4.0)
+    fig = new_figure(5.0 * len(sources), 4.0)
     axes = fig.subplots(1, len(sources), squeeze=False)[0]
     for ax, src in zip(axes, sources):
         for name in dict.fromkeys(_name(c) for c in result["cells"]):
@@ -246,7 +246,7 @@ def plot_ppl(result: dict, path: Path) -> bool:
         ax.set_title(f"{_label(src)}: {result['model']}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -254,7 +254,7 @@ def plot_scores(result: dict, path: Path) -> bool:
     """Per-layer BI and angular distance, and per-block angular distance for each k, from the shared capture."""
     sc = result["scores"]
     L = result["num_layers"]
-    fig = _figure(11.0, 4.0)
+    fig = new_figure(11.0, 4.0)
     ax1, ax2 = fig.subplots(1, 2)
     shades = ["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
     removed_sets = []
@@ -277,7 +277,7 @@ def plot_scores(result: dict, path: Path) -> bool:
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
     fig.suptitle(f"{result['model']}: selection scores on {sc['tokens']} calibration tokens")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -292,7 +292,7 @@ def plot_accuracy(result: dict, path: Path) -> bool:
     cols = [*tasks, "average"]
     data = np.array([[r["tasks"].get(t) if t != "average" else r["average"] for t in cols] for r in table],
                     dtype=float)
-    fig = _figure(1.2 * len(cols) + 3.0, 0.45 * len(table) + 1.6)
+    fig = new_figure(1.2 * len(cols) + 3.0, 0.45 * len(table) + 1.6)
     ax = fig.subplots()
     im = ax.imshow(data, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), labels=cols)
@@ -307,7 +307,7 @@ def plot_accuracy(result: dict, path: Path) -> bool:
                         color="white" if light else "black")
     fig.colorbar(im, ax=ax, label="acc_norm (acc where none)")
     ax.set_title(f"{result['model']}: zero-shot accuracy")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

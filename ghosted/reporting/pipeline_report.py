@@ -32,16 +32,16 @@ def score_records(scores: Mapping[str, Any], removed: list[int]) -> tuple[list[d
 
 def plot_layer_scores(rows: list[dict], title: str, path: Path) -> None:
     """Per-layer BI and angular distance with the removed layers shaded (report.py's drawing)."""
-    from ghosted.reporting.compare_report import _figure, _save, draw_layer_scores
+    from ghosted.reporting.compare_report import draw_layer_scores, new_figure, save_figure
 
-    fig = _figure(8.0, 3.6)
+    fig = new_figure(8.0, 3.6)
     ax = fig.subplots()
     removed = [r["layer"] for r in rows if r["removed"]]
     draw_layer_scores(ax, [r["bi"] for r in rows], [r["angular"] for r in rows],
                       [(removed, "removed", "tab:red", 0.12)] if removed else [])
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _fmt(x: float | None) -> str:

