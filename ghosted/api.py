@@ -38,6 +38,13 @@ class PruneResult:
     recovery: str
     ghosts: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)  # the solve's meta (ridge, guard, ...)
+    params: int | None = None  # every tensor the checkpoint stores (ghosts included; a head the fold untied)
+    params_dense: int | None = None  # the dense model's parameters (tied embedding and head counted once)
+
+    @property
+    def params_ratio(self) -> float | None:
+        """params / params_dense: above 1 - removed/layers where the fold untied the head (foldable)."""
+        return self.params / self.params_dense if self.params and self.params_dense else None
 
 
 def load_params(path: str | Path | None = None) -> Params:
@@ -133,10 +140,14 @@ def prune(model: str, params: Params | str | Path | None = None, out: str | Path
     if p.prune is None:
         raise GhostedError("give exactly one of --remove K or --layers LIST")
     loaded, calib = _prepare(model, p, out, force, calibration, log, load)
+    from ghosted.checkpoint.format import param_counts
+
     sol = solve(loaded, calib, p.prune, progress=progress, log=log)
+    dense = sum(t.numel() for t in loaded.model.parameters())  # before the in-place surgery; tied weights once
     meta = build_checkpoint(loaded, sol, calib.sha256, Path(out), force=force)
     return PruneResult(out=Path(out), removed_layers=list(sol.removed), num_layers=meta.num_layers,
-                       recovery=p.prune.recovery, ghosts=len(meta.ghost_list), meta=sol.meta.to_dict())
+                       recovery=p.prune.recovery, ghosts=len(meta.ghost_list), meta=sol.meta.to_dict(),
+                       params=param_counts(Path(out))["params"], params_dense=dense)
 
 
 def prune_template(params: Params) -> PruneConfig:

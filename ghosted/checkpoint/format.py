@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ghosted._remote import modeling_ghosted
+from ghosted.checkpoint.card import CARD, model_card
 from ghosted.checkpoint.meta import CheckpointMeta, read_config
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, atomic_dir, file_sha256
@@ -112,8 +114,50 @@ def _check_finite(model: torch.nn.Module, chunk: int = 1 << 20) -> None:
                                "is broken, try a larger --ridge or float32")
 
 
-def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: CheckpointMeta, force: bool = False) -> Path:
-    """Write the checkpoint atomically (see io.atomic_dir): never half-written, a user's folder never replaced."""
+def param_counts(folder: Path) -> dict[str, int | None]:
+    """{"params": every tensor stored in the folder's weights (ghosts included), "params_dense": the dense base's}.
+
+    The dense count is the stored non-layer tensors (a head the fold untied from the embedding counted once, as
+    the tied base stores it) plus the kept layers' mean size times the dense layer count: exact for families
+    whose layers are all the same size (every supported one); None where the folder says no dense layer count."""
+    from safetensors import safe_open
+
+    doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    block = doc.get("ghosted") if isinstance(doc.get("ghosted"), dict) else {}
+    layers_path = re.escape(str(block.get("layers_path") or "model.layers").removeprefix("model."))
+    layer_re = re.compile(rf"^(?:model\.)?{layers_path}\.(\d+)\.")
+    sizes: dict[str, int] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                sizes[key] = int(torch.Size(shape).numel())
+    total = sum(sizes.values())
+    if not block:
+        return {"params": total, "params_dense": total}
+    dense_layers = block.get("num_layers_dense")
+    per_layer: dict[int, int] = {}
+    rest = 0
+    for key, n in sizes.items():
+        m = layer_re.match(key)
+        if m:
+            per_layer[int(m[1])] = per_layer.get(int(m[1]), 0) + n
+        elif not key.startswith("ghosts."):
+            rest += n
+    if not isinstance(dense_layers, int) or not per_layer:
+        return {"params": total, "params_dense": None}
+    if "lm_head.weight" in sizes and any("head untied" in str(x) for x in block.get("folded") or []):
+        rest -= sizes["lm_head.weight"]
+    layer_mean = sum(per_layer.values()) / len(per_layer)
+    return {"params": total, "params_dense": rest + round(layer_mean * dense_layers)}
+
+
+def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: CheckpointMeta, force: bool = False,
+         keep: dict[str, Path] | None = None) -> Path:
+    """Write the checkpoint atomically (see io.atomic_dir): never half-written, a user's folder never replaced.
+
+    Every checkpoint gets a model card (README.md); `keep`: {name: file} copied in last (`ghosted upgrade`: the
+    user's own README.md, LICENSE, ... of the folder it rewrites), in place of what this would write there."""
     out = Path(out_dir)
     cfg = model.config
     has_ghosts = meta.has_ghosts
@@ -150,6 +194,11 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: Checkpoin
             doc["architectures"] = [base]
             doc.pop("auto_map", None)
         (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / CARD).write_text(model_card(CheckpointMeta.from_dict(block), out.name, param_counts(tmp)),
+                                encoding="utf-8")
+        for name, src in (keep or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
         write_manifest(tmp)
     return out
 
@@ -166,9 +215,11 @@ def base_config(doc: dict, base: str):
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer, resolved with the base config (AutoTokenizer alone would ask to run the code)."""
+    """The checkpoint's tokenizer, resolved with the base config (AutoTokenizer alone asks to run the code)."""
     from transformers import AutoTokenizer
 
     doc = read_config(Path(path))
     base = CheckpointMeta.from_dict(doc["ghosted"]).base_architecture or None
-    return AutoTokenizer.from_pretrained(str(path), config=base_config(doc, base))
+    # the tokenizer of a ghost checkpoint is its base model's: never the folder's code, so never transformers'
+    # "run the custom code? [y/N]" prompt (it stalls a terminal, e.g. under `mlflow models serve`)
+    return AutoTokenizer.from_pretrained(str(path), config=base_config(doc, base), trust_remote_code=False)

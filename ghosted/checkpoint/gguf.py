@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghosted.checkpoint.format import MODEL_TYPE
+from ghosted.checkpoint.format import MODEL_TYPE, param_counts
 from ghosted.checkpoint.gguf_tokenizer import check_vocab, copy_gguf_tokenizer, source_gguf, write_hf_tokenizer
 from ghosted.checkpoint.meta import CheckpointMeta, is_ghost_class
 from ghosted.errors import GhostedError
@@ -45,6 +45,13 @@ class ExportResult:
     tensors: int
     tokenizer: str  # where the tokenizer metadata came from
     bytes: int
+    params: int = 0  # the elements of the tensors written (a tied head is not written: llama.cpp reuses token_embd)
+    params_dense: int | None = None  # the dense base model's parameters (checkpoint.format.param_counts)
+    untied_head: bool = False  # the fold untied the LM head from the embedding: one more vocab x hidden matrix
+
+    @property
+    def params_ratio(self) -> float | None:
+        return self.params / self.params_dense if self.params_dense else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
             tok_desc = f"copied from {source.name}"
         else:
             tok_desc = write_hf_tokenizer(writer, folder)
-        count, blocks = 0, set()
+        count, blocks, elements = 0, set(), 0
         for hf_name, t in _iter_tensors(files):
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed by every reader
@@ -284,6 +291,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
             arr, raw = _to_gguf_array(t, outtype)
             writer.add_tensor(f"{gname}.{suffix}", arr, raw_dtype=raw)
             count += 1
+            elements += t.numel()
         if blocks != set(range(n_layer)):
             raise GhostedError(f"config says {n_layer} layers but the weights hold blocks {sorted(blocks)}")
         writer.write_header_to_file()
@@ -294,4 +302,6 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ExportResult(out, spec.gguf_arch, outtype, n_layer, count, tok_desc, out.stat().st_size)
+    folded = (cfg.get("ghosted") or {}).get("folded") or []
+    return ExportResult(out, spec.gguf_arch, outtype, n_layer, count, tok_desc, out.stat().st_size, elements,
+                        param_counts(folder)["params_dense"], any("head untied" in str(f) for f in folded))

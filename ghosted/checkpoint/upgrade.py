@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ghosted._remote import modeling_ghosted
+from ghosted.checkpoint.card import is_inert
 from ghosted.checkpoint.format import (
     AUTO_MAP,
     FORMAT,
@@ -14,6 +16,7 @@ from ghosted.checkpoint.format import (
     MODEL_CLASS,
     MODEL_TYPE,
     _base_classes,
+    _listed_files,
     ghost_classes,
     load_tokenizer,
     remote_sources,
@@ -22,6 +25,7 @@ from ghosted.checkpoint.format import (
 from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_meta
 from ghosted.checkpoint.verify import _check_manifest, _code_files, _stale_code, verify
 from ghosted.errors import GhostedError
+from ghosted.io import file_sha256
 
 
 def _load_legacy(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -48,6 +52,18 @@ def _older_code(folder: Path, doc: dict, meta: CheckpointMeta) -> bool:
     except GhostedError:
         return False
     return _code_files(folder) == sorted(expected) and bool(_stale_code(folder, expected))
+
+
+def _user_files(folder: Path) -> dict[str, Path]:
+    """The files of `folder` no loader reads (README.md, .gitattributes, LICENSE, ...) that ghosted did not write
+    as they are (not in its manifest, or changed since): upgrade keeps them. Any other file is rewritten or
+    dropped (a loader would read it, and only what this ghosted writes is kept of those)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    return {name: folder / name for name in _listed_files(folder)
+            if is_inert(name) and listed.get(name) != file_sha256(folder / name)}
 
 
 def upgrade(path: str | Path) -> dict:
@@ -78,5 +94,6 @@ def upgrade(path: str | Path) -> dict:
         tokenizer = load_tokenizer(folder)
     except Exception:  # noqa: BLE001 - a checkpoint saved without a tokenizer stays without one
         tokenizer = None
-    save(model, tokenizer, folder, meta.updated(format=ABSENT), force=True)
-    return {**verify(folder), "upgraded": True}
+    kept = _user_files(folder)
+    save(model, tokenizer, folder, meta.updated(format=ABSENT), force=True, keep=kept)
+    return {**verify(folder), "upgraded": True, "kept_files": sorted(kept)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ghosted.checkpoint.card import is_inert
 from ghosted.checkpoint.format import (
     AUTO_MAP,
     FORMAT,
@@ -59,7 +60,10 @@ def _is_legacy(doc: dict) -> bool:
     return doc["ghosted"].get("format") is None
 
 
-def _check_manifest(folder: Path) -> None:
+def _check_manifest(folder: Path) -> list[str]:
+    """Every file the manifest lists is there with its sha256, and nothing a loader reads is unlisted. Files no
+    loader reads (card.is_inert: README.md, .gitattributes, LICENSE, images) may be added, edited or removed;
+    returns those that differ from the manifest."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -71,14 +75,21 @@ def _check_manifest(folder: Path) -> None:
     if manifest.get("algorithm") != "sha256" or not isinstance(files, dict) or not files:
         raise GhostedError(f"{folder}/{MANIFEST}: no sha256 file list")
     present = set(_listed_files(folder))
+    changed: list[str] = []
     for name, digest in files.items():
-        if name not in present:
+        if is_inert(name):
+            if name not in present or file_sha256(folder / name) != digest:
+                changed.append(name)
+        elif name not in present:
             raise GhostedError(f"{folder}: {name} is listed in the manifest but missing")
-        if file_sha256(folder / name) != digest:
+        elif file_sha256(folder / name) != digest:
             raise GhostedError(f"{folder}: {name} was modified after it was written (sha256 differs from the manifest)")
     extra = sorted(present - set(files))
-    if extra:
-        raise GhostedError(f"{folder}: file(s) not in the manifest: {', '.join(extra)}")
+    refused = [name for name in extra if not is_inert(name)]
+    if refused:
+        raise GhostedError(f"{folder}: file(s) not in the manifest: {', '.join(refused)} (only files no loader "
+                           "reads, such as README.md or .gitattributes, may be added)")
+    return sorted(changed + extra)
 
 
 def _code_files(folder: Path) -> list[str]:
@@ -197,8 +208,8 @@ def verify(path: str | Path) -> dict:
         raise GhostedError(f"{folder}: checkpoint format {meta.format!r}; this ghosted reads format {FORMAT}")
     base = meta.base_architecture or None
     has_ghosts = meta.has_ghosts
-    _check_manifest(folder)
+    unread = _check_manifest(folder)
     _check_code(folder, doc, base, has_ghosts)
     _check_tensors(folder, doc, meta, base, has_ghosts)
     return {"path": str(folder), "ghosts": len(meta.ghost_list), "num_layers": meta.to_dict().get("num_layers"),
-            "base_architecture": base, "kind": "ghost" if has_ghosts else "plain"}
+            "base_architecture": base, "kind": "ghost" if has_ghosts else "plain", "unchecked_files": unread}

@@ -66,10 +66,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary = {"out": str(args.out), "removed_layers": res.removed_layers, "num_layers": res.num_layers,
                "recovery": res.recovery, "ridge": res.meta["ridge"], "guard": res.meta["guard"],
                "calibration_relative_residual": res.meta["calibration_relative_residual"],
+               "params": res.params, "params_dense": res.params_dense,
+               "ratio": None if res.params_ratio is None else round(res.params_ratio, 4),
                "seconds": round(time.perf_counter() - t0, 1)}
     if args.summary:
         write_json(args.summary, {**summary, "solve": res.meta})
-    log(args, f"wrote {args.out}: {res.num_layers} layers, recovery {res.recovery}, {res.ghosts} ghost(s), "
+    size = f", {res.params:,} parameters ({summary['ratio']}x the dense {res.params_dense:,})" if res.params_ratio else ""
+    log(args, f"wrote {args.out}: {res.num_layers} layers, recovery {res.recovery}, {res.ghosts} ghost(s){size}, "
               f"{summary['seconds']}s")
     print(json.dumps(summary, default=float))
     return 0

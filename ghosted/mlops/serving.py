@@ -77,13 +77,15 @@ class GhostedTextGenerator(_python_model_base()):
 
     def load_context(self, context) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         import ghosted
+        from ghosted.checkpoint.format import load_tokenizer
 
         path = context.artifacts[ARTIFACT]
         self.model = ghosted.load(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # the base model's tokenizer, resolved without the folder's code: AutoTokenizer alone reads the ghost
+        # config, asks "run the custom code? [y/N]" and stalls a terminal (and `mlflow models serve`)
+        self.tokenizer = load_tokenizer(path)
         self.tokenizer.padding_side = "left"  # generation appends on the right
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

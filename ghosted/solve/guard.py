@@ -8,6 +8,7 @@ wins, plain removal on a tie. What was compared and chosen is recorded as a Guar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
@@ -35,27 +36,39 @@ LOSS = "held-out next-token loss"
 BOUNDARY = "held-out relative boundary error"
 
 
+def _nolog(_msg: str) -> None:
+    pass
+
+
 def compare(model: torch.nn.Module, ids: torch.Tensor, removed: list[int], candidates: dict[str, C],
             fit: Callable[[C], dict[Pair, Operator]], *, mode: str, batch_size: int, windows: int,
             res: CaptureResult | None = None, error: Callable[[PairSums, Operator], float] | None = None,
-            progressive: bool = False) -> tuple[str, GuardRecord]:
+            progressive: bool = False, log: Log = _nolog) -> tuple[str, GuardRecord]:
     """Score plain removal ("none") and every candidate; (the winner's key, the record without a reason).
 
     mode "loss": next-token loss on `ids` with the candidate's ghosts patched in; "boundary": the mean over the
-    cuts of error(held-out sums of the cut, its operator) (1.0 = plain removal), from the sums of `res`."""
+    cuts of error(held-out sums of the cut, its operator) (1.0 = plain removal), from the sums of `res`.
+    Each fit and score can take minutes on a real model: `log` gets one line per candidate, with its score."""
     scores: dict[str, float] = {}
+    total = len(candidates) + 1
     if mode == "loss":
+        log(f"guard: scoring plain removal and {len(candidates)} candidate(s) on {windows} held-out window(s)")
         with temporarily_pruned(model, removed) as m:
             scores["none"] = mean_nll(m, ids, batch_size)
-        for key, choice in candidates.items():
+        log(f"guard [1/{total}] none: {LOSS} {scores['none']:.4f}")
+        for i, (key, choice) in enumerate(candidates.items(), 2):
+            t0 = time.perf_counter()
             with temporarily_pruned(model, removed, fit(choice)) as m:
                 scores[key] = mean_nll(m, ids, batch_size)
+            log(f"guard [{i}/{total}] {key}: {LOSS} {scores[key]:.4f} ({time.perf_counter() - t0:.1f}s)")
         unit = LOSS
     else:  # boundary: relative unexplained energy on held-out kept tokens (1.0 = plain removal)
         scores["none"] = 1.0
-        for key, choice in candidates.items():
+        for i, (key, choice) in enumerate(candidates.items(), 2):
+            t0 = time.perf_counter()
             ops = fit(choice)
             scores[key] = sum(error(res.heldout[c], ops[c]) for c in ops) / len(ops)
+            log(f"guard [{i}/{total}] {key}: {BOUNDARY} {scores[key]:.4f} ({time.perf_counter() - t0:.1f}s)")
         unit = BOUNDARY
     best = min(scores, key=scores.get)
     record = GuardRecord(mode=mode, criterion=unit, scores=scores, heldout_windows=windows,
@@ -85,8 +98,9 @@ def _heldout(calib: Calibration, cfg: PruneConfig) -> tuple[torch.Tensor, int]:
 
 
 def ghost_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
-                cuts: list[Pair], log: Log) -> tuple[tuple[str, float] | None, GuardRecord]:
-    """Choose token policy and ridge on held-out windows; None (no recovery) when nothing beats plain removal."""
+                cuts: list[Pair], log: Log, progress: bool = False) -> tuple[tuple[str, float] | None, GuardRecord]:
+    """Choose token policy and ridge on held-out windows; None (no recovery) when nothing beats plain removal.
+    `progress`: a line per candidate in `log`."""
     grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
     policies = get_policy(cfg.token_policy).guard_choices  # auto: its candidates, in its order
     candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
@@ -96,7 +110,8 @@ def ghost_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captu
         return {c: solve_cut(res, c, "fit", choice[0], cfg, choice[1]) for c in cuts}
 
     best, record = compare(loaded.model, ids, removed, candidates, fit, mode=cfg.guard,
-                           batch_size=cfg.batch_size, windows=n_held, res=res, error=relative_residual)
+                           batch_size=cfg.batch_size, windows=n_held, res=res, error=relative_residual,
+                           log=log if progress else _nolog)
     record = explain(record, "ghost", "best ghost", log)
     return (None if best == "none" else candidates[best]), record
 
@@ -106,7 +121,8 @@ def _fold_error(s: PairSums, op: Operator) -> float:
 
 
 def foldable_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: CaptureResult, removed: list[int],
-                   cuts: list[Pair], log: Log) -> tuple[tuple[str, float, str] | None, GuardRecord]:
+                   cuts: list[Pair], log: Log, progress: bool = False) -> tuple[tuple[str, float, str] | None,
+                                                                                GuardRecord]:
     """Choose fold (cq, replaceme, cq+replaceme) and fit policy on held-out windows; None when plain removal wins.
 
     Every candidate folds into a plain checkpoint; its hooked form is measured (fold.py: the same logits).
@@ -126,6 +142,7 @@ def foldable_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Ca
         return {c: solve_cut(res, c, "fit", p, replace(cfg, fold=f), ridge) for c in cuts}
 
     best, record = compare(loaded.model, ids, removed, candidates, fit, mode=cfg.guard,
-                           batch_size=cfg.batch_size, windows=n_held, res=res, error=_fold_error)
+                           batch_size=cfg.batch_size, windows=n_held, res=res, error=_fold_error,
+                           log=log if progress else _nolog)
     record = explain(record, "foldable operator", "best", log)
     return (None if best == "none" else candidates[best]), record

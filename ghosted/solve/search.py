@@ -198,7 +198,8 @@ def solve_plan(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captur
     fit_ops, passes = fit_progressive(loaded, calib, cfg, removed, "fit", policy, ridge, res, progress)
     key = f"{policy}/ridge={ridge:g}"
     best, guard = compare(loaded.model, calib.input_ids[held], removed, {key: fit_ops}, lambda ops: ops, mode="loss",
-                          batch_size=cfg.batch_size, windows=len(held), progressive=True)
+                          batch_size=cfg.batch_size, windows=len(held), progressive=True,
+                          log=log if progress else _nolog)
     if best != "none":
         operators, more = fit_progressive(loaded, calib, cfg, removed, "total", policy, ridge, res, progress)
         passes += more

@@ -200,9 +200,9 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
 
     guard = GuardRecord(mode="off")
     if cfg.recovery == "ghost" and cfg.guard != "off" and any(res.heldout[c].n for c in cuts):
-        choice, guard = ghost_guard(loaded, calib, cfg, res, removed, cuts, log)
+        choice, guard = ghost_guard(loaded, calib, cfg, res, removed, cuts, log, progress)
     elif cfg.recovery == "foldable":  # its guard also picks the fold (and resolves "auto" when it is off)
-        choice, guard = foldable_guard(loaded, calib, cfg, res, removed, cuts, log)
+        choice, guard = foldable_guard(loaded, calib, cfg, res, removed, cuts, log, progress)
     else:  # no held-out check: the papers' setting, every token in the fit unless a policy says otherwise
         choice = (get_policy(cfg.token_policy).without_guard, cfg.ridge if cfg.ridge is not None else 1e-6)
     if choice is None:
