@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ghosted.reporting.compare_report import _figure, _save, duration
+from ghosted.reporting.compare_report import duration, new_figure, save_figure
 
 SEARCH_JSON = "search.json"
 SEARCH_MD = "search.md"
@@ -72,7 +72,7 @@ def plot_frontier(doc: dict[str, Any], path: Path) -> bool:
     panels = [(s, f"{s} PPL ratio (pruned / dense)", doc["gate"]["max_ppl_ratio"]) for s in sources]
     if any(r["retained_acc"] is not None for r in rows):
         panels.append((None, f"retained {doc['gate']['acc_metric']}", doc["gate"]["min_retained_acc"]))
-    fig = _figure(4.2 * len(panels), 3.6)
+    fig = new_figure(4.2 * len(panels), 3.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     chosen = doc["chosen"]
     for ax, (src, label, threshold) in zip(axes, panels):
@@ -100,5 +100,5 @@ def plot_frontier(doc: dict[str, Any], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{doc['model']}: search frontier")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
