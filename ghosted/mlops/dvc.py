@@ -20,10 +20,11 @@ EXPERIMENT_ENV = "DVC_EXP_BASELINE_REV"  # set by `dvc exp run` in every stage's
 
 
 def base_model_record(model: str) -> dict[str, str]:
-    """{model, fingerprint} of the base model: deterministic, so an unchanged model rewrites identical bytes."""
-    from ghosted.models import fingerprint, resolve
+    """{model, fingerprint} of the base model (ghosted.models.identity: a shipped model's GGUF sha256, a hub model's
+    commit, a folder's content hash): deterministic, so an unchanged model rewrites identical bytes."""
+    from ghosted.models import identity
 
-    return {"model": str(model), "fingerprint": fingerprint(resolve(model))}
+    return {"model": str(model), "fingerprint": identity(model)}
 
 
 def write_base_model(model: str, out: Path) -> dict[str, str]:
