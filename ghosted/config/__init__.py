@@ -11,6 +11,7 @@ call the CLI with `--config params.yaml`), the Prefect flows and the registry al
     evaluation.py  eval:, the efficiency measurement, gate:
     runs.py        registry:, sweep:, search:, the compare grid, ghost distillation
     params.py      the Params root, read_yaml, load_params, resolve
+    yaml_io.py     load_yaml: the one safe YAML reader (size, depth, node count, aliases, duplicate keys bounded)
 """
 
 from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig, check_sources, check_tasks
@@ -32,9 +33,10 @@ from ghosted.config.typed import (
            parse_names,
            to_json,
 )
+from ghosted.config.yaml_io import load_yaml
 
 __all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",
            "CalibrationConfig", "CompareConfig", "DistillConfig", "EfficiencySettings", "EvalSettings", "Flag",
            "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig",
-           "build", "check_sources", "check_tasks", "default", "flag_of", "load_params", "merged", "option",
+           "build", "check_sources", "check_tasks", "default", "flag_of", "load_params", "load_yaml", "merged", "option",
            "parse_ks", "parse_names", "read_yaml", "resolve", "to_json"]

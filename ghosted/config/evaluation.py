@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ghosted.config.typed import PPL_SOURCES_HELP, _typed, _whole, build, option, parse_names
-from ghosted.errors import GhostedError
+from ghosted.config.typed import PPL_SOURCES_HELP, _typed, _whole, build, option, parse_names, twice
+from ghosted.errors import GhostedError, brief
 
 
 def check_tasks(tasks: tuple[str, ...]) -> None:
@@ -17,21 +17,28 @@ def check_tasks(tasks: tuple[str, ...]) -> None:
 
     for name in tasks:
         if name not in SUPPORTED_TASKS:
-            close = difflib.get_close_matches(name, SUPPORTED_TASKS, n=1)
+            close = difflib.get_close_matches(str(name)[:100], SUPPORTED_TASKS, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise GhostedError(f"unknown task '{name}'; {hint}supported: {', '.join(SUPPORTED_TASKS)} (or 'none')")
+            raise GhostedError(f"unknown task {brief(name)}; {hint}supported: {', '.join(SUPPORTED_TASKS)} (or 'none')")
     if len(set(tasks)) != len(tasks):
-        raise GhostedError(f"--tasks {','.join(tasks)} names a task twice; list each task once")
+        raise GhostedError(f"--tasks names a task twice ({brief(twice(tasks))}); list each task once")
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a file
+        return False
 
 
 def check_sources(sources: tuple[str, ...]) -> None:
     from ghosted.corpora import SHIPPED_SOURCES
 
     for s in sources:
-        if s not in SHIPPED_SOURCES and not s.startswith("hf:") and not Path(s).expanduser().is_file():
-            raise GhostedError(f"unknown perplexity source '{s}': use {PPL_SOURCES_HELP} (or 'none')")
+        if s not in SHIPPED_SOURCES and not s.startswith("hf:") and not _is_file(s):
+            raise GhostedError(f"unknown perplexity source {brief(s)}: use {PPL_SOURCES_HELP} (or 'none')")
     if len(set(sources)) != len(sources):
-        raise GhostedError(f"--ppl {','.join(sources)} names a source twice; list each source once")
+        raise GhostedError(f"--ppl names a source twice ({brief(twice(sources))}); list each source once")
 
 
 def _default_tasks() -> tuple[str, ...]:
@@ -87,7 +94,7 @@ class EfficiencySettings:
         _whole(self.repeats, 1, "--repeats")
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                        for b in self.batch_sizes):
-            raise GhostedError(f"efficiency batch sizes must be whole numbers >= 1, got {self.batch_sizes}")
+            raise GhostedError(f"efficiency batch sizes must be whole numbers >= 1, got {brief(self.batch_sizes)}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class GateConfig:
         for name in ("max_ppl_ratio", "min_retained_acc"):
             v = getattr(self, name)
             if v is not None and not v > 0:
-                raise GhostedError(f"gate.{name} must be a number > 0 or null, got {v!r}")
+                raise GhostedError(f"gate.{name} must be a number > 0 or null, got {brief(v)}")
         if not self.rank_by:
             raise GhostedError("gate.rank_by must name a perplexity source, e.g. wiki")
         if not self.acc_metric:

@@ -12,7 +12,8 @@ from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConf
 from ghosted.config.runs import RegistryConfig, SearchConfig, SweepConfig
 from ghosted.config.sections import CalibrationConfig, PruneConfig
 from ghosted.config.typed import build, flag_of
-from ghosted.errors import GhostedError
+from ghosted.config.yaml_io import load_yaml
+from ghosted.errors import GhostedError, brief
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "prune": PruneConfig, "eval": EvalSettings,
                              "gate": GateConfig, "registry": RegistryConfig, "sweep": SweepConfig,
@@ -37,19 +38,9 @@ class Params:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The one YAML reader: a params file as a mapping of sections (missing file, bad YAML: one line)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise GhostedError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise GhostedError(f"{path}: not valid YAML ({first})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GhostedError(f"{path}: cannot read the config file ({exc})") from exc
+    """A params file as a mapping of sections, read by the one safe YAML reader (ghosted.config.yaml_io: size,
+    depth, aliases and duplicate keys bounded); a missing file, bad YAML or a bad layout is one line."""
+    doc = load_yaml(path)
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -57,12 +48,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                            f"({', '.join(['model', *SECTIONS])}), got {type(doc).__name__}")
     unknown = [k for k in doc if k not in ("model", *SECTIONS)]
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), ["model", *SECTIONS], n=1)
+        close = difflib.get_close_matches(str(unknown[0])[:100], ["model", *SECTIONS], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise GhostedError(f"{path}: unknown section '{unknown[0]}'; {hint}known: {', '.join(['model', *SECTIONS])}")
+        raise GhostedError(f"{path}: unknown section {brief(unknown[0])}; {hint}known: {', '.join(['model', *SECTIONS])}")
     for name in SECTIONS:
         if doc.get(name) is not None and not isinstance(doc[name], dict):
-            raise GhostedError(f"{path}: the `{name}:` section must be a mapping of options, got {doc[name]!r}")
+            raise GhostedError(f"{path}: the `{name}:` section must be a mapping of options, got {brief(doc[name])}")
     return doc
 
 
@@ -73,7 +64,7 @@ def load_params(path: str | Path | None = None) -> Params:
     doc = read_yaml(path)
     model = doc.get("model")
     if model is not None and not isinstance(model, str):
-        raise GhostedError(f"{path}: model = {model!r}: expected a model name, folder or hub id (a string)")
+        raise GhostedError(f"{path}: model = {brief(model)}: expected a model name, folder or hub id (a string)")
     raw = {name: dict(doc.get(name) or {}) for name in SECTIONS}
     try:
         built = {name: build(cls, raw[name], name) for name, cls in SECTIONS.items() if name != "prune"}

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ghosted.config.evaluation import EvalSettings
-from ghosted.config.typed import DEFAULT_TRACKING_URI, REGISTER_MODES, _typed, _whole, build, option, parse_names
-from ghosted.errors import GhostedError
+from ghosted.config.typed import DEFAULT_TRACKING_URI, REGISTER_MODES, _typed, _whole, build, option, parse_names, twice
+from ghosted.errors import GhostedError, brief
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RegistryConfig:
         _typed(self, "registry")
         mode = {True: "true", False: "false"}.get(self.register, self.register)  # type: ignore[call-overload]
         if mode not in REGISTER_MODES:
-            raise GhostedError(f"registry.register = {self.register!r}: expected true, false or on_pass")
+            raise GhostedError(f"registry.register = {brief(self.register)}: expected true, false or on_pass")
         object.__setattr__(self, "register", mode)
         if not self.tracking_uri:
             raise GhostedError("registry.tracking_uri must be an MLflow URI, e.g. sqlite:///mlflow.db")
@@ -61,11 +61,11 @@ class SweepConfig:
 
         object.__setattr__(self, "recovery", parse_names(self.recovery) or ())
         if not self.remove or len(set(self.remove)) != len(self.remove):
-            raise GhostedError(f"sweep.remove needs distinct layer counts, got {list(self.remove)}")
+            raise GhostedError(f"sweep.remove needs distinct layer counts, got {brief(list(self.remove))}")
         for k in self.remove:
             _whole(k, 1, "sweep.remove[]")
         if not self.recovery or len(set(self.recovery)) != len(self.recovery):
-            raise GhostedError(f"sweep.recovery needs distinct methods, got {list(self.recovery)}")
+            raise GhostedError(f"sweep.recovery needs distinct methods, got {brief(list(self.recovery))}")
         for m in self.recovery:
             RECOVERY.get(m)
         _whole(self.workers, 1, "sweep.workers")
@@ -95,7 +95,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
-            raise GhostedError(f"search.enabled must be true or false, got {self.enabled!r}")
+            raise GhostedError(f"search.enabled must be true or false, got {brief(self.enabled)}")
         for name in ("min_remove", "max_remove"):
             if getattr(self, name) is not None:
                 _whole(getattr(self, name), 1, f"search.{name}")
@@ -104,7 +104,7 @@ class SearchConfig:
         _whole(self.shortlist, 1, "search.shortlist")
         _whole(self.split_shortlist, 0, "search.split_shortlist")
         if self.max_cuts not in (1, 2):
-            raise GhostedError(f"search.max_cuts must be 1 or 2, got {self.max_cuts!r}")
+            raise GhostedError(f"search.max_cuts must be 1 or 2, got {brief(self.max_cuts)}")
         _whole(self.finalists, 1, "--finalists (search.finalists)")
         _whole(self.distill, 0, "--distill (search.distill)")
 
@@ -133,15 +133,15 @@ class CompareConfig:
         if not self.ks:
             raise GhostedError("--remove needs at least one layer count, e.g. --remove 6,9")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise GhostedError(f"--remove takes whole numbers >= 1, got {list(self.ks)}")
+            raise GhostedError(f"--remove takes whole numbers >= 1, got {brief(list(self.ks))}")
         if len(set(self.ks)) != len(self.ks):
-            raise GhostedError(f"--remove {','.join(map(str, self.ks))} lists a count twice")
+            raise GhostedError(f"--remove lists a count twice ({twice(self.ks)})")
         if not self.methods:
             raise GhostedError("--recovery needs at least one method, e.g. none,ghost")
         for m in self.methods:
             RECOVERY.get(m)
         if len(set(self.methods)) != len(self.methods):
-            raise GhostedError(f"--recovery {','.join(self.methods)} lists a method twice")
+            raise GhostedError(f"--recovery lists a method twice ({brief(twice(self.methods))})")
         if not self.evaluation.tasks and not self.evaluation.ppl:
             raise GhostedError("nothing to evaluate: give --tasks or --ppl (not both 'none')")
         for cell in self.cells():  # every cell's config is valid before anything runs
@@ -160,7 +160,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in str(text).split(",") if x.strip())
     except ValueError as exc:
-        raise GhostedError(f"--remove takes layer counts like 6,9, got '{text}'") from exc
+        raise GhostedError(f"--remove takes layer counts like 6,9, got {brief(text)}") from exc
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,8 @@ class DistillConfig:
         for name, low in (("steps", 0), ("top_k", 1), ("batch_size", 1), ("eval_every", 1), ("patience", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise GhostedError(f"distill.{name} must be a whole number >= {low}, got {v!r}")
+                raise GhostedError(f"distill.{name} must be a whole number >= {low}, got {brief(v)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise GhostedError(f"distill.lr must be a finite number > 0, got {self.lr!r}")
+            raise GhostedError(f"distill.lr must be a finite number > 0, got {brief(self.lr)}")
         if not 0 <= self.warmup < 1:
-            raise GhostedError(f"distill.warmup must be in [0, 1), got {self.warmup!r}")
+            raise GhostedError(f"distill.warmup must be in [0, 1), got {brief(self.warmup)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ghosted.config.typed import GUARDS, VARIANTS, _typed, _whole, build, option
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 
 
 def _select_help() -> str:
@@ -111,39 +111,39 @@ class PruneConfig:
         RECOVERY.get(self.recovery)
         get_policy(self.token_policy)
         if self.guard not in GUARDS:
-            raise GhostedError(f"unknown guard '{self.guard}': use {', '.join(GUARDS)}")
+            raise GhostedError(f"unknown guard {brief(self.guard)}: use {', '.join(GUARDS)}")
         if self.variant not in VARIANTS:
-            raise GhostedError(f"--variant (prune.variant) must be {' or '.join(VARIANTS)}, got {self.variant}")
+            raise GhostedError(f"--variant (prune.variant) must be {' or '.join(VARIANTS)}, got {brief(self.variant)}")
         if self.fold != "auto" and self.fold not in FOLDS:
-            raise GhostedError(f"--fold (prune.fold) must be auto or one of {', '.join(FOLDS)}, got {self.fold}")
+            raise GhostedError(f"--fold (prune.fold) must be auto or one of {', '.join(FOLDS)}, got {brief(self.fold)}")
 
     def _check_numbers(self) -> None:
         if self.remove is not None:
             _whole(self.remove, 1, "--remove (prune.remove)")
         if not 0.0 <= self.holdout < 1.0:
-            raise GhostedError(f"--holdout (prune.holdout) must be in [0, 1), got {self.holdout}")
+            raise GhostedError(f"--holdout (prune.holdout) must be in [0, 1), got {brief(self.holdout)}")
         if self.ridge is not None and self.ridge < 0:
-            raise GhostedError(f"--ridge (prune.ridge) must be >= 0, got {self.ridge}")
+            raise GhostedError(f"--ridge (prune.ridge) must be >= 0, got {brief(self.ridge)}")
         if not self.ridge_grid or any(r < 0 for r in self.ridge_grid):
-            raise GhostedError(f"--ridge-grid (prune.ridge_grid) needs values >= 0, got {list(self.ridge_grid)}")
+            raise GhostedError(f"--ridge-grid (prune.ridge_grid) needs values >= 0, got {brief(list(self.ridge_grid))}")
         if self.rank is not None:
             _whole(self.rank, 1, "--rank (prune.rank)")
         _whole(self.shortlist, 1, "--shortlist (prune.shortlist)")
         _whole(self.batch_size, 1, "--batch-size (prune.batch_size)")
         _whole(self.distill, 0, "--distill (prune.distill)")
         if not self.distill_lr > 0:
-            raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {self.distill_lr}")
+            raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {brief(self.distill_lr)}")
 
     def _check_method_options(self) -> None:
         if self.norm_features and self.recovery != "ghost":
             raise GhostedError(f"--norm-features (prune.norm_features) is a ghost option: it needs --recovery ghost, "
-                               f"not {self.recovery}")
+                               f"not {brief(self.recovery)}")
         if self.norm_features and self.rank is not None:
             raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
         if self.token_shift and not self.norm_features:
             raise GhostedError("--token-shift (prune.token_shift) extends the norm features: add --norm-features")
         if self.distill and self.recovery != "ghost":
-            raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {self.recovery}")
+            raise GhostedError(f"--distill trains ghost operators: it needs --recovery ghost, not {brief(self.recovery)}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> PruneConfig:

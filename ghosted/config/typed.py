@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 
 PPL_SOURCES_HELP = "wiki, ptb, passages, ptb-train, a .txt/.jsonl file or hf:NAME:SPLIT:FIELD"
 GUARDS = ("loss", "boundary", "off")
@@ -57,8 +57,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except GhostedError as exc:
             if "finite" in str(exc):
                 raise
-            raise GhostedError(f"{key} = {value!r}: expected {_type_name(hint)}") from None
-    bad = GhostedError(f"{key} = {value!r}: expected {_type_name(hint)}")
+            raise GhostedError(f"{key} = {brief(value)}: expected {_type_name(hint)}") from None
+    def bad() -> GhostedError:  # built only when raised: a long list checks each item
+        return GhostedError(f"{key} = {brief(value)}: expected {_type_name(hint)}")
     if origin is tuple:
         inner = typing.get_args(hint)[0]
         if isinstance(value, str):  # "1e-6,1e-2" / "wiki,ptb" as on the command line
@@ -68,35 +69,35 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             try:
                 value = [inner(p) for p in parts]
             except ValueError:
-                raise bad from None
+                raise bad() from None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and inner is not str:
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise bad
+            raise bad()
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if not isinstance(value, Mapping):
-            raise bad
+            raise bad()
         return build(hint, value, key)
     if hint is bool:
         if not isinstance(value, bool):
-            raise bad
+            raise bad()
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
+            raise bad()
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
+            raise bad()
         if not math.isfinite(value):
-            raise GhostedError(f"{key} = {value!r}: expected a finite number")
+            raise GhostedError(f"{key} = {brief(value)}: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise bad
+            raise bad()
         return value
     return value
 
@@ -106,15 +107,15 @@ def build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
-        raise GhostedError(f"{section}: expected a mapping of options, got {values!r}")
+        raise GhostedError(f"{section}: expected a mapping of options, got {brief(values)}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.init]
     out = {}
     for k, v in values.items():
         if k not in known:
-            close = difflib.get_close_matches(str(k), known, n=1)
+            close = difflib.get_close_matches(str(k)[:100], known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise GhostedError(f"unknown {section} option '{k}'; {hint}known: {', '.join(known)}")
+            raise GhostedError(f"unknown {section} option {brief(k)}; {hint}known: {', '.join(known)}")
         out[k] = _coerce(v, hints[k], f"{section}.{k}")
     return cls(**out)
 
@@ -167,7 +168,17 @@ def _whole(value: Any, low: int, key: str) -> None:
     """key: '--flag (section.key)' or 'section.key'."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         name, _, where = key.partition(" (")
-        raise GhostedError(f"{name} must be a whole number >= {low}, got {value!r}" + (f" ({where}" if where else ""))
+        raise GhostedError(f"{name} must be a whole number >= {low}, got {brief(value)}" + (f" ({where}" if where else ""))
+
+
+def twice(items: Sequence[Any]) -> Any:
+    """The first item that appears twice in `items` (None when each appears once), for "... twice (x)" errors."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def parse_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 
 F = TypeVar("F", bound=Callable)
 
@@ -26,9 +26,9 @@ class Registry(Generic[F]):
 
     def get(self, name: str) -> F:
         if name not in self._items:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
+            close = difflib.get_close_matches(str(name)[:100], list(self._items), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise GhostedError(f"unknown {self.what} '{name}'{hint} (choose from {', '.join(self.names())})")
+            raise GhostedError(f"unknown {self.what} {brief(name)}{hint} (choose from {', '.join(self.names())})")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 from ghosted.method import arch
 from ghosted.method.sums import F64
 
@@ -46,7 +46,7 @@ def allowed_folds(spec: arch.ArchSpec, cuts: list[tuple[int, int]], requested: s
     """The folds that are exact for this family and these cuts: all of them for auto, else [requested]."""
     layout_for(spec)
     if requested != "auto" and requested not in FOLDS:
-        raise GhostedError(f"unknown fold '{requested}': use auto or one of {', '.join(FOLDS)}")
+        raise GhostedError(f"unknown fold {brief(requested)}: use auto or one of {', '.join(FOLDS)}")
     why_not_t = None
     if not spec.fold_exact:
         why_not_t = f"a fold into the down projection is not exact for {spec.name} ({spec.notes or 'see its spec'})"

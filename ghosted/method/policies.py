@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 from ghosted.method.catalog import Registry
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def get_policy(name: str | TokenPolicy) -> TokenPolicy:
     if isinstance(name, TokenPolicy):
         return name
     if not isinstance(name, str):
-        raise GhostedError(f"token policy must be a name, got {name!r}; choose from {', '.join(_ORDER)}")
+        raise GhostedError(f"token policy must be a name, got {brief(name)}; choose from {', '.join(_ORDER)}")
     return POLICIES.get(name)
 
 
