@@ -99,19 +99,27 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pruned: dict, why: str) -> dict:
     """The register stage without a registration: the same reports, nothing written to MLflow."""
+    import sys
+
+    from ghosted.checkpoint.digest import checkpoint_sha256
     from ghosted.checkpoint.meta import read_meta
     from ghosted.errors import GhostedError
     from ghosted.mlops.registry import read_json, registered_name
+    from ghosted.mlops.registry.provenance import check
     from ghosted.reporting.pipeline_report import write_reports
 
     if not Path(args.checkpoint).is_dir():
         raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
     meta = read_meta(args.checkpoint).to_dict()  # the `ghosted` block as written, as `register` reads it
+    checked = check(Path(args.checkpoint), checkpoint_sha256(args.checkpoint), meta, Path(args.metrics), pruned,
+                    Path(args.dense_metrics), dense)  # the same refusals as a registration
+    if checked.warning and not args.quiet:
+        print(f"warning: {checked.warning}", file=sys.stderr)
     res = {"name": reg.name or registered_name(str(meta.get("base_model"))), "version": None, "run_id": None,
            "gate": "pass" if verdict.passed else "fail", "reasons": list(verdict.reasons),
            "ppl_ratio": verdict.ppl_ratio, "retained_acc": verdict.retained_acc, "champion_moved": False,
            "champion": None, "decision": f"not registered: {why}", "tracking_uri": reg.tracking_uri,
-           "registered": False}
+           "registered": False, "protocol_sha256": checked.protocol_sha256, "provenance_warning": checked.warning}
     if args.reports:
         table = read_json(args.scores, "scores") if args.scores is not None else None
         shown = {**res, "version": "(not registered)", "run_id": "-", "champion": None}
@@ -174,9 +182,12 @@ def add_parser(sub) -> None:
                        description="Log an MLflow run for CKPT_DIR (params from its `ghosted` block, metrics from the "
                                    "two evaluation JSONs, the checkpoint as an MLflow pyfunc model that generates "
                                    "text), register it as a new version of ghosted-<base model>, and move the "
-                                   "`champion` alias to it if it passes the gate and beats the champion. A checkpoint "
+                                   "`champion` alias to it if it passes the gate and beats the champion (a champion "
+                                   "measured on another evaluation protocol is not compared). A checkpoint "
                                    "whose content is already a version is not registered again (the command names "
-                                   "the version and still reports the gate).")
+                                   "the version and still reports the gate). Refused: pruned metrics that are not "
+                                   "this checkpoint's own evaluation, dense metrics of another base model, and a "
+                                   "dense/pruned pair measured on different protocols.")
     p.add_argument("checkpoint", type=Path, metavar="CKPT_DIR", help="folder written by `ghosted prune` or `fuse`")
     p.add_argument("--metrics", type=Path, required=True, help="`ghosted eval` results of the pruned checkpoint")
     p.add_argument("--dense-metrics", type=Path, required=True, help="`ghosted eval` results of the dense base model")

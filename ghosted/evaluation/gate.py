@@ -6,7 +6,8 @@
   0, is a broken evaluation, not a good model); a check whose numbers are missing fails; a threshold set to None
   skips its check.
 
-`beats` is the champion rule: whether a gate-passing candidate should replace the current champion.
+`beats` is the champion rule: whether a gate-passing candidate should replace the current champion (only runs of the
+same evaluation protocol are ranked against each other).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ghosted.evaluation.provenance import PROTOCOL_KEY
 
 if TYPE_CHECKING:  # the config dataclass lives with the other settings; the gate only reads its fields
     from ghosted.config import GateConfig
@@ -123,13 +126,19 @@ def beats(candidate: Mapping[str, str], champion: Mapping[str, str] | None) -> t
     """Whether a gate-passing candidate should take the alias from the champion; both as registry tags.
 
     Better means: no champion; or a different base fingerprint (a new base supersedes the old one: ratios
-    against different dense models are not comparable); or a lower `rank_value` on the same `rank_by`, ties
-    broken by higher `retained_acc`.
+    against different dense models are not comparable); or, on the same base and the same evaluation protocol
+    (`protocol_sha256`, absent on both for metrics without provenance), a lower `rank_value` on the same
+    `rank_by`, ties broken by higher `retained_acc`. Numbers measured on another protocol are not compared: the
+    candidate does not take the alias, and the reason says so.
     """
     if champion is None:
         return True, "first version to pass the gate"
     if candidate.get(FINGERPRINT_KEY) != champion.get(FINGERPRINT_KEY):
         return True, "new base model (fingerprint differs from the champion's)"
+    cp, hp = candidate.get(PROTOCOL_KEY), champion.get(PROTOCOL_KEY)
+    if cp != hp:
+        return False, (f"the champion was measured on another protocol ({_protocol(hp)}; this version: "
+                       f"{_protocol(cp)}): their numbers do not compare")
     h = _float(champion.get("rank_value"))
     if candidate.get("rank_by") != champion.get("rank_by") or h is None:
         return True, "the champion was not ranked by the same perplexity source"
@@ -141,6 +150,10 @@ def beats(candidate: Mapping[str, str], champion: Mapping[str, str] | None) -> t
     if c == h and ca is not None and (ha is None or ca > ha):
         return True, f"same {rank_by} PPL ratio, higher retained accuracy ({ca:.4f})"
     return False, f"not better than the champion: {rank_by} PPL ratio {c:.4f} >= {h:.4f}"
+
+
+def _protocol(sha: str | None) -> str:
+    return f"protocol_sha256 {sha[:12]}" if sha else "no protocol recorded"
 
 
 def _float(v: str | None) -> float | None:

@@ -2,8 +2,10 @@
 
 Quality is perplexity on text sources (protocol in perplexity.py) plus zero-shot accuracy through lm-eval
 (zeroshot.py), on an in-memory model: evaluate_quality also serves every cell of a grid (ghosted/solve/grid.py).
-Efficiency of a model is measured in a fresh Python process (a spawned worker running measure_loaded), one
-per model, so that CPU peak RSS reflects that model alone and not what this process did before.
+Every result carries a `provenance` block (provenance.py): the model's identity (a checkpoint's content sha256,
+else its base fingerprint) and the protocol's hash, which `ghosted register` checks. Efficiency of a model is
+measured in a fresh Python process (a spawned worker running measure_loaded), one per model, so that CPU peak RSS
+reflects that model alone and not what this process did before.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ghosted.errors import GhostedError
+from ghosted.evaluation.provenance import PROVENANCE_KEY, model_identity, provenance
 from ghosted.method import arch
 from ghosted.version import __version__
 
@@ -100,6 +103,7 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
     if efficiency is None and not settings.tasks and not settings.ppl:
         raise GhostedError("nothing to evaluate: give --tasks, --ppl or --efficiency")
     result: dict[str, Any] = {"model": ref.name, "dtype": dtype, "device": device}
+    identity = model_identity(ref)  # before anything runs: the bytes that are then evaluated
     if efficiency is not None:  # before this process loads anything: the machine is quiet while it times
         result["efficiency"] = efficiency_report(model, efficiency, dtype, device, baseline, log, device_map)
     result["ppl"] = {}
@@ -111,6 +115,8 @@ def evaluate_model(model: str, settings: EvalSettings, *, dtype: str = "float32"
         result["ppl"], result["zeroshot"] = quality["ppl"], quality["zeroshot"]
     result["settings"] = to_json(settings)
     result["versions"] = versions()
+    result[PROVENANCE_KEY] = provenance(identity, result["ppl"], result["zeroshot"], settings.limit,
+                                        result["versions"])
     result["seconds"] = time.perf_counter() - t0
     return result
 

@@ -31,6 +31,7 @@ pytest.importorskip("mlflow")
 from ghosted.cli import main  # noqa: E402
 from ghosted.config import GateConfig  # noqa: E402
 from ghosted.evaluation.gate import apply_gate  # noqa: E402
+from tests.mlops.metrics_docs import stamp  # noqa: E402
 from tests.tiny_models import make_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,16 +102,21 @@ def variant(ckpt: Path, where: Path, i: int) -> Path:
     return out
 
 
-def metrics(where: Path, tag: str, wiki_ratio: float, acc: float = 0.5) -> tuple[Path, Path]:
-    """(pruned, dense) `ghosted eval`-shaped results files."""
+def metrics(where: Path, tag: str, wiki_ratio: float, acc: float = 0.5, ckpt: Path | None = None,
+            protocol: str = "p1") -> tuple[Path, Path]:
+    """(pruned, dense) `ghosted eval`-shaped results files; with `ckpt`, with the provenance blocks of an evaluation
+    of that checkpoint and of its base model on `protocol` (without, as an older `ghosted eval` wrote them)."""
     def doc(wiki: float, ptb: float, a: float) -> dict:
         return {"model": "x", "ppl": {"wiki": {"ppl": wiki, "nll": 0.0}, "ptb": {"ppl": ptb, "nll": 0.0}},
                 "zeroshot": {"tasks": {"piqa": {"acc": a, "acc_norm": a}}, "average": {"acc": a, "acc_norm": a}}}
 
     where.mkdir(parents=True, exist_ok=True)
     dense, pruned = where / f"dense-{tag}.json", where / f"pruned-{tag}.json"
-    dense.write_text(json.dumps(doc(10.0, 20.0, 0.5)))
-    pruned.write_text(json.dumps(doc(10.0 * wiki_ratio, 20.0 * min(wiki_ratio, 1.2), acc)))
+    d, p = doc(10.0, 20.0, 0.5), doc(10.0 * wiki_ratio, 20.0 * min(wiki_ratio, 1.2), acc)
+    if ckpt is not None:
+        d, p = stamp(d, base_of=ckpt, protocol=protocol), stamp(p, checkpoint=ckpt, protocol=protocol)
+    dense.write_text(json.dumps(d))
+    pruned.write_text(json.dumps(p))
     return pruned, dense
 
 
@@ -135,8 +141,9 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _register(capsys, ck: Path, uri: str, name: str, ratio: float, where: Path, acc: float = 0.5) -> tuple[dict, str]:
-    pruned, dense = metrics(where, f"{ratio}-{acc}", ratio, acc)
+def _register(capsys, ck: Path, uri: str, name: str, ratio: float, where: Path, acc: float = 0.5,
+              protocol: str = "p1") -> tuple[dict, str]:
+    pruned, dense = metrics(where, f"{ck.name}-{ratio}-{acc}-{protocol}", ratio, acc, ck, protocol)
     code, out, err = _cli(capsys, "register", ck, "--metrics", pruned, "--dense-metrics", dense,
                           "--tracking-uri", uri, "--name", name)
     assert code == 0, err
@@ -341,6 +348,35 @@ def test_run_has_measurements_as_metrics_configuration_as_params_and_its_dataset
     assert json.loads(piqa.profile)["n"] == 3 and json.loads(piqa.profile)["data_file"] == task["data_file"]
 
 
+def test_real_evaluations_of_another_checkpoint_or_protocol_are_refused_in_one_line(evaluated, tiny_folder, tmp_path,
+                                                                                      capsys):
+    """`ghosted eval` JSONs: another checkpoint's metrics and a dense evaluation on other windows are refused before
+    MLflow is touched (no database); the checkpoint's own pair on one protocol registers."""
+    ckpt, pruned, dense = evaluated
+    uri, db = _uri(tmp_path), tmp_path / "db"
+    other = variant(ckpt, tmp_path, 1)
+    wider = tmp_path / "dense-3-windows.json"
+    assert main(["eval", str(tiny_folder), "--tasks", "piqa", "--limit", "3", "--ppl", "wiki", "--ppl-windows", "3",
+                 "--seq-len", "16", "--quiet", "--out", str(wider)]) == 0
+    capsys.readouterr()
+    for ck, p, d, expect in (
+            (other, pruned, dense, f"{pruned} is not the evaluation of {other}: it evaluated {ckpt} (checkpoint "),
+            (ckpt, pruned, wider, f"{wider} and {pruned} were measured on different protocols (ppl 'wiki': sha256 ")):
+        code, out, err = _cli(capsys, "register", ck, "--metrics", p, "--dense-metrics", d, "--tracking-uri", uri,
+                              "--name", "m-own", "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expect in lines[0] and not out, err
+        assert not db.exists()
+    assert "windows 3 (dense) vs 2 (pruned)" in lines[0] and "zero-shot" not in lines[0]
+    assert f"`ghosted eval {tiny_folder} " in lines[0] and "--ppl-windows 2" in lines[0]  # the dense, as the pruned
+    code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
+                          "--tracking-uri", uri, "--name", "m-own", "--quiet")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and res["registered"], err
+    assert res["protocol_sha256"] == json.loads(pruned.read_text())["provenance"]["protocol_sha256"]
+    assert _client(uri).get_model_version("m-own", res["version"]).tags["protocol_sha256"] == res["protocol_sha256"]
+
+
 def test_shipped_pipeline_metrics_are_few_and_measurements(tmp_path):
     """The committed shipped-model evaluations (reports/pipeline) give a short list of metrics, none a setting."""
     from ghosted.mlops.registry import evaluation_params, split_evaluation
@@ -398,7 +434,7 @@ def test_register_killed_at_a_point_is_recovered_by_the_next(point, ckpt, tmp_pa
     uri, name = _uri(tmp_path), f"m-kill-{point}"
     _register(capsys, ckpt, uri, name, 1.3, tmp_path)  # version 1, champion
     killed = variant(ckpt, tmp_path, 1)
-    pruned, dense = metrics(tmp_path, "killed", 1.1)
+    pruned, dense = metrics(tmp_path, "killed", 1.1, ckpt=killed)
     cmd = _register_cmd(killed, pruned, dense, uri, name, "--quiet")
     cmd[1:3] = ["-m", "tests.mlops.faults", point, "--"]  # the same `ghosted register`, killed at `point`
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
@@ -434,7 +470,7 @@ def test_register_stopped_in_process_at_a_crash_point_is_completed_by_the_next(c
             raise Stop(point)
 
     uri, name = _uri(tmp_path), "m-fault-in-process"
-    pruned, dense = metrics(tmp_path, "stopped", 1.1)
+    pruned, dense = metrics(tmp_path, "stopped", 1.1, ckpt=ckpt)
     monkeypatch.setattr(faults, "point", stop)
     with pytest.raises(Stop):
         main(["register", str(ckpt), "--metrics", str(pruned), "--dense-metrics", str(dense), "--tracking-uri", uri,
@@ -455,8 +491,9 @@ def test_register_killed_from_outside_at_any_time(ckpt, tmp_path, capsys):
     """A real kill -9 from another process as soon as the run exists (no hook in the code)."""
     uri, name = _uri(tmp_path), "m-kill-outside"
     _register(capsys, ckpt, uri, name, 1.3, tmp_path)
-    pruned, dense = metrics(tmp_path, "outside", 1.1)
-    proc = subprocess.Popen(_register_cmd(variant(ckpt, tmp_path, 1), pruned, dense, uri, name, "--quiet"),
+    outside = variant(ckpt, tmp_path, 1)
+    pruned, dense = metrics(tmp_path, "outside", 1.1, ckpt=outside)
+    proc = subprocess.Popen(_register_cmd(outside, pruned, dense, uri, name, "--quiet"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     db = Path(uri[len("sqlite:///"):])
     deadline = time.time() + 300
@@ -481,8 +518,9 @@ def test_eight_concurrent_registers_keep_the_champion_consistent(ckpt, tmp_path)
     ratios = [1.45, 1.3, 2.5, 1.15, 1.25, 3.0, 1.05, 1.35]  # 2.5 and 3.0 fail the default max_ppl_ratio
     procs = []
     for i, r in enumerate(ratios):
-        pruned, dense = metrics(tmp_path / "m", f"c{i}", r)
-        procs.append(subprocess.Popen(_register_cmd(variant(ckpt, tmp_path, i), pruned, dense, uri, name, "--quiet"),
+        ck = variant(ckpt, tmp_path, i)
+        pruned, dense = metrics(tmp_path / "m", f"c{i}", r, ckpt=ck)
+        procs.append(subprocess.Popen(_register_cmd(ck, pruned, dense, uri, name, "--quiet"),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
     results = []
     for p in procs:
@@ -592,7 +630,7 @@ def test_bogus_tracking_uri_is_one_line(argv, capsys):
 
 
 def test_bogus_tracking_uri_in_register_is_one_line(ckpt, tmp_path, capsys):
-    pruned, dense = metrics(tmp_path, "bogus", 1.2)
+    pruned, dense = metrics(tmp_path, "bogus", 1.2, ckpt=ckpt)
     code, _, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
                         "--tracking-uri", "bogus://x", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "unsupported URI 'bogus://x'" in err, err

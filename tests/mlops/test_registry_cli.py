@@ -15,6 +15,7 @@ from ghosted.config import GateConfig, RegistryConfig  # noqa: E402
 from ghosted.errors import GhostedError  # noqa: E402
 from ghosted.evaluation.gate import apply_gate, beats  # noqa: E402
 from ghosted.mlops.registry import registered_name  # noqa: E402
+from tests.mlops.metrics_docs import stamp  # noqa: E402
 from tests.tiny_models import make_tiny  # noqa: E402
 
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
@@ -47,12 +48,13 @@ def params(tmp_path) -> Path:
     return p
 
 
-def results(path: Path, wiki: float, ptb: float, acc: float | None) -> Path:
-    """A `ghosted eval` results file with the given numbers."""
+def results(path: Path, wiki: float, ptb: float, acc: float | None, **provenance) -> Path:
+    """A `ghosted eval` results file with the given numbers; with `checkpoint=` or `base_of=` (and `protocol=`), with
+    the provenance block of that evaluation (tests/mlops/metrics_docs.py), else as an older `ghosted eval` wrote it."""
     doc = {"model": "x", "ppl": {"wiki": {"ppl": wiki, "nll": 0.0}, "ptb": {"ppl": ptb, "nll": 0.0}},
            "zeroshot": None if acc is None else {"tasks": {"piqa": {"acc": acc, "acc_norm": acc}},
                                                  "average": {"acc": acc, "acc_norm": acc}}}
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(stamp(doc, **provenance) if provenance else doc))
     return path
 
 
@@ -70,12 +72,17 @@ def _variant(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def _register(capsys, built, uri, params, tmp_path, name: str, wiki: float, acc: float = 0.5, **kw) -> dict:
-    tag = f"{wiki}-{acc}"
-    dense = results(tmp_path / f"dense-{tag}.json", 10.0, 20.0, 0.5)
-    pruned = results(tmp_path / f"pruned-{tag}.json", 10.0 * wiki, 20.0 * wiki, acc)
-    extra = [x for k, v in kw.items() for x in (f"--{k}", v)]
+def _register(capsys, built, uri, params, tmp_path, name: str, wiki: float, acc: float = 0.5,
+              protocol: str | None = "p1", **kw) -> dict:
+    """Register a new variant of the checkpoint with these numbers, evaluated on `protocol` (None: metrics files
+    without provenance)."""
+    tag = f"{wiki}-{acc}-{protocol}"
     ckpt = _variant(built["ckpt"], tmp_path / f"ckpt-{name}-{tag}")
+    dense_of = {} if protocol is None else {"base_of": ckpt, "protocol": protocol}
+    pruned_of = {} if protocol is None else {"checkpoint": ckpt, "protocol": protocol}
+    dense = results(tmp_path / f"dense-{name}-{tag}.json", 10.0, 20.0, 0.5, **dense_of)
+    pruned = results(tmp_path / f"pruned-{name}-{tag}.json", 10.0 * wiki, 20.0 * wiki, acc, **pruned_of)
+    extra = [x for k, v in kw.items() for x in (f"--{k}", v)]
     code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
                           "--config", params, "--tracking-uri", uri, "--name", name, "--quiet", *extra)
     assert code == 0, err
@@ -316,3 +323,92 @@ def test_registry_works_against_a_tracking_server(built, mlflow_server, params, 
     rows = {ln.split()[1]: ln for ln in out.splitlines()[1:] if ln.strip()}
     assert code == 0 and rows["2"].rstrip().endswith("*") and not rows["1"].rstrip().endswith("*"), err
     assert not (tmp_path / "mlruns").exists()
+
+
+# --------------------------------------------------------------------------- provenance: one protocol, own metrics
+
+
+def test_champion_rule_ranks_only_the_same_protocol():
+    p1, p2 = "1" * 64, "2" * 64
+    champ = {"base_fingerprint": "sha256:a", "rank_by": "wiki", "rank_value": "1.3", "protocol_sha256": p1}
+    assert beats({**champ, "rank_value": "1.2"}, champ)[0]
+    moved, why = beats({**champ, "rank_value": "1.0", "protocol_sha256": p2}, champ)
+    assert not moved and "another protocol" in why and p1[:12] in why and p2[:12] in why
+    unrecorded = {k: v for k, v in champ.items() if k != "protocol_sha256"}
+    moved, why = beats({**unrecorded, "rank_value": "1.0"}, champ)
+    assert not moved and "no protocol recorded" in why
+    assert not beats({**champ, "rank_value": "1.0"}, unrecorded)[0]
+    assert beats({**unrecorded, "rank_value": "1.0"}, unrecorded)[0]  # neither recorded: ranked as before
+    # A new base model supersedes the champion whatever protocol measured it (its ratios are against another dense).
+    assert beats({**champ, "base_fingerprint": "sha256:b", "protocol_sha256": p2, "rank_value": "1.9"}, champ)[0]
+
+
+def test_same_protocol_candidate_takes_the_alias_another_protocol_does_not(built, uri, params, tmp_path, capsys):
+    name = "m-protocol"
+    first = _register(capsys, built, uri, params, tmp_path, name, 1.3)
+    assert first["champion"] == "1" and len(first["protocol_sha256"]) == 64 and first["provenance_warning"] is None
+    other = _register(capsys, built, uri, params, tmp_path, name, 1.0, protocol="p2")  # better numbers, other protocol
+    assert other["gate"] == "pass" and not other["champion_moved"] and _champion(uri, name) == "1"
+    assert other["protocol_sha256"] != first["protocol_sha256"]
+    assert other["decision"].startswith("champion stays version 1: version 1 was measured on another protocol ")
+    assert f"promote by hand with `ghosted registry promote {name} VERSION`" in other["decision"]
+    v = _client(uri).get_model_version(name, other["version"])
+    assert v.tags["protocol_sha256"] == other["protocol_sha256"] and v.tags["provenance"] == "checked"
+    assert "another protocol" in v.tags["champion_decision"] and "another protocol" in v.description
+    same = _register(capsys, built, uri, params, tmp_path, name, 1.2)  # the champion's protocol, better
+    assert same["champion_moved"] and _champion(uri, name) == same["version"] == "3"
+    assert "lower wiki PPL ratio" in same["decision"]
+    rows = json.loads(_cli(capsys, "registry", "list", "--name", name, "--json", "--tracking-uri", uri)[1])
+    assert [r["protocol_sha256"] for r in rows] == [first["protocol_sha256"], other["protocol_sha256"],
+                                                    first["protocol_sha256"]]
+
+
+def test_metrics_without_provenance_are_registered_with_a_warning_tag_and_ranked_apart(built, uri, params, tmp_path,
+                                                                                        capsys):
+    name = "m-legacy"
+    old = _register(capsys, built, uri, params, tmp_path, name, 1.3, protocol=None)
+    assert old["registered"] and old["champion"] == "1" and old["protocol_sha256"] is None
+    assert "have no provenance block (written by an older `ghosted eval`)" in old["provenance_warning"]
+    assert "regenerate them with `ghosted eval" in old["provenance_warning"]
+    tags = _client(uri).get_model_version(name, "1").tags
+    assert tags["provenance"] == "missing" and "protocol_sha256" not in tags
+    assert _client(uri).get_run(old["run_id"]).data.tags["provenance"] == "missing"
+    assert _register(capsys, built, uri, params, tmp_path, name, 1.2, protocol=None)["champion_moved"]  # as before
+    new = _register(capsys, built, uri, params, tmp_path, name, 1.0)  # recorded protocol vs a champion without one
+    assert not new["champion_moved"] and _champion(uri, name) == "2" and "no protocol recorded" in new["decision"]
+
+
+def _refused(capsys, ckpt: Path, pruned: Path, dense: Path, db: Path) -> str:
+    """The one error line of a register that must refuse, after checking that it registered nothing."""
+    code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense,
+                          "--tracking-uri", f"sqlite:///{db}", "--name", "m-refused", "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ghosted: error: ") and not out, err
+    assert not db.parent.exists(), "a refused register must not touch the registry"
+    return lines[0]
+
+
+def test_register_refuses_a_pair_that_is_not_the_checkpoints_own(built, tmp_path, capsys):
+    ckpt = _variant(built["ckpt"], tmp_path / "ckpt")
+    other = _variant(built["ckpt"], tmp_path / "other")
+    db = tmp_path / "db" / "mlflow.db"
+    dense = results(tmp_path / "dense.json", 10.0, 20.0, 0.5, base_of=ckpt)
+    pruned = results(tmp_path / "pruned.json", 12.0, 24.0, 0.5, checkpoint=ckpt)
+    line = _refused(capsys, other, pruned, dense, db)  # another checkpoint's metrics
+    assert f"{pruned} is not the evaluation of {other}: it evaluated {ckpt} (checkpoint sha256 " in line
+    assert f"evaluate this checkpoint with `ghosted eval {other}" in line
+    line = _refused(capsys, ckpt, pruned, pruned, db)  # the pruned evaluation given as the dense one
+    assert f"{pruned} is not the evaluation of {ckpt}'s base model {built['dense']}" in line
+    legacy = results(tmp_path / "legacy.json", 10.0, 20.0, 0.5)
+    line = _refused(capsys, ckpt, pruned, legacy, db)  # one file from an older ghosted, one with provenance
+    assert f"{legacy} has no provenance block (written by an older `ghosted eval`) while {pruned} has one" in line
+    assert f"regenerate it with `ghosted eval {built['dense']} --config params.yaml --out {legacy}`" in line
+    edited = json.loads(pruned.read_text())
+    edited["ppl"]["wiki"]["sha256"] = "0" * 64  # results pasted from another evaluation
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    line = _refused(capsys, ckpt, tmp_path / "edited.json", dense, db)
+    assert "edited.json: its provenance block does not match its results" in line
+    p2 = results(tmp_path / "dense-p2.json", 10.0, 20.0, 0.5, base_of=ckpt, protocol="p2")
+    line = _refused(capsys, ckpt, pruned, p2, db)
+    assert f"{p2} and {pruned} were measured on different protocols (ppl 'ptb': sha256 " in line
+    assert "; ppl 'wiki': sha256 " in line and "zero-shot" not in line

@@ -8,6 +8,9 @@ both metrics files and the reports), registers that model as a new version of `g
 version with its lineage, the gate's verdict (ghosted/evaluation/gate.py) and the champion decision, and moves the
 `champion` alias when the version passes and beats the champion.
 
+- Provenance: the pruned metrics must be the evaluation of this checkpoint's content, the dense ones of its base
+  model, both of one protocol (`protocol_sha256`, a version tag); the champion rule ranks only versions of the same
+  protocol. Metrics without a provenance block (an older `ghosted eval`) are accepted with `provenance=missing`.
 - Idempotent: a checkpoint whose content sha256 is already a version of the model is not registered again;
   the result names that version and still carries the gate's verdict on the given metrics.
 - Crash-safe: a version is created with its gate and decision tags and `registration=pending`, the alias moves,
@@ -24,7 +27,7 @@ The registered model's tags hold `champion_history` (the versions that held the 
 gate verdict. flows/recompress.py compares the current fingerprint against it.
 
 Modules: names (tag names, model name, lineage, hashing), evaluation (params, metrics and dataset inputs from
-the evaluation JSONs), connection (client, retries, errors, lock, lookups), champion (the alias and the
+the evaluation JSONs), provenance (the metrics are the checkpoint's own and of one protocol, or refused), connection (client, retries, errors, lock, lookups), champion (the alias and the
 decision), recovery (owners of runs, repairing dead registers), register, commands (read-only and by-hand),
 settings (the `gate:` and `registry:` sections of a params file), faults (named crash points, for the tests).
 """

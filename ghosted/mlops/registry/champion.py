@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ghosted.evaluation.gate import beats
 from ghosted.mlops.registry.connection import Client
-from ghosted.mlops.registry.names import CHAMPION, HISTORY_TAG
+from ghosted.mlops.registry.names import CHAMPION, HISTORY_TAG, PROTOCOL_TAG
 
 
 def alias(model) -> str | None:
@@ -51,7 +51,12 @@ def decide(client: Client, name: str, tags: Mapping[str, str], current: str | No
         return False, f"gate failed, champion unchanged: {tags.get('gate_reason', '')}"
     champ_tags = client.get_model_version(name, current).tags if current else None
     moved, why = beats(tags, champ_tags)
-    return moved, (f"new champion: {why}" if moved else f"champion stays version {current}: {why}")
+    if moved:
+        return True, f"new champion: {why}"
+    if champ_tags is not None and champ_tags.get(PROTOCOL_TAG) != tags.get(PROTOCOL_TAG):
+        why = (why.replace("the champion", f"version {current}", 1) + "; promote by hand with "
+               f"`ghosted registry promote {name} VERSION` if this version is better")
+    return False, f"champion stays version {current}: {why}"
 
 
 def description(tags: Mapping[str, str], decision: str) -> str:

@@ -19,7 +19,16 @@ from ghosted.mlops.registry.connection import (
     registered_model,
     registry_lock,
 )
-from ghosted.mlops.registry.names import CHAMPION, FINGERPRINT_TAG, HISTORY_TAG, SHA_TAG, STATE_TAG, check_name
+from ghosted.mlops.registry.names import (
+    CHAMPION,
+    FINGERPRINT_TAG,
+    HISTORY_TAG,
+    PROTOCOL_TAG,
+    PROVENANCE_TAG,
+    SHA_TAG,
+    STATE_TAG,
+    check_name,
+)
 
 if TYPE_CHECKING:
     from ghosted.config import RegistryConfig
@@ -58,7 +67,8 @@ def list_versions(reg: RegistryConfig, name: str | None = None, db_timeout: floa
                              "rank_value": _float(t.get("rank_value")), "retained_acc": _float(t.get("retained_acc")),
                              "removed_layers": t.get("removed_layers"), "method": t.get("method"),
                              "base_fingerprint": t.get(FINGERPRINT_TAG), "gate_reason": t.get("gate_reason"),
-                             "checkpoint_sha256": t.get(SHA_TAG), "registration": t.get(STATE_TAG),
+                             "checkpoint_sha256": t.get(SHA_TAG), "protocol_sha256": t.get(PROTOCOL_TAG),
+                             "provenance": t.get(PROVENANCE_TAG), "registration": t.get(STATE_TAG),
                              "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
                              "description": v.description})
     return rows

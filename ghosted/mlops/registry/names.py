@@ -1,9 +1,9 @@
 """What the registry calls things: the tag names, the registered model's name, a checkpoint's lineage tags, its
-content hash, and settings blocks flattened into MLflow params. Pure: no MLflow here."""
+content hash (ghosted/checkpoint/digest.py, re-exported), and settings blocks flattened into MLflow params. Pure: no
+MLflow here."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -11,13 +11,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ghosted.checkpoint.digest import checkpoint_sha256  # noqa: F401 - re-exported; `ghosted eval` hashes with it too
 from ghosted.errors import GhostedError
-from ghosted.evaluation.gate import FINGERPRINT_KEY
+from ghosted.evaluation.gate import FINGERPRINT_KEY, PROTOCOL_KEY
 
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"
 FINGERPRINT_TAG = FINGERPRINT_KEY
 SHA_TAG = "checkpoint_sha256"
+PROTOCOL_TAG = PROTOCOL_KEY  # the evaluations' protocol_sha256 (absent: metrics without a provenance block)
+PROVENANCE_TAG = "provenance"  # "missing" on a version registered from metrics without a provenance block
 DECISION_TAG = "champion_decision"
 STATE_TAG = "registration"  # "pending" from version creation until the alias decision is applied, then "done"
 OWNER_TAG = "ghosted_owner"  # host:pid:process-start of the `ghosted register` that owns a run
@@ -72,18 +75,6 @@ def lineage(meta: Mapping[str, Any]) -> dict[str, str]:
            "token_policy": meta.get("token_policy"), "guard_fallback": (meta.get("guard") or {}).get("fallback"),
            "ghosted_version": meta.get("version")}
     return {k: str(v) for k, v in out.items() if v is not None}
-
-
-def checkpoint_sha256(folder: Path) -> str:
-    """One sha256 over every file of a checkpoint folder (relative path, size and content, in path order)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
 
 
 def param_key(part: Any) -> str:

@@ -1,6 +1,7 @@
 """`register`: one MLflow run and (unless the checkpoint already is one) one new version per pruned checkpoint.
 
-The steps, in order: read and check the inputs and apply the gate (`prepare`, no MLflow yet); under the lock,
+The steps, in order: read and check the inputs (the metrics are the checkpoint's own and of one protocol:
+provenance.py) and apply the gate (`prepare`, no MLflow yet); under the lock,
 recover what dead registers left and stop if this checkpoint's content is already a version; create the run
 (owned by this process) and log params, metrics, dataset inputs, the pyfunc model and the metrics files; under
 the lock again, create the version with its gate and decision tags (`registration=pending`), move the alias,
@@ -38,6 +39,8 @@ from ghosted.mlops.registry.names import (
     GIT_COMMIT_TAG,
     MODEL_ARTIFACT,
     OWNER_TAG,
+    PROTOCOL_TAG,
+    PROVENANCE_TAG,
     SHA_TAG,
     STATE_TAG,
     Log,
@@ -50,6 +53,7 @@ from ghosted.mlops.registry.names import (
     param_key,
     registered_name,
 )
+from ghosted.mlops.registry.provenance import Checked, check
 from ghosted.mlops.registry.recovery import owner, recover
 
 if TYPE_CHECKING:
@@ -74,6 +78,7 @@ class Submission:
     version_tags: dict[str, str]
     params: dict[str, str]
     metrics: dict[str, float]
+    provenance: Checked
 
 
 def _read_meta(checkpoint: Path) -> dict:
@@ -88,9 +93,18 @@ def _read_meta(checkpoint: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _version_tags(meta: dict, git: dict[str, str], sha: str, verdict: Verdict, gate: GateConfig) -> dict[str, str]:
-    """Lineage, the tree's state, the content hash and the gate's verdict with its numbers."""
+def _provenance_tags(checked: Checked) -> dict[str, str]:
+    """The evaluations' protocol (what the champion rule compares), or the warning tag of metrics without one."""
+    if checked.protocol_sha256 is None:
+        return {PROVENANCE_TAG: "missing"}
+    return {PROVENANCE_TAG: "checked", PROTOCOL_TAG: checked.protocol_sha256}
+
+
+def _version_tags(meta: dict, git: dict[str, str], sha: str, verdict: Verdict, gate: GateConfig,
+                  checked: Checked) -> dict[str, str]:
+    """Lineage, the tree's state, the content hash, the protocol and the gate's verdict with its numbers."""
     return {**lineage(meta), **{k: v for k, v in git.items() if k != GIT_COMMIT_TAG}, SHA_TAG: sha,
+            **_provenance_tags(checked),
             "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
             **({"rank_value": repr(verdict.rank_value)} if verdict.rank_value is not None else {}),
             **({"retained_acc": repr(verdict.retained_acc)} if verdict.retained_acc is not None else {}),
@@ -115,7 +129,8 @@ def _run_metrics(dense: dict, pruned: dict, verdict: Verdict) -> dict[str, float
 
 def prepare(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: GateConfig, reg: RegistryConfig,
             scores: Path | None = None, log: Log = nolog) -> Submission:
-    """Read and check a register's inputs, apply the gate, hash the checkpoint: a one-line error on bad input."""
+    """Read and check a register's inputs (the metrics' provenance included), apply the gate, hash the checkpoint:
+    a one-line error on bad input."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise GhostedError(f"checkpoint folder not found: {checkpoint}")
@@ -129,10 +144,15 @@ def prepare(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: G
     name = check_name(reg.name or registered_name(meta["base_model"]))
     log(f"hashing {checkpoint}")
     sha = checkpoint_sha256(checkpoint)
+    checked = check(checkpoint, sha, meta, Path(pruned_metrics), pruned, Path(dense_metrics), dense)
+    if checked.warning:
+        log(f"warning: {checked.warning}")
     git = git_info()
     return Submission(checkpoint, pruned_metrics, dense_metrics, meta, dense, pruned, table, verdict, name, sha,
-                      run_tags={**lineage(meta), **git}, version_tags=_version_tags(meta, git, sha, verdict, gate),
-                      params=_run_params(meta, gate, dense, pruned), metrics=_run_metrics(dense, pruned, verdict))
+                      run_tags={**lineage(meta), **git, **_provenance_tags(checked)},
+                      version_tags=_version_tags(meta, git, sha, verdict, gate, checked),
+                      params=_run_params(meta, gate, dense, pruned), metrics=_run_metrics(dense, pruned, verdict),
+                      provenance=checked)
 
 
 def _result(name: str, version: str, run_id: str, verdict: Verdict, **extra: Any) -> dict:
@@ -162,7 +182,8 @@ def _already(sub: Submission, v, current: str | None, gate: GateConfig, reg: Reg
                   champion=current,
                   decision=f"already registered as version {v.version}: nothing registered, champion "
                            f"{'version ' + current if current else 'none'} unchanged",
-                  checkpoint_sha256=sub.sha, tracking_uri=reg.tracking_uri)
+                  checkpoint_sha256=sub.sha, protocol_sha256=sub.provenance.protocol_sha256,
+                  provenance_warning=sub.provenance.warning, tracking_uri=reg.tracking_uri)
     if reports is not None:
         _write_reports(sub, gate, reports, res)
     return res
@@ -228,7 +249,8 @@ def _record(client: Client, run, sub: Submission, gate: GateConfig, reg: Registr
     result = _result(sub.name, version, run_id, sub.verdict, registered=True, champion_moved=moved,
                      champion=version if moved else current,
                      decision=f"version {version} is the {decision}" if moved else decision,
-                     checkpoint_sha256=sub.sha, tracking_uri=reg.tracking_uri)
+                     checkpoint_sha256=sub.sha, protocol_sha256=sub.provenance.protocol_sha256,
+                     provenance_warning=sub.provenance.warning, tracking_uri=reg.tracking_uri)
     if reports is not None:
         _write_reports(sub, gate, reports, result)
         client.log_artifacts(run_id, str(reports), "reports")
