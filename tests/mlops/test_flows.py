@@ -213,13 +213,19 @@ def test_model_lock_serializes_runs_of_one_model(tmp_path, monkeypatch):
 
 
 def test_serve_entry_point_schedules_the_flow(monkeypatch, tmp_path):
+    """--serve (against the harness's server) serves the deployment ghosted-recompress/scheduled, one run at a
+    time; tests/mlops/test_schedule.py runs it against `prefect server start`."""
     seen = {}
     monkeypatch.setattr(recompress_mod.recompress, "serve", lambda **kw: seen.update(kw))
     assert recompress_mod.main(["--serve", "--cron", "0 3 * * *", "--repo", str(tmp_path)]) == 0
-    assert seen["cron"] == "0 3 * * *" and seen["name"] == "nightly-recompress"
+    assert seen["schedule"].cron == "0 3 * * *" and seen["schedule"].active and seen["name"] == "scheduled"
     assert seen["parameters"] == {"repo": str(tmp_path.resolve())}
-    with pytest.raises(SystemExit):
-        recompress_mod.main(["--cron", "0 3 * * *"])
+    assert seen["global_limit"].limit == 1 and seen["global_limit"].collision_strategy.value == "CANCEL_NEW"
+    assert recompress_mod.main(["--serve", "--interval", "60", "--repo", str(tmp_path)]) == 0
+    assert seen["schedule"].interval.total_seconds() == 60 and seen["schedule"].cron is None
+    for bad in (["--cron", "0 3 * * *"], ["--serve", "--interval", "0"], ["--serve", "--cron", "3am"]):
+        with pytest.raises(SystemExit):
+            recompress_mod.main(bad)
 
 
 def test_sweep_on_a_dask_cluster_equals_the_sequential_run(tmp_path):
