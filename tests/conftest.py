@@ -50,7 +50,7 @@ def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str
 
 # The longest files first: with one file per xdist worker (scripts/test.sh) the suite ends when the file started
 # last ends. A stable sort, so the order inside each file is kept.
-_LONGEST_FIRST = ("test_flows.py", "test_reliability.py", "test_registry.py", "test_export.py", "test_cli.py")
+_LONGEST_FIRST = ("test_schedule.py", "test_flows.py", "test_reliability.py", "test_registry.py", "test_export.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
