@@ -42,20 +42,6 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
     raise GhostedError(f"{folder}: no {name} (or its index): the weights are missing")
 
 
-def _read_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise GhostedError(f"{folder} is not a folder")
-    try:
-        doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GhostedError(f"{folder} has no config.json: not a model folder") from None
-    except ValueError as exc:
-        raise GhostedError(f"{folder}/config.json is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("ghosted"), dict):
-        raise GhostedError(f"{folder} is not a ghosted checkpoint (config.json has no `ghosted` block)")
-    return doc
-
-
 def _is_legacy(doc: dict) -> bool:
     return doc["ghosted"].get("format") is None
 
