@@ -4,9 +4,9 @@ A params file is a small mapping a few levels deep, so anything else is refused 
 time, each with one GhostedError line that names the file:
 
 - files over MAX_BYTES (1 MiB) are refused before parsing (only MAX_BYTES + 1 bytes are ever read);
-- aliases (`*name`) are refused outright: params files do not need them, and nested aliases are how a
-  400-byte "billion laughs" file expands to gigabytes (in any code that walks or prints the value). Without
-  aliases the parsed value is no bigger than the file. Anchors alone (`&name`) are harmless and allowed;
+- an alias (`*name`) counts as the whole value it names, so the bounds below hold for the value as loaded:
+  nested aliases are how a 400-byte "billion laughs" file expands to gigabytes, and such a file is refused at
+  once, while an ordinary alias (a repeated `eval:` block, as yaml.safe_dump writes one) loads;
 - nesting deeper than MAX_DEPTH levels is refused (the composer recurses once per level), and so are more
   than MAX_NODES keys and values (a params file holds tens); all three are checked on the parser's event
   stream, before any node is built;
@@ -37,31 +37,43 @@ def _loader(data: str | bytes) -> Any:
 
 
 def _prescan(data: str | bytes, path: str) -> None:
-    """Walk the parser's events once, before any node exists: refuse aliases, more than MAX_NODES nodes and
-    nesting deeper than MAX_DEPTH (the composer recurses once per level, so depth is checked before it runs)."""
+    """Walk the parser's events once, before any node exists. An alias counts as the whole value it names, so the
+    bounds hold for the value as loaded: at most MAX_NODES keys and values and MAX_DEPTH levels (a nested-alias
+    "billion laughs" file is refused at once; the composer recurses once per level, so depth is checked first)."""
     import yaml
 
     loader = _loader(data)
-    depth = nodes = 0
+    nodes = 0
+    open_: list[list[Any]] = []  # per open collection: [anchor, nodes at its start, deepest level reached inside]
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, levels) of the value it names
     try:
         while not loader.check_event(yaml.StreamEndEvent):
             event = loader.get_event()
             line = event.start_mark.line + 1 if event.start_mark else "?"
-            if isinstance(event, yaml.AliasEvent):
-                raise GhostedError(f"{path}: aliases (*{_plain(event.anchor, 40)}) are not supported in params "
-                                   f"files (line {line}); write the value out in full")
-            if isinstance(event, yaml.NodeEvent):
-                nodes += 1
-                if nodes > MAX_NODES:
-                    raise GhostedError(f"{path}: more than {MAX_NODES} keys and values (line {line}); a params file "
-                                       "holds a few settings per section")
+            if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                anchor, start, deepest = open_.pop()
+                if anchor is not None:  # the value it names: its nodes, and the levels from it down
+                    sizes[anchor] = (nodes - start, deepest - len(open_))
+                continue
+            if not isinstance(event, yaml.NodeEvent):
+                continue
+            count, levels = sizes.get(event.anchor, (1, 0)) if isinstance(event, yaml.AliasEvent) else (1, 0)
+            if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
+                sizes[event.anchor] = (1, 0)
             if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise GhostedError(f"{path}: nested deeper than {MAX_DEPTH} levels (line {line}); a params file "
-                                       "is a mapping of sections of options")
-            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-                depth -= 1
+                open_.append([event.anchor, nodes, len(open_) + 1])
+                levels = 0
+            nodes += count
+            reach = len(open_) + levels
+            expanded = ", aliases expanded" if isinstance(event, yaml.AliasEvent) else ""
+            if nodes > MAX_NODES:
+                raise GhostedError(f"{path}: more than {MAX_NODES} keys and values{expanded} (line {line}); "
+                                   "a params file holds a few settings per section")
+            if reach > MAX_DEPTH:
+                raise GhostedError(f"{path}: nested deeper than {MAX_DEPTH} levels{expanded} (line {line}); "
+                                   "a params file is a mapping of sections of options")
+            for entry in open_:
+                entry[2] = max(entry[2], reach)
     finally:
         loader.dispose()
 
