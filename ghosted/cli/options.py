@@ -37,8 +37,6 @@ def _plain(hint: Any) -> Any:
 
 def _help(cls: type, f: Any) -> str:
     flag = flag_of(f)
-    if flag.hidden:
-        return argparse.SUPPRESS
     text = flag.help() if callable(flag.help) else flag.help
     return text.replace("{default}", default(cls, f.name)) if "{default}" in text else text
 

@@ -208,7 +208,6 @@ class Flag:
     text: bool = False  # passed on as written; the section parses it (lists of names, "6,9")
     required: bool = False
     cli_default: str | None = None  # the parser's own default (shown in --help and the recorded command)
-    hidden: bool = False  # accepted but not shown in --help
     cli: bool = True  # False: a params-file setting only
 
     @property
