@@ -41,7 +41,7 @@ from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef, load_model
 from ghosted.solve.solver import solve
 
-# The benchmark's targets (issue 17): prune+fit / one dense forward on a quiet machine, peak / parameter bytes,
+# The benchmark's targets: prune+fit / one dense forward on a quiet machine, peak / parameter bytes,
 # pruned+ghost throughput / the ideal speed-up.
 TARGETS = {"fit_over_forward": 1.1, "peak_over_model": 1.5, "throughput_over_ideal": 0.98}
 
