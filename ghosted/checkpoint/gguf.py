@@ -8,8 +8,9 @@ undoes them:
   half, second half) to llama.cpp's interleaved rotary pairs;
 - Gemma 3: llama.cpp multiplies by a norm weight `w`, HF by `1 + w`, so every norm weight gets +1.
 The tokenizer is copied from the base model's source GGUF when there is one (shipped models), or
-built from the checkpoint's tokenizer.json (byte-level BPE). A checkpoint with ghost operators is
-refused: llama.cpp has no place for them.
+built from the checkpoint's tokenizer.json (byte-level BPE). A ghost checkpoint of a Llama-family model whose
+ghosts have the exportable form is written as llama.cpp's `deci` architecture, one extra layer per cut
+(checkpoint/gguf_deci.py); any other ghost is refused with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghosted.checkpoint.format import MODEL_TYPE, param_counts
+from ghosted.checkpoint import gguf_deci
+from ghosted.checkpoint.format import MODEL_TYPE, VARIANT, param_counts
 from ghosted.checkpoint.gguf_tokenizer import check_vocab, copy_gguf_tokenizer, source_gguf, write_hf_tokenizer
 from ghosted.checkpoint.meta import CheckpointMeta, is_ghost_class
 from ghosted.errors import GhostedError
@@ -68,15 +70,16 @@ def _read_config(ckpt: Path) -> dict:
         raise GhostedError(f"{cfg_path} is not valid JSON ({exc.msg})") from exc
 
 
-def _weight_files(ckpt: Path) -> list[Path]:
-    index = ckpt / "model.safetensors.index.json"
+def _weight_files(ckpt: Path, variant: str | None = None) -> list[Path]:
+    stem = f"model.{variant}" if variant else "model"
+    index = ckpt / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json")
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [ckpt / n for n in names]
-    single = ckpt / "model.safetensors"
+    single = ckpt / f"{stem}.safetensors"
     if single.is_file():
         return [single]
-    raise GhostedError(f"{ckpt} has no model.safetensors (or index): export needs safetensors weights")
+    raise GhostedError(f"{ckpt} has no {stem}.safetensors (or index): export needs safetensors weights")
 
 
 def _tensor_names(files: list[Path]) -> list[str]:
@@ -159,10 +162,11 @@ def _rope_scaling(cfg: dict) -> dict:
     return rp
 
 
-def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str) -> None:
+def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str,
+                   deci: gguf_deci.DeciLayout | None = None) -> None:
     import gguf
 
-    n_layer = int(cfg["num_hidden_layers"])
+    n_layer = int(cfg["num_hidden_layers"]) if deci is None else len(deci.blocks)
     hidden = int(cfg["hidden_size"])
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
@@ -174,13 +178,18 @@ def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str) -
     writer.add_block_count(n_layer)
     writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    if deci is None:
+        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+    else:  # per-layer arrays: a ghost layer has heads but no KV heads, and a small zero feed-forward block
+        writer.add_feed_forward_length(deci.ff_lengths())
+        writer.add_head_count(deci.head_counts())
+        writer.add_head_count_kv(deci.kv_head_counts())
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_vocab_size(int(cfg["vocab_size"]))
-    if spec.gguf_arch == "llama":
+    if spec.gguf_arch == "llama":  # deci too (a Llama-family graph)
         writer.add_rope_dimension_count(head_dim)
     if head_dim != hidden // n_head or spec.gguf_arch == "gemma3":
         writer.add_key_length(head_dim)
@@ -238,21 +247,32 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         raise GhostedError(f"{out} is a folder: give a file name ending in .gguf")
     folder = _checkpoint_dir(ckpt)
     cfg = _read_config(folder)
-    check_plain(folder, cfg, [])  # a ghost checkpoint is refused by its config before its weights are looked for
-    files = _weight_files(folder)
-    names = _tensor_names(files)
-    check_plain(folder, cfg, names)
-    archs = cfg.get("architectures") or []
-    arch_name = archs[0] if archs else None
+    meta = CheckpointMeta.from_dict(cfg.get("ghosted") or {})
+    ghosts = meta.ghost_list
+    if ghosts:
+        arch_name = meta.base_architecture
+    else:
+        check_plain(folder, cfg, [])  # a ghost checkpoint is refused by its config before its weights are looked for
+        archs = cfg.get("architectures") or []
+        arch_name = archs[0] if archs else None
     spec = arch.gguf_spec(arch_name)  # the family's "gguf" entry in the arch table (ghosted/_data/architectures)
     if spec is None:
         supported = ", ".join(arch.gguf_architectures())
         raise GhostedError(f"architecture {arch_name} has no GGUF export yet; supported: {supported}")
-    n_layer = int(cfg["num_hidden_layers"])
+    deci = gguf_deci.layout(cfg, ghosts, arch_name, spec.gguf_arch) if ghosts else None
+    files = _weight_files(folder, VARIANT if ghosts else None)
+    names = _tensor_names(files)
+    if deci is None:
+        check_plain(folder, cfg, names)
+    n_kept = int(cfg["num_hidden_layers"])
+    n_layer = n_kept if deci is None else len(deci.blocks)
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    out_arch = spec.gguf_arch if deci is None else "deci"
+    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == out_arch)
     name_map = gguf.get_tensor_name_map(gguf_arch, n_layer)
+    renumber = deci.block_of_kept if deci is not None else {i: i for i in range(n_kept)}
+    layer_prefix = f"{meta.layers_path or 'model.layers'}."
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,9 +280,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
+        writer = gguf.GGUFWriter(str(tmp), out_arch)
         label = (cfg.get("ghosted") or {}).get("base_model") or folder.name
-        _write_hparams(writer, cfg, spec, f"{folder.name} ({label})" if label != folder.name else label, outtype)
+        _write_hparams(writer, cfg, spec, f"{folder.name} ({label})" if label != folder.name else label, outtype,
+                       deci)
         source = source_gguf(folder, cfg)
         if source is not None:
             check_vocab(folder, source, int(cfg["vocab_size"]))
@@ -271,11 +292,19 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         else:
             tok_desc = write_hf_tokenizer(writer, folder)
         count, blocks, elements = 0, set(), 0
+        ghost_parts: dict[int, dict[str, torch.Tensor]] = {}
         for hf_name, t in _iter_tensors(files):
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # recomputed by every reader
             if hf_name == "lm_head.weight" and tied:
                 continue  # llama.cpp reuses token_embd when `output` is absent
+            if deci is not None and hf_name.startswith("ghosts."):
+                _, site, part = hf_name.split(".", 2)
+                ghost_parts.setdefault(int(site), {})[part] = t
+                continue
+            if hf_name.startswith(layer_prefix):  # kept layer i -> its block in the output (ghost layers between)
+                idx, rest = hf_name[len(layer_prefix):].split(".", 1)
+                hf_name = f"{layer_prefix}{renumber[int(idx)]}.{rest}"
             base, dot, suffix = hf_name.rpartition(".")
             gname = name_map.get_name(base)
             if gname is None:
@@ -292,6 +321,17 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
             writer.add_tensor(f"{gname}.{suffix}", arr, raw_dtype=raw)
             count += 1
             elements += t.numel()
+        if deci is not None:
+            hidden = int(cfg["hidden_size"])
+            for j, (kind, site) in enumerate(deci.blocks):
+                if kind != "ghost":
+                    continue
+                for suffix, t in gguf_deci.ghost_tensors(site, ghost_parts.get(site, {}), hidden).items():
+                    arr, raw = _to_gguf_array(t, outtype)
+                    writer.add_tensor(f"blk.{j}.{suffix}", arr, raw_dtype=raw)
+                    count += 1
+                    elements += t.numel()
+                blocks.add(j)
         if blocks != set(range(n_layer)):
             raise GhostedError(f"config says {n_layer} layers but the weights hold blocks {sorted(blocks)}")
         writer.write_header_to_file()
@@ -303,5 +343,5 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         tmp.unlink(missing_ok=True)
         raise
     folded = (cfg.get("ghosted") or {}).get("folded") or []
-    return ExportResult(out, spec.gguf_arch, outtype, n_layer, count, tok_desc, out.stat().st_size, elements,
+    return ExportResult(out, out_arch, outtype, n_layer, count, tok_desc, out.stat().st_size, elements,
                         param_counts(folder)["params_dense"], any("head untied" in str(f) for f in folded))

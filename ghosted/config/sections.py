@@ -75,6 +75,9 @@ class PruneConfig:
     token_shift: bool = option(False, "with --norm-features: also map the previous token's scale-free state (one "
                                       "more d x d matrix per cut; generation keeps one d-vector per token and cut on "
                                       "its cache)", method="ghost")
+    exportable: bool = option(False, "ghost in the form llama.cpp runs (`ghosted export --gguf` writes it as one "
+                                     "deci layer per cut): h + n(h) W_n + b, n(h) = h/rms(h), one map for every token "
+                                     "(implies --norm-features)", method="ghost")
     rank: int | None = option(None, "low-rank ghost I + U V^T of this rank", method="ghost")
     variant: str = option("rotate", f"LinearPatch variant: {', '.join(VARIANTS)} (default {{default}})",
                           method="linearpatch")
@@ -135,6 +138,19 @@ class PruneConfig:
             raise GhostedError(f"--distill-lr (prune.distill_lr) must be > 0, got {brief(self.distill_lr)}")
 
     def _check_method_options(self) -> None:
+        if self.exportable:
+            from ghosted.method.policies import get_policy
+
+            if self.recovery != "ghost":
+                raise GhostedError(f"--exportable (prune.exportable) is a ghost option: it needs --recovery ghost, "
+                                   f"not {brief(self.recovery)} (foldable, scalar, replaceme and none export as they are)")
+            if self.rank is not None or self.token_shift:
+                raise GhostedError("an exportable ghost reads h/rms(h) of its own token only: drop "
+                                   + ("--rank" if self.rank is not None else "--token-shift"))
+            if get_policy(self.token_policy).sink_shift:
+                raise GhostedError(f"token policy {self.token_policy} gives position 0 its own map, which llama.cpp "
+                                   f"cannot run: use drop, anchor, all or auto with --exportable")
+            object.__setattr__(self, "norm_features", True)  # the exportable form is the norm features' map alone
         if self.norm_features and self.recovery != "ghost":
             raise GhostedError(f"--norm-features (prune.norm_features) is a ghost option: it needs --recovery ghost, "
                                f"not {brief(self.recovery)}")

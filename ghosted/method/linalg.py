@@ -30,7 +30,8 @@ def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(A, B).solution
 
 
-def solve_ghost(s: PairSums, ridge: float = 1e-6, norm: bool = False, shift: bool = False) -> Operator:
+def solve_ghost(s: PairSums, ridge: float = 1e-6, norm: bool = False, shift: bool = False,
+                raw: bool = True) -> Operator:
     """M* = (X^T X + lam I)^{-1} X^T (Y - X), W* = I + M*.
 
     norm: the regressors are [X, n(X)] (n = scale_free): Y - X = X M + n(X) Wn. Each removed layer reads
@@ -38,7 +39,15 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, norm: bool = False, shift: boo
     the closed form that dependence. The n(X) block gets its own relative ridge (lambda_n = ridge * tr(N^T N) / d).
 
     shift (token shift, needs norm): the features are [n(X), P], P the previous token's n(X), captured as one
-    2d-wide block with one relative ridge; the operator gets Wn and Wp."""
+    2d-wide block with one relative ridge; the operator gets Wn and Wp.
+
+    raw=False (needs norm, not shift): Y - X = n(X) Wn + b, the identity on X plus an affine map of the scale-free
+    state and no map of X itself: the form llama.cpp's deci layer runs (solve_deci)."""
+    if not raw:
+        if not norm or shift:
+            raise ValueError("a ghost without the raw map reads only the scale-free state: solve with norm=True, "
+                             "shift=False")
+        return solve_deci(s, ridge)
     G, C = s.gram, s.cross
     d = s.d
     dev = G.device
@@ -69,6 +78,31 @@ def solve_ghost(s: PairSums, ridge: float = 1e-6, norm: bool = False, shift: boo
     Ra = torch.cat(blocks_r, dim=0)
     Z = _solve_spd(Ga, Ra)
     return Operator("full", W=eye + Z[:d], Wn=Z[d:2 * d], Wp=Z[2 * d:3 * d] if shift else None, info=info)
+
+
+def solve_deci(s: PairSums, ridge: float = 1e-6) -> Operator:
+    """h <- h + n(h) Wn + b: least squares on the regressors [n(X), 1] for the target Y - X, from the sums.
+
+    One llama.cpp `deci` layer computes exactly this form: a linear-attention layer adds wo @ RMSNorm(h), and
+    a feed-forward block whose weights are zero adds its down-projection bias (checkpoint/gguf.py). The
+    intercept is not penalised; Wn gets the relative ridge of N^T N."""
+    if not s.has_norm or s.sum_n is None:
+        raise ValueError("the deci form needs the norm sums: capture with CapturePlan(norm=True)")
+    d = s.d
+    if s.norm_gram.shape[0] != d:
+        raise ValueError("the deci form reads n(h) alone: capture without the token shift")
+    dev = s.norm_gram.device
+    lam_n = ridge_lambda(s.norm_gram, ridge)
+    sum_n = s.sum_n.to(F64).to(dev)
+    A = torch.zeros(d + 1, d + 1, dtype=F64, device=dev)
+    A[:d, :d] = s.norm_gram + lam_n * torch.eye(d, dtype=F64, device=dev)
+    A[:d, d] = sum_n
+    A[d, :d] = sum_n
+    A[d, d] = float(s.n)
+    R = torch.cat([s.norm_cross - s.xn.T, (s.sum_y - s.sum_x).to(F64).to(dev)[None]], dim=0)  # [N, 1]^T (Y - X)
+    Z = _solve_spd(A, R)
+    return Operator("full", W=torch.eye(d, dtype=F64, device=dev), Wn=Z[:d], bias=Z[d],
+                    info={"lambda_norm": lam_n, "form": "deci"})
 
 
 def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:

@@ -61,6 +61,12 @@ class TokenPolicy:
         return self.candidates or (self.name,)
 
     @property
+    def one_map(self) -> str:
+        """The nearest policy whose operator treats every position alike (what llama.cpp can run): a sink
+        shift's policy without its position-0 rule."""
+        return "drop" if self.sink_shift else self.name
+
+    @property
     def without_guard(self) -> str:
         """The policy fitted when no held-out check runs."""
         return self.unguarded or self.name
@@ -153,6 +159,10 @@ register(TokenPolicy(
     # The attention-sink position maps across a cut unlike any other token and bends the fit (docs/method.md).
     "sink", "drop position 0 and BOS from the fit; position 0 gets the mean move of those tokens",
     left_out="mean", sink_shift=True))
+register(TokenPolicy(
+    # "sink" without its position-0 rule: one map for every token (an exportable ghost's choice in place of sink).
+    "drop", "drop position 0 and BOS from the fit; one map for every token at inference",
+    left_out="full"))
 register(TokenPolicy(
     # The sinks stay in the fit with their own state as target: identity along the massive-activation directions.
     "anchor", "sinks stay in the fit pinned to identity",

@@ -27,6 +27,7 @@ class SolveOptions:
     ridge: float = 1e-6  # relative: lambda = ridge * tr(X^T X) / d
     norm: bool = False  # ghost: also regress on the scale-free state n(X) (linalg.solve_ghost)
     shift: bool = False  # with norm: also on the previous token's n(X) (the token shift)
+    raw: bool = True  # ghost: map X itself; False (exportable): X + n(X) Wn + b only (linalg.solve_deci)
     rank: int | None = None
     variant: str = "rotate"  # LinearPatch: rotate | diag
     fold: str = "auto"  # foldable: one of FOLDS (auto: cq+replaceme; the guard picks among FOLDS first)
@@ -57,7 +58,7 @@ def _ghost(s: PairSums, o: SolveOptions) -> Operator:
 
             raise GhostedError("a low-rank ghost has no norm features: drop --rank or --norm-features")
         return solve_lowrank(s, o.rank, o.ridge)
-    return solve_ghost(s, o.ridge, norm=o.norm, shift=o.shift)
+    return solve_ghost(s, o.ridge, norm=o.norm, shift=o.shift, raw=o.raw)
 
 
 _register(Method("ghost", _ghost, full=True))

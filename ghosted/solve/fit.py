@@ -21,8 +21,16 @@ def heldout_windows(n: int, fraction: float) -> frozenset[int]:
 
 
 def solve_options(cfg: PruneConfig, ridge: float) -> SolveOptions:
-    return SolveOptions(ridge=ridge, norm=cfg.norm_features, shift=cfg.token_shift, rank=cfg.rank,
+    return SolveOptions(ridge=ridge, norm=cfg.norm_features, shift=cfg.token_shift, raw=not cfg.exportable,
+                        rank=cfg.rank,
                         variant=cfg.variant, fold=cfg.fold)
+
+
+def selection_policy(cfg: PruneConfig) -> str:
+    """The token policy ghost-aware selection and the search's screening fit with (one map for every token when
+    the ghost must be exportable)."""
+    pol = get_policy(get_policy(cfg.token_policy).for_selection)
+    return pol.one_map if cfg.exportable else pol.name
 
 
 def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: PruneConfig, ridge: float) -> Operator:

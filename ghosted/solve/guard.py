@@ -103,6 +103,8 @@ def ghost_guard(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Captu
     `progress`: a line per candidate in `log`."""
     grid = [cfg.ridge] if cfg.ridge is not None else list(cfg.ridge_grid)
     policies = get_policy(cfg.token_policy).guard_choices  # auto: its candidates, in its order
+    if cfg.exportable:  # one map for every token: a sink shift's policy stands in without its position-0 rule
+        policies = tuple(dict.fromkeys(get_policy(p).one_map for p in policies))
     candidates = {f"{p}/ridge={r:g}": (p, r) for p in policies for r in grid}
     ids, n_held = _heldout(calib, cfg)
 

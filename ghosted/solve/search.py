@@ -34,12 +34,11 @@ from ghosted.errors import GhostedError
 from ghosted.evaluation.perplexity import mean_nll
 from ghosted.method import arch
 from ghosted.method.operator import Operator
-from ghosted.method.policies import get_policy
 from ghosted.method.selection import block_scores, ghost_block_errors
 from ghosted.method.surgery import Pair, runs, temporarily_pruned
 from ghosted.models import Loaded
 from ghosted.reporting.search_report import write_report_files
-from ghosted.solve.fit import heldout_windows, solve_cut
+from ghosted.solve.fit import heldout_windows, selection_policy, solve_cut
 from ghosted.solve.grid import average, format_layers
 from ghosted.solve.guard import compare
 from ghosted.solve.solution import Solution, build_checkpoint
@@ -103,7 +102,7 @@ def fit_progressive(loaded: Loaded, calib: Calibration, cfg: PruneConfig, remove
 
 def _screen_choice(cfg: PruneConfig) -> tuple[str, float]:
     """The (token policy, ridge) candidates are screened with: ghost-aware selection's."""
-    return get_policy(cfg.token_policy).for_selection, cfg.ridge if cfg.ridge is not None else cfg.ridge_grid[0]
+    return selection_policy(cfg), cfg.ridge if cfg.ridge is not None else cfg.ridge_grid[0]
 
 
 # --------------------------------------------------------------------------- screening

@@ -23,7 +23,7 @@ from ghosted.method.recovery import RECOVERY
 from ghosted.method.selection import CONTIGUOUS, SELECTION, SelectContext, check_k, parse_layers, score_table
 from ghosted.method.surgery import Pair, runs, temporarily_pruned
 from ghosted.models import Loaded
-from ghosted.solve.fit import heldout_windows, solve_cut
+from ghosted.solve.fit import heldout_windows, selection_policy, solve_cut
 from ghosted.solve.guard import foldable_guard, ghost_guard
 from ghosted.solve.solution import Solution, build_checkpoint, load_solution, save_solution
 
@@ -95,7 +95,7 @@ def _loss_fns(loaded: Loaded, calib: Calibration, cfg: PruneConfig, res: Capture
             return mean_nll(m, ids, cfg.batch_size)
 
     # the ghost as the guard would build it (auto: under "sink", the sinks out of the fit, a sink shift for them)
-    policy = get_policy(cfg.token_policy).for_selection
+    policy = selection_policy(cfg)
     ghost_cfg = replace(cfg, recovery="ghost")
 
     def ghost(removed: list[int]) -> float:
