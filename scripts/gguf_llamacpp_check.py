@@ -3,12 +3,16 @@
 Needs the optional extra (`pip install -e ".[gguf]"`, llama-cpp-python builds llama.cpp from source):
 
     .venv/bin/python scripts/gguf_llamacpp_check.py                       # prune smollm2-135m 13-18, scalar
-    .venv/bin/python scripts/gguf_llamacpp_check.py --ckpt out/smol-plain  # an existing plain checkpoint
+    .venv/bin/python scripts/gguf_llamacpp_check.py --ckpt out/smol-plain  # an existing checkpoint
+    .venv/bin/python scripts/gguf_llamacpp_check.py --ckpt out/smol-k9 --out reports/gguf_llamacpp/deci_k9.md
+                                                    # an exportable ghost: written as llama.cpp's deci architecture
 
 Steps, each the real command: `ghosted prune` (unless --ckpt), `ghosted eval CKPT --ppl wiki` (the folder's
 perplexity), `ghosted export CKPT --gguf` per --outtype, then llama.cpp (llama-cpp-python, logits of every
 position) on exactly the token windows ghosted's perplexity uses (ghosted/data.py: 512-token windows, BOS first
-when the tokenizer adds one; every next-token prediction in a window scored). Writes reports/gguf_llamacpp.md.
+when the tokenizer adds one; every next-token prediction in a window scored). Then greedy generation (32 tokens
+from 10 prompts, llama.cpp f32 vs the folder through `ghosted.load`) and llama.cpp's speed, prefill and decode,
+of the pruned GGUF against the dense base's GGUF (same outtype, --threads). Writes --out (reports/).
 Exit code 1 when the f32 GGUF is not within --tolerance (1%) of the folder.
 """
 
@@ -54,6 +58,74 @@ def llamacpp_nll(gguf_path: Path, windows: np.ndarray, threads: int) -> tuple[fl
         count += n_ctx - 1
     del llm
     return total / count, count
+
+
+PROMPTS = (
+    "The capital of France is",
+    "In 1905, Albert Einstein published",
+    "The recipe for a simple bread needs",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village,",
+    "The main difference between a virus and a bacterium is",
+    "To install a Python package, you",
+    "The stock market fell sharply on Monday after",
+    "Water boils at a lower temperature at high altitude because",
+    "The first step in training a neural network is",
+)
+
+
+def greedy_check(ckpt: Path, gguf_path: Path, threads: int, new_tokens: int = 32) -> tuple[int, list[str]]:
+    """How many prompts give the same greedy continuation (token ids) in llama.cpp and in the folder."""
+    import torch
+    from llama_cpp import Llama
+
+    import ghosted
+    from ghosted.models import load_tokenizer
+
+    model = ghosted.load(str(ckpt))
+    tok, _ = load_tokenizer(str(ckpt))
+    llm = Llama(model_path=str(gguf_path), n_ctx=128, n_batch=128, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    same, diffs = 0, []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
+        want = ref[0, ids.shape[1]:].tolist()
+        llm.reset()
+        got = []
+        for t in llm.generate(ids[0].tolist(), top_k=1, temp=0.0, reset=True):
+            got.append(int(t))
+            if len(got) == new_tokens or t == tok.eos_token_id:
+                break
+        if got == want:
+            same += 1
+        else:
+            k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            diffs.append(f"{prompt!r}: first difference at token {k}")
+    del llm
+    return same, diffs
+
+
+def speed(gguf_path: Path, threads: int, prefill: int = 256, decode: int = 64, repeats: int = 3) -> dict:
+    """llama.cpp tokens/s: one prompt of `prefill` tokens, then `decode` single-token steps (best of `repeats`)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=prefill + decode + 8, n_batch=prefill, n_ubatch=prefill,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = [100 + (i * 37) % 5000 for i in range(prefill + decode)]
+    best_p = best_d = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[:prefill])
+        t1 = time.perf_counter()
+        for t in ids[prefill:]:
+            llm.eval([t])
+        t2 = time.perf_counter()
+        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+    del llm
+    return {"prefill_tps": prefill / best_p, "decode_tps": decode / best_d}
 
 
 def tokenizer_agreement(gguf_path: Path, tok, docs: list[str], n_docs: int) -> tuple[int, int]:
@@ -123,16 +195,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=0.01, help="allowed relative PPL difference for f32")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "gguf_llamacpp.md")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed comparison with the dense GGUF")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     try:
         import llama_cpp
     except ImportError:
         sys.exit('llama-cpp-python is not installed: pip install -e ".[gguf]" (builds llama.cpp, minutes)')
-    from transformers import AutoTokenizer
-
     from ghosted.corpora import adds_bos, load_documents, make_windows
     from ghosted.io import write_text_atomic
+    from ghosted.models import load_tokenizer
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gguf-check-") as tmp:
@@ -155,7 +227,7 @@ def main() -> int:
             sys.exit(f"{eval_json}: {folder['windows']} windows of {folder['seq_len']} tokens, not "
                      f"{args.ppl_windows} of {args.seq_len}")
 
-        tok = AutoTokenizer.from_pretrained(ckpt)
+        tok, _ = load_tokenizer(str(ckpt))  # a ghost checkpoint's tokenizer without running its code
         docs = load_documents("wiki")
         # The first N windows of the source: the same ones ghosted's perplexity takes (tokenizing stops early).
         windows = make_windows(tok, docs, args.seq_len, args.ppl_windows).numpy()
@@ -171,6 +243,17 @@ def main() -> int:
                          "rel": ppl / folder["ppl"] - 1, "scored": scored, "seconds": time.perf_counter() - t0})
             if agree is None:
                 agree = tokenizer_agreement(gguf_path, tok, docs, 200)
+            if outtype == "f32":
+                rows[-1]["greedy"] = greedy_check(ckpt, gguf_path, args.threads)
+                print(f"f32: greedy continuations identical for {rows[-1]['greedy'][0]} of {len(PROMPTS)} prompts",
+                      flush=True)
+            if not args.no_speed:
+                dense_path = tmp / f"dense-{outtype}.gguf"
+                _ghosted("export", meta.get("base_model") or args.model, "--gguf", str(dense_path), "--outtype",
+                         outtype)
+                rows[-1]["speed"] = speed(gguf_path, args.threads)
+                rows[-1]["dense_speed"] = speed(dense_path, args.threads)
+                print(f"{outtype}: speed {rows[-1]['speed']} vs dense {rows[-1]['dense_speed']}", flush=True)
             print(f"{outtype}: llama.cpp PPL {ppl:.4f} vs folder {folder['ppl']:.4f} ({rows[-1]['rel']:+.3%})",
                   flush=True)
     f32 = next((r for r in rows if r["outtype"] == "f32"), None)
@@ -202,6 +285,23 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['outtype']} | {r['mib']:.1f} | {r['ppl']:.4f} | {folder['ppl']:.4f} | {r['rel']:+.3%} | "
                      f"{r['seconds']:.1f} |")
+    greedy = next((r["greedy"] for r in rows if "greedy" in r), None)
+    if greedy is not None:
+        lines += ["", f"Greedy generation, llama.cpp f32 against the folder (`ghosted.load`, `generate(do_sample=False)`), "
+                  f"32 new tokens from each of {len(PROMPTS)} prompts (scripts/gguf_llamacpp_check.py PROMPTS): "
+                  f"identical for {greedy[0]} of {len(PROMPTS)}." + ("" if not greedy[1] else " " + "; ".join(greedy[1]))]
+    timed = [r for r in rows if "speed" in r]
+    if timed:
+        lines += ["", f"llama.cpp speed, {args.threads} threads, best of 3 after a warm-up: a 256-token prompt (prefill), "
+                  "then 64 single-token steps (decode); the dense GGUF is `ghosted export "
+                  f"{meta.get('base_model') or args.model} --gguf` at the same outtype:", "",
+                  "| outtype | pruned prefill tok/s | dense prefill tok/s | speed-up | pruned decode tok/s | "
+                  "dense decode tok/s | speed-up |", "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            p, dn = r["speed"], r["dense_speed"]
+            lines.append(f"| {r['outtype']} | {p['prefill_tps']:.0f} | {dn['prefill_tps']:.0f} | "
+                         f"{p['prefill_tps'] / dn['prefill_tps']:.2f}x | {p['decode_tps']:.1f} | "
+                         f"{dn['decode_tps']:.1f} | {p['decode_tps'] / dn['decode_tps']:.2f}x |")
     lines += ["", "Tiny random models (hidden 32, 6 layers, byte-level BPE of 300 tokens; tests/test_export.py), "
               "f32 export, llama.cpp logits against transformers' on the same 40 tokens (llama.cpp keeps its KV cache "
               "in f16, hence differences around 1e-3 to 1e-2):", "",

@@ -33,11 +33,16 @@ def scale_free(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)
 
 
+def sink_step(z: torch.Tensor) -> torch.Tensor:
+    """silu(z) - silu(z - 1): 0 for z << 0, 1 for z >> 1 (two SwiGLU units compute it in llama.cpp)."""
+    return nn.functional.silu(z) - nn.functional.silu(z - 1)
+
+
 class Ghost(nn.Module):
     """One boundary operator on the residual stream (row vectors)."""
 
     def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False,
-                 norm: bool = False, shift: bool = False) -> None:
+                 norm: bool = False, shift: bool = False, detect: bool = False) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.rank = rank
@@ -50,12 +55,20 @@ class Ghost(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         self.norm_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if norm else None  # [d, d]
         self.shift_weight = nn.Parameter(torch.zeros(hidden_size, hidden_size)) if shift else None  # [d, d]
+        # sink detector: tokens whose n(h) scores high get detect_shift added before the map (sink_step)
+        self.detect_weight = nn.Parameter(torch.zeros(hidden_size)) if detect else None  # [d]
+        self.detect_bias = nn.Parameter(torch.zeros(1)) if detect else None  # [1]
+        self.detect_shift = nn.Parameter(torch.zeros(hidden_size)) if detect else None  # [d]
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
                 prev: torch.Tensor | None = None, past: int = 0, n: torch.Tensor | None = None) -> torch.Tensor:
         """prev, past: for a token-shift ghost that continues a cached sequence, n(h) of the token before h's first
         ([B, 1, d]; None: a sequence that starts here) and the number of tokens before this call. n: scale_free(h)
         when the caller has it already."""
+        if self.detect_weight is not None:
+            h = h + sink_step(scale_free(h) @ self.detect_weight.to(h.dtype) + self.detect_bias.to(h.dtype))[..., None] \
+                * self.detect_shift.to(h.dtype)
+            n = None
         if self.rank is None:
             out = h @ self.weight.to(h.dtype)
         else:
@@ -120,7 +133,7 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
         site = int(g["site"])
         module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
                        sink_shift=bool(g.get("sink_shift", False)), norm=bool(g.get("norm", False)),
-                       shift=bool(g.get("shift", False)))
+                       shift=bool(g.get("shift", False)), detect=bool(g.get("detect", False)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
         handles.append(target.register_forward_pre_hook(_make_hook(module, site), with_kwargs=True))

@@ -42,7 +42,7 @@ MANIFEST = "ghosted_manifest.json"
 VARIANT = modeling_ghosted.WEIGHTS_VARIANT
 AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE[:-3]}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
-_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift|norm_weight|shift_weight)$")
+_GHOST_TENSOR = re.compile(r"^ghosts\.(\d+)\.(weight|U|V|bias|sink_shift|norm_weight|shift_weight|detect_weight|detect_bias|detect_shift)$")
 
 
 def _base_classes(base: str) -> tuple[type, type]:

@@ -191,7 +191,7 @@ def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str,
     writer.add_vocab_size(int(cfg["vocab_size"]))
     if spec.gguf_arch == "llama":  # deci too (a Llama-family graph)
         writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head or spec.gguf_arch == "gemma3":
+    if head_dim != hidden // n_head or spec.gguf_arch == "gemma3" or deci is not None:  # deci: a layer may have 0
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     rs = _rope_scaling(cfg)
@@ -324,9 +324,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         if deci is not None:
             hidden = int(cfg["hidden_size"])
             for j, (kind, site) in enumerate(deci.blocks):
-                if kind != "ghost":
+                if kind == "kept":
                     continue
-                for suffix, t in gguf_deci.ghost_tensors(site, ghost_parts.get(site, {}), hidden).items():
+                make = gguf_deci.ghost_tensors if kind == "ghost" else gguf_deci.detector_tensors
+                for suffix, t in make(site, ghost_parts.get(site, {}), hidden).items():
                     arr, raw = _to_gguf_array(t, outtype)
                     writer.add_tensor(f"blk.{j}.{suffix}", arr, raw_dtype=raw)
                     count += 1

@@ -7,6 +7,11 @@ bias. So one such layer computes `h + n(h) W_n + b` exactly (n(h) = h / rms(h), 
 to one): the exportable ghost (`--exportable`, method.linalg.solve_deci). Its feed-forward block keeps a small
 width because a layer with none skips its attention output altogether.
 
+A ghost with a sink detector (token policy detect) gets one more layer in front, attention-free: its
+feed-forward block reads RMSNorm(h) and two SwiGLU units compute silu(z) - silu(z - 1), z = n(h) . w + c (the
+gate's weights and biases; the up projection's biases +1 and -1), times the shift as the down projection: the
+detector of modeling_ghosted.Ghost, exactly.
+
 The kept layers are written as they are, renumbered around the ghost layers. A ghost with any other part (a
 map of h itself, a low-rank or token-shift part, a rule for position 0) has no deci form and is refused.
 """
@@ -25,7 +30,7 @@ GHOST_PARTS = ("weight", "norm_weight", "bias")
 
 @dataclass(frozen=True)
 class DeciLayout:
-    """Where every GGUF block comes from: ("kept", dense-pruned layer index) or ("ghost", site)."""
+    """Where every GGUF block comes from: ("kept", pruned layer index), ("detect", site) or ("ghost", site)."""
 
     blocks: tuple[tuple[str, int], ...]
     n_head: int
@@ -36,8 +41,8 @@ class DeciLayout:
     def block_of_kept(self) -> dict[int, int]:
         return {i: j for j, (kind, i) in enumerate(self.blocks) if kind == "kept"}
 
-    def head_counts(self) -> list[int]:
-        return [self.n_head for _ in self.blocks]  # a ghost layer's n_head only has to be > 0
+    def head_counts(self) -> list[int]:  # a ghost layer's n_head only has to be > 0; a detector has no attention
+        return [0 if kind == "detect" else self.n_head for kind, _ in self.blocks]
 
     def kv_head_counts(self) -> list[int]:
         return [self.n_kv if kind == "kept" else 0 for kind, _ in self.blocks]
@@ -53,7 +58,7 @@ def refusal(ghost: dict) -> str | None:
     if ghost.get("shift"):
         return "it reads the previous token (token shift)"
     if ghost.get("sink_shift"):
-        return "position 0 has its own map (token policy sink)"
+        return "position 0 has its own map (token policy sink; detect is the exportable one)"
     if not ghost.get("norm"):
         return "it maps h itself, not h/rms(h)"
     return None
@@ -77,12 +82,35 @@ def layout(cfg: dict, ghosts: list[dict], base_arch: str, gguf_arch: str) -> Dec
     blocks: list[tuple[str, int]] = []
     for i in range(n_kept + 1):
         if i in sites:
+            if any(int(g["site"]) == i and g.get("detect") for g in ghosts):
+                blocks.append(("detect", i))
             blocks.append(("ghost", i))
         if i < n_kept:
             blocks.append(("kept", i))
     n_head = int(cfg["num_attention_heads"])
     return DeciLayout(tuple(blocks), n_head, int(cfg.get("num_key_value_heads") or n_head),
                       int(cfg["intermediate_size"]))
+
+
+def detector_tensors(site: int, parts: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+    """The GGUF tensors of the attention-free layer that adds detect_shift to the tokens the detector picks."""
+    w, c, delta = parts.get("detect_weight"), parts.get("detect_bias"), parts.get("detect_shift")
+    if w is None or c is None or delta is None:
+        raise GhostedError(f"the ghost at layer {site} lacks its sink detector tensors (ghosts.{site}.detect_*)")
+    gate, gate_b = torch.zeros(GHOST_FF, d), torch.zeros(GHOST_FF)
+    up_b, down = torch.zeros(GHOST_FF), torch.zeros(d, GHOST_FF)
+    gate[0] = gate[1] = w.to(torch.float32)
+    gate_b[0], gate_b[1] = float(c.reshape(-1)[0]), float(c.reshape(-1)[0]) - 1.0
+    up_b[0], up_b[1] = 1.0, -1.0
+    down[:, 0] = down[:, 1] = delta.to(torch.float32)
+    return {
+        "ffn_norm.weight": torch.ones(d),
+        "ffn_gate.weight": gate,
+        "ffn_gate.bias": gate_b,
+        "ffn_up.weight": torch.zeros(GHOST_FF, d),
+        "ffn_up.bias": up_b,
+        "ffn_down.weight": down,
+    }
 
 
 def ghost_tensors(site: int, parts: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:

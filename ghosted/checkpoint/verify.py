@@ -162,6 +162,9 @@ def _check_tensors(folder: Path, doc: dict, meta: CheckpointMeta, base: str, has
             want[f"ghosts.{site}.bias"] = (d,)
         if g.get("sink_shift"):
             want[f"ghosts.{site}.sink_shift"] = (d,)
+        if g.get("detect"):
+            want[f"ghosts.{site}.detect_weight"] = want[f"ghosts.{site}.detect_shift"] = (d,)
+            want[f"ghosts.{site}.detect_bias"] = (1,)
         if g.get("norm"):
             if rank is not None:
                 raise GhostedError(f"{folder}: the ghost at site {site} is low-rank and has norm features")

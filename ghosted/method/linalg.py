@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ghosted.method.operator import Operator
-from ghosted.method.sums import F64, PairSums, orthonormal_mixer
+from ghosted.method.sums import F64, PairSums, orthonormal_mixer, scale_free
 
 
 def ridge_lambda(gram: torch.Tensor, ridge: float, trace_ref: float | None = None) -> float:
@@ -103,6 +103,41 @@ def solve_deci(s: PairSums, ridge: float = 1e-6) -> Operator:
     Z = _solve_spd(A, R)
     return Operator("full", W=torch.eye(d, dtype=F64, device=dev), Wn=Z[:d], bias=Z[d],
                     info={"lambda_norm": lam_n, "form": "deci"})
+
+
+def fit_detector(op: Operator, kept: PairSums, left: PairSums, ridge: float = 1e-3, margin: float = 40.0) -> None:
+    """Give `op` (a ghost with norm features) a sink detector: tokens like the left-out ones get their mean move.
+
+    Fisher's discriminant on the scale-free state from the sums alone: w = (S + lam I)^{-1} (mu_left - mu_kept),
+    S the pooled within-class covariance of n(X). The threshold sits between the two classes' mean scores,
+    weighted by their spreads; the scale puts the kept tokens' mean score `margin` below it, so that the step
+    silu(z) - silu(z - 1) is 0 for ordinary tokens and 1 for sinks (an attention sink's state is far from every
+    other token's; docs/findings.md). The shift makes the mean left-out token land on its mean target after the
+    map: x + delta + n(x + delta) Wn + b = y, solved by a few fixed-point steps on the mean state."""
+    d = kept.d
+    dev = kept.norm_gram.device
+    mu_k, mu_s = kept.sum_n / kept.n, left.sum_n / left.n
+    cov_k = kept.norm_gram / kept.n - torch.outer(mu_k, mu_k)
+    cov_s = left.norm_gram / left.n - torch.outer(mu_s, mu_s)
+    pooled = (kept.n * cov_k + left.n * cov_s) / (kept.n + left.n)
+    lam = ridge_lambda(pooled, ridge)
+    w = _solve_spd(pooled + lam * torch.eye(d, dtype=F64, device=dev), (mu_s - mu_k)[:, None])[:, 0]
+    s_k, s_s = float(w @ mu_k), float(w @ mu_s)
+    sd_k = float(max(w @ cov_k @ w, 0.0)) ** 0.5
+    sd_s = float(max(w @ cov_s @ w, 0.0)) ** 0.5
+    t = (s_k * sd_s + s_s * sd_k) / (sd_k + sd_s) if sd_k + sd_s > 0 else (s_k + s_s) / 2
+    scale = margin / max(t - s_k, 1e-12)
+    mean_x, mean_y = left.sum_x / left.n, left.sum_y / left.n
+    Wn = op.Wn.to(F64).to(dev)
+    b = op.bias.to(F64).to(dev) if op.bias is not None else torch.zeros(d, dtype=F64, device=dev)
+    W = op.W.to(F64).to(dev)
+    delta = mean_y - mean_x
+    for _ in range(8):  # the mean left-out state after the shift, through the map, lands on the mean target
+        moved = mean_x + delta
+        delta = mean_y - moved @ W - scale_free(moved[None])[0] @ Wn - b + delta
+    op.detect_w, op.detect_b, op.detect_shift = scale * w, torch.tensor([-scale * t], dtype=F64), delta
+    op.info.update(detector={"kept_score": s_k, "left_score": s_s, "kept_sd": sd_k, "left_sd": sd_s,
+                             "threshold": t, "scale": scale})
 
 
 def solve_lowrank(s: PairSums, rank: int, ridge: float = 1e-6) -> Operator:

@@ -9,7 +9,7 @@ import torch
 from ghosted.method.sums import F64
 
 # The tensor fields of an Operator (saved by prune.save_solution, checked by checks.check_solution).
-OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp")
+OPERATOR_TENSORS = ("W", "bias", "U", "V", "T", "sink_shift", "Wn", "Wp", "detect_w", "detect_b", "detect_shift")
 
 
 @dataclass
@@ -26,6 +26,11 @@ class Operator:
     sink_shift: torch.Tensor | None = None  # [d]: position-0 tokens get h <- h + sink_shift instead (see capture)
     Wn: torch.Tensor | None = None  # [d, d], kind "full": h <- h W + n(h) Wn (+ b), n = scale_free (norm features)
     Wp: torch.Tensor | None = None  # [d, d], token shift: + n(h_{t-1}) Wp (modeling_ghosted.previous_states)
+    # sink detector (token policy detect): h <- h + step(n(h) . detect_w + detect_b) detect_shift before the map,
+    # step(z) = silu(z) - silu(z - 1) (modeling_ghosted.Ghost)
+    detect_w: torch.Tensor | None = None  # [d]
+    detect_b: torch.Tensor | None = None  # [1]
+    detect_shift: torch.Tensor | None = None  # [d]
     info: dict = field(default_factory=dict)
 
     def matrix(self, d: int) -> torch.Tensor:

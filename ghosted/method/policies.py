@@ -41,6 +41,7 @@ class TokenPolicy:
     # left-out tokens apart, e.g. under auto); or kept + left out pinned to identity.
     combine: Combine = "kept"
     sink_shift: bool = False  # position 0 gets h + mean(Y - X) over the left-out tokens at inference
+    detector: bool = False  # tokens whose n(h) looks like the left-out tokens' get their mean move (one rule for all)
     candidates: tuple[str, ...] = ()  # meta policy: what the held-out guard chooses among, in this order
     unguarded: str | None = None  # meta policy: the policy used when no held-out check runs
     selection: str | None = None  # meta policy: the policy ghost-aware selection fits its candidate blocks with
@@ -50,7 +51,7 @@ class TokenPolicy:
             raise ValueError(f"token policy {self.name}: left_out must be 'none' exactly when no token is left out")
         if self.combine == "anchor" and self.left_out != "full":
             raise ValueError(f"token policy {self.name}: an anchor fit needs the left-out tokens' full sums")
-        if self.sink_shift and self.left_out == "none":
+        if (self.sink_shift or self.detector) and self.left_out == "none":
             raise ValueError(f"token policy {self.name}: a sink shift needs the left-out tokens' mean move")
 
     # --- guard ---------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ class TokenPolicy:
     def one_map(self) -> str:
         """The nearest policy whose operator treats every position alike (what llama.cpp can run): a sink
         shift's policy without its position-0 rule."""
-        return "drop" if self.sink_shift else self.name
+        return "detect" if self.sink_shift else self.name
 
     @property
     def without_guard(self) -> str:
@@ -160,9 +161,10 @@ register(TokenPolicy(
     "sink", "drop position 0 and BOS from the fit; position 0 gets the mean move of those tokens",
     left_out="mean", sink_shift=True))
 register(TokenPolicy(
-    # "sink" without its position-0 rule: one map for every token (an exportable ghost's choice in place of sink).
-    "drop", "drop position 0 and BOS from the fit; one map for every token at inference",
-    left_out="full"))
+    # "sink" with a rule that reads the state instead of the position: what an exportable ghost uses for sinks.
+    "detect", "drop position 0 and BOS from the fit; tokens whose h/rms(h) looks like theirs get their mean move "
+    "(a linear detector fitted on the calibration sums; one rule for every position)",
+    left_out="full", detector=True))
 register(TokenPolicy(
     # The sinks stay in the fit with their own state as target: identity along the massive-activation directions.
     "anchor", "sinks stay in the fit pinned to identity",

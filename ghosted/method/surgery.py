@@ -48,6 +48,7 @@ class GhostSpec:
     sink_shift: bool = False
     norm: bool = False
     shift: bool = False  # token shift (modeling_ghosted.previous_states)
+    detect: bool = False  # sink detector (token policy detect)
 
     def as_config(self) -> dict:
         out = {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
@@ -57,6 +58,8 @@ class GhostSpec:
             out["norm"] = True
         if self.shift:
             out["shift"] = True
+        if self.detect:
+            out["detect"] = True
         return out
 
 
@@ -116,7 +119,7 @@ def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pai
         rank = op.U.shape[1] if op.kind == "lowrank" else None
         plan.ghosts.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
                                       sink_shift=op.sink_shift is not None, norm=op.Wn is not None,
-                                      shift=op.Wp is not None), op))
+                                      shift=op.Wp is not None, detect=op.detect_w is not None), op))
     return plan
 
 
@@ -215,6 +218,10 @@ def install_ghosts(model: torch.nn.Module, entries: list[tuple[GhostSpec, Operat
             mod.norm_weight.data.copy_(op.Wn)
         if op.Wp is not None:
             mod.shift_weight.data.copy_(op.Wp)
+        if op.detect_w is not None:
+            mod.detect_weight.data.copy_(op.detect_w)
+            mod.detect_bias.data.copy_(op.detect_b.reshape(1))
+            mod.detect_shift.data.copy_(op.detect_shift)
     return handles
 
 

@@ -96,7 +96,17 @@ def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor,
 
 
 def _ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.ghosts.parameters()] if hasattr(model, "ghosts") else []
+    """What distillation trains: every ghost parameter but the sink detector (a hard step, no useful gradient)
+    and an exportable ghost's identity map of h (its weight stays I so that llama.cpp's deci layer holds it)."""
+    if not hasattr(model, "ghosts"):
+        return []
+    out = []
+    for g in model.ghosts.values():
+        exportable = g.norm_weight is not None and g.rank is None and g.shift_weight is None and bool(
+            torch.equal(g.weight.detach().cpu().double(), torch.eye(g.hidden_size, dtype=torch.float64)))
+        out += [p for name, p in g.named_parameters()
+                if not name.startswith("detect_") and not (exportable and name == "weight")]
+    return out
 
 
 def _read_operators(model: torch.nn.Module, removed: list[int], start: dict[Pair, Operator]) -> dict[Pair, Operator]:
@@ -113,6 +123,8 @@ def _read_operators(model: torch.nn.Module, removed: list[int], start: dict[Pair
         new.bias, new.sink_shift = grab(g.bias), grab(g.sink_shift)
         new.Wn = grab(getattr(g, "norm_weight", None))
         new.Wp = grab(getattr(g, "shift_weight", None))
+        new.detect_w, new.detect_b = grab(getattr(g, "detect_weight", None)), grab(getattr(g, "detect_bias", None))
+        new.detect_shift = grab(getattr(g, "detect_shift", None))
         new.info = {**op.info, "distilled": True}
         out[cut] = new
     return out

@@ -6,6 +6,8 @@ import math
 
 from ghosted.calibration.capture import CaptureResult
 from ghosted.config import PruneConfig
+from ghosted.errors import GhostedError
+from ghosted.method.linalg import fit_detector
 from ghosted.method.operator import Operator
 from ghosted.method.policies import get_policy
 from ghosted.method.recovery import RECOVERY, SolveOptions
@@ -48,4 +50,10 @@ def solve_cut(res: CaptureResult, cut: Pair, group: str, policy: str, cfg: Prune
         shift = pol.shift(res, cut, group)
         if shift is not None:
             op.sink_shift = shift
+    if pol.detector and op.kind == "full" and op.Wn is not None and op.Wp is not None:
+        raise GhostedError("token policy detect does not combine with the token shift")
+    if pol.detector and op.kind == "full" and op.Wn is not None:
+        left = res.left_out(cut, group)
+        if left is not None and left.n and left.has_norm:
+            fit_detector(op, res.sums(cut, group, "kept"), left)
     return op
