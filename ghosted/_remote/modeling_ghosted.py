@@ -42,10 +42,11 @@ class Ghost(nn.Module):
     """One boundary operator on the residual stream (row vectors)."""
 
     def __init__(self, hidden_size: int, rank: int | None = None, bias: bool = False, sink_shift: bool = False,
-                 norm: bool = False, shift: bool = False, detect: bool = False) -> None:
+                 norm: bool = False, shift: bool = False, detect: bool = False, raw: bool = True) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.rank = rank
+        self.raw = raw  # False: the weight is the identity and is not applied (h + n(h) W_n + b, llama.cpp's form)
         self.sink_shift = nn.Parameter(torch.zeros(hidden_size)) if sink_shift else None
         if rank is None:
             self.weight = nn.Parameter(torch.eye(hidden_size))  # [d, d]
@@ -70,7 +71,7 @@ class Ghost(nn.Module):
                 * self.detect_shift.to(h.dtype)
             n = None
         if self.rank is None:
-            out = h @ self.weight.to(h.dtype)
+            out = h @ self.weight.to(h.dtype) if self.raw else h
         else:
             out = h + (h @ self.U.to(h.dtype)) @ self.V.to(h.dtype).T
         if n is None and (self.norm_weight is not None or self.shift_weight is not None):
@@ -133,7 +134,8 @@ def attach_ghosts(model: nn.Module, ghosts: list[dict], layers_path: str, final_
         site = int(g["site"])
         module = Ghost(hidden, rank=g.get("rank"), bias=bool(g.get("bias", False)),
                        sink_shift=bool(g.get("sink_shift", False)), norm=bool(g.get("norm", False)),
-                       shift=bool(g.get("shift", False)), detect=bool(g.get("detect", False)))
+                       shift=bool(g.get("shift", False)), detect=bool(g.get("detect", False)),
+                       raw=bool(g.get("raw", True)))
         model.ghosts[str(site)] = module
         target = layers[site] if site < len(layers) else _resolve(model, final_norm_path)
         handles.append(target.register_forward_pre_hook(_make_hook(module, site), with_kwargs=True))

@@ -116,6 +116,24 @@ def check_plain(ckpt: Path, cfg: dict, names: list[str]) -> None:
         )
 
 
+def gguf_form(meta: dict) -> tuple[str | None, str]:
+    """What `ghosted export --gguf` writes for a checkpoint with this `ghosted` block: (llama.cpp architecture, "")
+    or (None, why it cannot). Reads only the metadata (the registry records it per version)."""
+    m = CheckpointMeta.from_dict(meta or {})
+    base = m.base_architecture or None
+    spec = arch.gguf_spec(base)
+    if spec is None:
+        return None, f"architecture {base} has no GGUF export"
+    if not m.ghost_list:
+        return spec.gguf_arch, ""
+    try:
+        gguf_deci.layout({"num_hidden_layers": m.num_layers, "num_attention_heads": 1, "intermediate_size": 1},
+                         m.ghost_list, base, spec.gguf_arch)
+    except (GhostedError, TypeError, ValueError, KeyError) as exc:
+        return None, str(exc)
+    return "deci", ""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tensor layout
 

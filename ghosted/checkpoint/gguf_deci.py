@@ -59,8 +59,8 @@ def refusal(ghost: dict) -> str | None:
         return "it reads the previous token (token shift)"
     if ghost.get("sink_shift"):
         return "position 0 has its own map (token policy sink; detect is the exportable one)"
-    if not ghost.get("norm"):
-        return "it maps h itself, not h/rms(h)"
+    if not ghost.get("norm") or ghost.get("raw", True):
+        return "it maps h itself, not only h/rms(h)"
     return None
 
 

@@ -49,6 +49,7 @@ class GhostSpec:
     norm: bool = False
     shift: bool = False  # token shift (modeling_ghosted.previous_states)
     detect: bool = False  # sink detector (token policy detect)
+    raw: bool = True  # maps h itself; False: h + n(h) W_n + b only (--exportable; its weight is the identity)
 
     def as_config(self) -> dict:
         out = {"site": self.site, "rank": self.rank, "bias": self.bias, "cut": list(self.cut)}
@@ -60,6 +61,8 @@ class GhostSpec:
             out["shift"] = True
         if self.detect:
             out["detect"] = True
+        if not self.raw:
+            out["raw"] = False
         return out
 
 
@@ -119,7 +122,8 @@ def plan_surgery(model: torch.nn.Module, removed: list[int], operators: dict[Pai
         rank = op.U.shape[1] if op.kind == "lowrank" else None
         plan.ghosts.append((GhostSpec(ghost_site(cut, removed), rank=rank, bias=op.bias is not None, cut=cut,
                                       sink_shift=op.sink_shift is not None, norm=op.Wn is not None,
-                                      shift=op.Wp is not None, detect=op.detect_w is not None), op))
+                                      shift=op.Wp is not None, detect=op.detect_w is not None,
+                                      raw=op.info.get("form") != "deci"), op))
     return plan
 
 

@@ -102,10 +102,8 @@ def _ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return []
     out = []
     for g in model.ghosts.values():
-        exportable = g.norm_weight is not None and g.rank is None and g.shift_weight is None and bool(
-            torch.equal(g.weight.detach().cpu().double(), torch.eye(g.hidden_size, dtype=torch.float64)))
         out += [p for name, p in g.named_parameters()
-                if not name.startswith("detect_") and not (exportable and name == "weight")]
+                if not name.startswith("detect_") and not (not g.raw and name == "weight")]
     return out
 
 

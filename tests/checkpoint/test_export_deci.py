@@ -74,7 +74,7 @@ def test_exportable_ghost_is_a_deci_gguf_that_computes_the_ghost(policy, tiny_ll
                   "--guard", "off")
     cfg = json.loads((ckpt / "config.json").read_text())
     (ghost,) = cfg["ghosted"]["ghosts"]
-    assert ghost["site"] == 2 and ghost["norm"] and bool(ghost.get("detect")) == (policy == "detect")
+    assert ghost["site"] == 2 and ghost["norm"] and ghost["raw"] is False and bool(ghost.get("detect")) == (policy == "detect")
     out = tmp_path / "g.gguf"
     code, stdout, err = _run(capsys, "export", ckpt, "--gguf", out, "--outtype", "f32")
     assert code == 0, err
