@@ -15,7 +15,6 @@ ghosts have the exportable form is written as llama.cpp's `deci` architecture, o
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from ghosted.checkpoint.format import MODEL_TYPE, VARIANT, param_counts
 from ghosted.checkpoint.gguf_tokenizer import check_vocab, copy_gguf_tokenizer, source_gguf, write_hf_tokenizer
 from ghosted.checkpoint.meta import CheckpointMeta, is_ghost_class
 from ghosted.errors import GhostedError
+from ghosted.json_io import index_shards, read_json
 from ghosted.method import arch
 from ghosted.method.arch import GgufArch
 
@@ -64,18 +64,14 @@ def _read_config(ckpt: Path) -> dict:
     cfg_path = ckpt / "config.json"
     if not cfg_path.is_file():
         raise GhostedError(f"{ckpt} has no config.json: not a Hugging Face model folder")
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GhostedError(f"{cfg_path} is not valid JSON ({exc.msg})") from exc
+    return read_json(cfg_path, "model config", expect=dict)
 
 
 def _weight_files(ckpt: Path, variant: str | None = None) -> list[Path]:
     stem = f"model.{variant}" if variant else "model"
     index = ckpt / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json")
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [ckpt / n for n in names]
+        return [ckpt / n for n in index_shards(index)]
     single = ckpt / f"{stem}.safetensors"
     if single.is_file():
         return [single]
@@ -252,17 +248,29 @@ def _checkpoint_dir(ckpt: str | Path) -> Path:
     return Path(ref.path)
 
 
-def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> ExportResult:
-    """Write checkpoint `ckpt` (a plain checkpoint folder or shipped name) as GGUF file `out`, atomically."""
-    import gguf
+@dataclass
+class _Source:
+    """What the export reads from a checkpoint folder, checked before anything is written."""
 
-    if outtype not in OUTTYPES:
-        raise GhostedError(f"unknown --outtype '{outtype}': use one of {', '.join(OUTTYPES)}")
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise GhostedError(f"output file must end in .gguf, got {out}")
-    if out.is_dir():
-        raise GhostedError(f"{out} is a folder: give a file name ending in .gguf")
+    folder: Path
+    cfg: dict
+    spec: GgufArch
+    deci: gguf_deci.DeciLayout | None
+    files: list[Path]
+    tied: bool
+    layer_prefix: str
+
+    @property
+    def out_arch(self) -> str:
+        return self.spec.gguf_arch if self.deci is None else "deci"
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.cfg["num_hidden_layers"]) if self.deci is None else len(self.deci.blocks)
+
+
+def _read_source(ckpt: str | Path) -> _Source:
+    """The checkpoint's config, family and weights; a ghost without a llama.cpp form is refused here."""
     folder = _checkpoint_dir(ckpt)
     cfg = _read_config(folder)
     meta = CheckpointMeta.from_dict(cfg.get("ghosted") or {})
@@ -282,26 +290,93 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
     names = _tensor_names(files)
     if deci is None:
         check_plain(folder, cfg, names)
-    n_kept = int(cfg["num_hidden_layers"])
-    n_layer = n_kept if deci is None else len(deci.blocks)
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    return _Source(folder, cfg, spec, deci, files, tied, f"{meta.layers_path or 'model.layers'}.")
+
+
+def _add_tensors(writer, src: _Source, outtype: str) -> tuple[int, int]:
+    """Every tensor of the checkpoint under its llama.cpp name (kept layers renumbered around the ghost layers),
+    then the ghost and detector layers; (tensors, elements)."""
+    import gguf
+
+    cfg, spec, deci = src.cfg, src.spec, src.deci
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    out_arch = spec.gguf_arch if deci is None else "deci"
-    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == out_arch)
-    name_map = gguf.get_tensor_name_map(gguf_arch, n_layer)
-    renumber = deci.block_of_kept if deci is not None else {i: i for i in range(n_kept)}
-    layer_prefix = f"{meta.layers_path or 'model.layers'}."
-    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == src.out_arch)
+    name_map = gguf.get_tensor_name_map(gguf_arch, src.n_layer)
+    renumber = deci.block_of_kept if deci is not None else {i: i for i in range(int(cfg["num_hidden_layers"]))}
+    prefix = src.layer_prefix
+    count, blocks, elements = 0, set(), 0
+    ghost_parts: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(name: str, t: torch.Tensor) -> None:
+        nonlocal count, elements
+        arr, raw = _to_gguf_array(t, outtype)
+        writer.add_tensor(name, arr, raw_dtype=raw)
+        count += 1
+        elements += t.numel()
+
+    for hf_name, t in _iter_tensors(src.files):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by every reader
+        if hf_name == "lm_head.weight" and src.tied:
+            continue  # llama.cpp reuses token_embd when `output` is absent
+        if deci is not None and hf_name.startswith("ghosts."):
+            _, site, part = hf_name.split(".", 2)
+            ghost_parts.setdefault(int(site), {})[part] = t
+            continue
+        if hf_name.startswith(prefix):  # kept layer i -> its block in the output (ghost layers between)
+            idx, rest = hf_name[len(prefix):].split(".", 1)
+            hf_name = f"{prefix}{renumber[int(idx)]}.{rest}"
+        base, _, suffix = hf_name.rpartition(".")
+        gname = name_map.get_name(base)
+        if gname is None:
+            raise GhostedError(f"tensor {hf_name} has no llama.cpp name for {spec.gguf_arch}: cannot export it")
+        if spec.permute_qk and gname.endswith(".attn_q"):
+            t = permute_qk(t, n_head)
+        elif spec.permute_qk and gname.endswith(".attn_k"):
+            t = permute_qk(t, n_kv)
+        if spec.norm_offset and "norm" in gname.rsplit(".", 1)[-1]:
+            t = t.to(torch.float32) + spec.norm_offset
+        if gname.startswith("blk."):
+            blocks.add(int(gname.split(".")[1]))
+        add(f"{gname}.{suffix}", t)
+    for j, (kind, site) in enumerate(deci.blocks if deci is not None else ()):
+        if kind == "kept":
+            continue
+        make = gguf_deci.ghost_tensors if kind == "ghost" else gguf_deci.detector_tensors
+        for suffix, t in make(site, ghost_parts.get(site, {}), int(cfg["hidden_size"])).items():
+            add(f"blk.{j}.{suffix}", t)
+        blocks.add(j)
+    if blocks != set(range(src.n_layer)):
+        raise GhostedError(f"config says {src.n_layer} layers but the weights hold blocks {sorted(blocks)}")
+    return count, elements
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> ExportResult:
+    """Write checkpoint `ckpt` (a plain or exportable ghost checkpoint folder, or a shipped name) as GGUF file
+    `out`, atomically."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise GhostedError(f"unknown --outtype '{outtype}': use one of {', '.join(OUTTYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise GhostedError(f"output file must end in .gguf, got {out}")
+    if out.is_dir():
+        raise GhostedError(f"{out} is a folder: give a file name ending in .gguf")
+    src = _read_source(ckpt)
+    folder, cfg = src.folder, src.cfg
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(str(tmp), out_arch)
+        writer = gguf.GGUFWriter(str(tmp), src.out_arch)
         label = (cfg.get("ghosted") or {}).get("base_model") or folder.name
-        _write_hparams(writer, cfg, spec, f"{folder.name} ({label})" if label != folder.name else label, outtype,
-                       deci)
+        _write_hparams(writer, cfg, src.spec, f"{folder.name} ({label})" if label != folder.name else label, outtype,
+                       src.deci)
         source = source_gguf(folder, cfg)
         if source is not None:
             check_vocab(folder, source, int(cfg["vocab_size"]))
@@ -309,50 +384,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
             tok_desc = f"copied from {source.name}"
         else:
             tok_desc = write_hf_tokenizer(writer, folder)
-        count, blocks, elements = 0, set(), 0
-        ghost_parts: dict[int, dict[str, torch.Tensor]] = {}
-        for hf_name, t in _iter_tensors(files):
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue  # recomputed by every reader
-            if hf_name == "lm_head.weight" and tied:
-                continue  # llama.cpp reuses token_embd when `output` is absent
-            if deci is not None and hf_name.startswith("ghosts."):
-                _, site, part = hf_name.split(".", 2)
-                ghost_parts.setdefault(int(site), {})[part] = t
-                continue
-            if hf_name.startswith(layer_prefix):  # kept layer i -> its block in the output (ghost layers between)
-                idx, rest = hf_name[len(layer_prefix):].split(".", 1)
-                hf_name = f"{layer_prefix}{renumber[int(idx)]}.{rest}"
-            base, dot, suffix = hf_name.rpartition(".")
-            gname = name_map.get_name(base)
-            if gname is None:
-                raise GhostedError(f"tensor {hf_name} has no llama.cpp name for {spec.gguf_arch}: cannot export it")
-            if spec.permute_qk and gname.endswith(".attn_q"):
-                t = permute_qk(t, n_head)
-            elif spec.permute_qk and gname.endswith(".attn_k"):
-                t = permute_qk(t, n_kv)
-            if spec.norm_offset and "norm" in gname.rsplit(".", 1)[-1]:
-                t = t.to(torch.float32) + spec.norm_offset
-            if gname.startswith("blk."):
-                blocks.add(int(gname.split(".")[1]))
-            arr, raw = _to_gguf_array(t, outtype)
-            writer.add_tensor(f"{gname}.{suffix}", arr, raw_dtype=raw)
-            count += 1
-            elements += t.numel()
-        if deci is not None:
-            hidden = int(cfg["hidden_size"])
-            for j, (kind, site) in enumerate(deci.blocks):
-                if kind == "kept":
-                    continue
-                make = gguf_deci.ghost_tensors if kind == "ghost" else gguf_deci.detector_tensors
-                for suffix, t in make(site, ghost_parts.get(site, {}), hidden).items():
-                    arr, raw = _to_gguf_array(t, outtype)
-                    writer.add_tensor(f"blk.{j}.{suffix}", arr, raw_dtype=raw)
-                    count += 1
-                    elements += t.numel()
-                blocks.add(j)
-        if blocks != set(range(n_layer)):
-            raise GhostedError(f"config says {n_layer} layers but the weights hold blocks {sorted(blocks)}")
+        count, elements = _add_tensors(writer, src, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -362,5 +394,5 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         tmp.unlink(missing_ok=True)
         raise
     folded = (cfg.get("ghosted") or {}).get("folded") or []
-    return ExportResult(out, out_arch, outtype, n_layer, count, tok_desc, out.stat().st_size, elements,
+    return ExportResult(out, src.out_arch, outtype, src.n_layer, count, tok_desc, out.stat().st_size, elements,
                         param_counts(folder)["params_dense"], any("head untied" in str(f) for f in folded))
