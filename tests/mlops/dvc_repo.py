@@ -59,7 +59,7 @@ def set_params(repo: Path, **sections) -> None:
 
 
 def make_repo(repo: Path) -> Path:
-    """The project's dvc.yaml, .dvcignore, .gitignore, .dvc/config (remote beside the repo) and code, committed."""
+    """The project's dvc.yaml, .dvcignore, .gitignore, .dvc/config (no remote) and code, committed."""
     repo.mkdir(parents=True)
     shutil.copytree(ROOT / "ghosted", repo / "ghosted", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "params.yaml"):
