@@ -1,4 +1,4 @@
-"""Rewrite a checkpoint of an older format (or without a manifest) in the current one, with this package's code."""
+"""Rewrite a checkpoint of an older format in the current one, with this package's code."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ghosted.checkpoint.format import (
     save,
 )
 from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_meta
-from ghosted.checkpoint.verify import _check_manifest, _code_files, _stale_code, verify
+from ghosted.checkpoint.verify import _check_manifest, _code_files, _scan, _stale_code, verify
 from ghosted.errors import GhostedError
 from ghosted.io import file_sha256
 
@@ -67,22 +67,22 @@ def _user_files(folder: Path) -> dict[str, Path]:
 
 
 def upgrade(path: str | Path) -> dict:
-    """Rewrite a checkpoint of an older format (or without a manifest) in the current format, in place.
+    """Rewrite a checkpoint of an older format in the current format, in place.
 
     Only this package's code reads the old folder, so upgrading never runs the folder's code. A folder with a
     manifest is rewritten only when its files are exactly what its manifest lists and its code files are another
     ghosted version's (an intact checkpoint written before the ghost code changed); otherwise it is verified, and
     a failing one is refused, never rewritten."""
     folder = Path(path)
+    _scan(folder)  # a link out of the folder (or a FIFO) is refused before anything is read
     doc = read_config(folder)
     meta = CheckpointMeta.from_dict(doc["ghosted"])
     if not meta.is_legacy:
-        if (folder / MANIFEST).exists():
-            # Never re-bless a folder whose own manifest disagrees with it: that is what tampering looks like.
-            _check_manifest(folder)
-            if not _older_code(folder, doc, meta):
-                return {**verify(folder), "upgraded": False}
-        # Current format without a manifest (e.g. re-saved with save_pretrained): nothing contradicts it.
+        # Never re-bless a folder whose own manifest disagrees with it (that is what tampering looks like), nor one
+        # of the current format without its manifest: only an older format was written without one.
+        _check_manifest(folder)
+        if not _older_code(folder, doc, meta):
+            return {**verify(folder), "upgraded": False}
     if meta.is_legacy:
         model = _load_legacy(folder)
     elif meta.has_ghosts:
