@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+from collections.abc import Collection
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from ghosted._remote import modeling_ghosted
-from ghosted.checkpoint.card import CARD, model_card
+from ghosted.checkpoint.card import CARD, is_inert, model_card
 from ghosted.checkpoint.meta import CheckpointMeta, read_config
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, atomic_dir, file_sha256
+from ghosted.io import MANIFEST, MARKER, atomic_dir, cached_sha256, carry
 from ghosted.method import arch
 
 FORMAT = 2  # 1: older ghosted (model_type of the base, weights in model.safetensors, no manifest)
@@ -38,7 +38,6 @@ MODEL_CLASS = "GhostedForCausalLM"
 CONFIG_CLASS = "GhostedConfig"
 MODELING_FILE = "modeling_ghosted.py"
 CONFIG_FILE = "configuration_ghosted.py"
-MANIFEST = "ghosted_manifest.json"
 VARIANT = modeling_ghosted.WEIGHTS_VARIANT
 AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE[:-3]}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
@@ -94,12 +93,15 @@ def _listed_files(folder: Path) -> list[str]:
                   if p.is_file() and p.name not in (MANIFEST, MARKER))
 
 
-def write_manifest(folder: Path) -> dict:
-    """ghosted_manifest.json: the sha256 of every file in the folder (but itself and the output marker)."""
+def write_manifest(folder: Path, kept: Collection[str] = ()) -> dict:
+    """ghosted_manifest.json: the sha256 of every file in the folder (but itself and the output marker); `kept`:
+    those that are the user's (carried over by `ghosted upgrade`), which it lists but never counts as ghosted's."""
     from ghosted.version import __version__
 
     doc = {"ghosted": __version__, "format": FORMAT, "algorithm": "sha256",
-           "files": {name: file_sha256(folder / name) for name in _listed_files(folder)}}
+           "files": {name: cached_sha256(folder / name) for name in _listed_files(folder)}}
+    if kept:
+        doc["kept"] = sorted(kept)
     (folder / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return doc
 
@@ -153,11 +155,14 @@ def param_counts(folder: Path) -> dict[str, int | None]:
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: CheckpointMeta, force: bool = False,
-         keep: dict[str, Path] | None = None) -> Path:
+         keep: dict[str, Path] | None = None, rewrite: Collection[str] | None = None) -> Path:
     """Write the checkpoint atomically (see io.atomic_dir): never half-written, a user's folder never replaced.
 
-    Every checkpoint gets a model card (README.md); `keep`: {name: file} copied in last (`ghosted upgrade`: the
-    user's own README.md, LICENSE, ... of the folder it rewrites), in place of what this would write there."""
+    Every checkpoint gets a model card (README.md). `rewrite` (`ghosted upgrade`): rewrite the checkpoint in
+    `out_dir` in place, where `rewrite` names its files whose content this save writes anew in another form (the
+    weights it loaded); `keep`: {name: entry of out_dir} that are the user's, carried over unchanged. A kept file
+    no loader reads replaces what this would write under its name (the user's README.md); a file this writes
+    under the name of any other kept file is this save's (config, tokenizer: the checkpoint's content anew)."""
     out = Path(out_dir)
     cfg = model.config
     has_ghosts = meta.has_ghosts
@@ -170,7 +175,13 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: Checkpoin
         spec = arch.get_arch(model)
         block["layers_path"], block["final_norm_path"] = spec.layers, spec.final_norm
     saved = {k: getattr(cfg, k) for k in ("ghosted", "auto_map") if hasattr(cfg, k)}
-    with atomic_dir(out, force=force, kind="checkpoint") as tmp:
+    keep = keep or {}
+    written: set[str] = set()  # what this save wrote itself (the user's versions of inert files left out)
+
+    def rewrites(tmp: Path, name: str) -> bool:
+        return name in (rewrite or ()) or name in written
+
+    with atomic_dir(out, force=force, kind="checkpoint", rewrites=None if rewrite is None else rewrites) as tmp:
         try:
             cfg.ghosted = block
             if hasattr(cfg, "auto_map"):
@@ -196,10 +207,17 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: Checkpoin
         (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / CARD).write_text(model_card(CheckpointMeta.from_dict(block), out.name, param_counts(tmp)),
                                 encoding="utf-8")
-        for name, src in (keep or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / name)
-        write_manifest(tmp)
+        written.update(_listed_files(tmp))
+        kept = []
+        for name, src in sorted(keep.items()):
+            if name in written:
+                if not is_inert(name) or not (src.is_file() or src.is_symlink()):
+                    continue  # the checkpoint's own file, written anew
+                (tmp / name).unlink()
+                written.discard(name)
+            carry(src, tmp / name)
+            kept.append(name)
+        write_manifest(tmp, kept=[n for n in kept if n in _listed_files(tmp)])
     return out
 
 

@@ -11,12 +11,14 @@ from ghosted._remote import modeling_ghosted
 from ghosted.checkpoint.card import is_inert
 from ghosted.checkpoint.format import (
     AUTO_MAP,
+    CONFIG_FILE,
     FORMAT,
     MANIFEST,
     MODEL_CLASS,
     MODEL_TYPE,
+    MODELING_FILE,
+    VARIANT,
     _base_classes,
-    _listed_files,
     ghost_classes,
     load_tokenizer,
     remote_sources,
@@ -25,7 +27,10 @@ from ghosted.checkpoint.format import (
 from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_meta
 from ghosted.checkpoint.verify import _check_manifest, _code_files, _scan, _stale_code, verify
 from ghosted.errors import GhostedError
-from ghosted.io import file_sha256
+from ghosted.io import MARKER, list_entries, owned_files, read_marker
+
+# Files a loader reads as weights or runs as code: one of the user's would sit beside the rewritten checkpoint.
+_LOADER_SUFFIXES = {".py", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5"}
 
 
 def _load_legacy(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -54,16 +59,32 @@ def _older_code(folder: Path, doc: dict, meta: CheckpointMeta) -> bool:
     return _code_files(folder) == sorted(expected) and bool(_stale_code(folder, expected))
 
 
-def _user_files(folder: Path) -> dict[str, Path]:
-    """The files of `folder` no loader reads (README.md, .gitattributes, LICENSE, ...) that ghosted did not write
-    as they are (not in its manifest, or changed since): upgrade keeps them. Any other file is rewritten or
-    dropped (a loader would read it, and only what this ghosted writes is kept of those)."""
-    try:
-        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("files") or {}
-    except (OSError, ValueError, AttributeError):
-        listed = {}
-    return {name: folder / name for name in _listed_files(folder)
-            if is_inert(name) and listed.get(name) != file_sha256(folder / name)}
+def _weights(folder: Path, variant: str | None) -> set[str]:
+    """The weight files (and index) the upgrade loads: their content is written anew, in the current format."""
+    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    index = f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+    found = {n for n in (name, index) if (folder / n).is_file()}
+    if index in found:
+        try:
+            shards = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()
+            found.update(s for s in shards if isinstance(s, str))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return found
+
+
+def _user_entries(folder: Path, rewritten: set[str]) -> dict[str, Path]:
+    """The entries of `folder` that are the user's: neither proven ghosted's (marker or manifest) nor read by the
+    upgrade as the checkpoint (`rewritten`). They are carried into the rewritten folder unchanged; one a loader
+    would read as weights or code is refused first (it cannot stay, and it is never deleted)."""
+    owned = owned_files(folder) | rewritten
+    user = {name: p for name, p in list_entries(folder).items() if name not in owned}
+    for name, p in sorted(user.items()):
+        if p.is_file() and not p.is_symlink() and Path(name).suffix in _LOADER_SUFFIXES and not is_inert(name):
+            raise GhostedError(f"cannot upgrade {folder}: {name} is not a file ghosted wrote, and a loader would "
+                               "read it beside the rewritten checkpoint; move it out of the folder and run again")
+    parents = {"/".join(n.split("/")[:i]) for n in owned for i in range(1, n.count("/") + 1)}
+    return {name: p for name, p in user.items() if name not in parents}
 
 
 def upgrade(path: str | Path) -> dict:
@@ -72,7 +93,8 @@ def upgrade(path: str | Path) -> dict:
     Only this package's code reads the old folder, so upgrading never runs the folder's code. A folder with a
     manifest is rewritten only when its files are exactly what its manifest lists and its code files are another
     ghosted version's (an intact checkpoint written before the ghost code changed); otherwise it is verified, and
-    a failing one is refused, never rewritten."""
+    a failing one is refused, never rewritten. Files ghosted did not write are kept as they are (see
+    _user_entries): the folder is rewritten only when none of them would be lost."""
     folder = Path(path)
     _scan(folder)  # a link out of the folder (or a FIFO) is refused before anything is read
     doc = read_config(folder)
@@ -83,6 +105,11 @@ def upgrade(path: str | Path) -> dict:
         _check_manifest(folder)
         if not _older_code(folder, doc, meta):
             return {**verify(folder), "upgraded": False}
+    variant = VARIANT if meta.has_ghosts and not meta.is_legacy else None
+    rewritten = _weights(folder, variant) | {"config.json", MANIFEST, MARKER}
+    if meta.has_ghosts:
+        rewritten |= {MODELING_FILE, CONFIG_FILE}
+    keep = _user_entries(folder, rewritten)  # refused before any loading
     if meta.is_legacy:
         model = _load_legacy(folder)
     elif meta.has_ghosts:
@@ -94,6 +121,6 @@ def upgrade(path: str | Path) -> dict:
         tokenizer = load_tokenizer(folder)
     except Exception:  # noqa: BLE001 - a checkpoint saved without a tokenizer stays without one
         tokenizer = None
-    kept = _user_files(folder)
-    save(model, tokenizer, folder, meta.updated(format=ABSENT), force=True, keep=kept)
-    return {**verify(folder), "upgraded": True, "kept_files": sorted(kept)}
+    save(model, tokenizer, folder, meta.updated(format=ABSENT), keep=keep, rewrite=rewritten)
+    kept = (read_marker(folder) or {}).get("kept") or []
+    return {**verify(folder), "upgraded": True, "kept_files": sorted(k for k in kept if not (folder / k).is_dir())}

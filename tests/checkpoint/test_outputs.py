@@ -166,22 +166,39 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_temp_folders_are_removed_live_ones_kept(tmp_path: Path) -> None:
+def _killed_writer_temp(parent: Path, name: str) -> Path:
+    """The temp folder a real ghosted writer left when it was killed -9 while filling it."""
+    code = ("import os, sys; from ghosted.io import temp_dir\n"
+            "with temp_dir(sys.argv[1], sys.argv[2]) as t:\n"
+            "    (t / 'model.safetensors').write_bytes(b'0' * 100); os.kill(os.getpid(), 9)")
+    before = set(parent.iterdir())
+    subprocess.run([sys.executable, "-c", code, str(parent), name], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (made,) = set(parent.iterdir()) - before
+    return made
+
+
+def test_stale_temp_folders_are_removed_only_with_their_marker(tmp_path: Path) -> None:
+    """Only a temp folder whose marker proves ghosted made it (and names that very folder), and whose writer is
+    gone, is removed; a name alone proves nothing."""
+    import shutil
     import socket
 
-    from ghosted.io import _host
+    from ghosted.io import _host, temp_dir
 
-    dead = tmp_path / f".ck.tmp-g-{_host()}-{_dead_pid()}-abcd1234"
-    live = tmp_path / f".ck.tmp-g-{_host()}-{os.getpid()}-abcd1234"
+    dead = _killed_writer_temp(tmp_path, "ck")
+    copied = tmp_path / f".ck.tmp-g-{_host()}-{dead.name.split('-')[-2]}-0123abcd"
+    shutil.copytree(dead, copied)  # the marker names another folder
+    unmarked = tmp_path / f".ck.tmp-g-{_host()}-{_dead_pid()}-abcd1234"
     other_host = tmp_path / f".ck.tmp-g-{'x' + socket.gethostname()[:5]}-{_dead_pid()}-abcd1234"
-    old_style = tmp_path / ".ck.tmp-abcd1234"  # ghosted 0.1: no pid; removed once surely abandoned
-    fresh_old_style = tmp_path / ".cal.tmp-efgh5678"
-    for d in (dead, live, other_host, old_style, fresh_old_style):
+    old_style = tmp_path / ".ck.tmp-abcd1234"  # the name of an older version's temp: not proof
+    for d in (unmarked, other_host, old_style):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"0" * 100)
     os.utime(old_style, (time.time() - 7 * 3600,) * 2)
-    assert set(remove_stale(tmp_path)) == {dead, old_style}
-    assert live.exists() and other_host.exists() and fresh_old_style.exists()
+    assert remove_stale(tmp_path) == [dead]
+    with temp_dir(tmp_path, "live") as live:
+        assert remove_stale(tmp_path) == [] and live.exists()
+    assert copied.exists() and unmarked.exists() and other_host.exists() and old_style.exists()
 
 
 def test_atomic_dir_failure_leaves_nothing_and_keeps_the_old_output(tmp_path: Path) -> None:
@@ -210,8 +227,8 @@ if point == "before-save":
     pr.build_checkpoint = build
 elif point == "weights-written":
     orig_manifest = ck.write_manifest
-    def manifest(folder):
-        stop(); return orig_manifest(folder)
+    def manifest(*a, **k):
+        stop(); return orig_manifest(*a, **k)
     ck.write_manifest = manifest
 elif point.startswith("rename-"):
     n = int(point.split("-")[1])
@@ -287,7 +304,8 @@ def test_kill_9_during_prune(point: str, existing: bool, tiny, tmp_path: Path, c
 
 
 def test_what_counts_as_a_ghosted_output(tmp_path: Path) -> None:
-    """Only ghosted's own folders may be replaced: the marker, or an older version's exact layout."""
+    """Only ghosted's own folders may be replaced: its marker or manifest lists every file in it, unchanged. The
+    layout or a config.json `ghosted` key proves nothing."""
     from ghosted.io import is_ghosted_output
 
     def folder(name: str, files: dict[str, str]) -> Path:
@@ -297,11 +315,14 @@ def test_what_counts_as_a_ghosted_output(tmp_path: Path) -> None:
             (d / f).write_text(text)
         return d
 
-    assert is_ghosted_output(folder("legacy-ck", {"config.json": '{"ghosted": {}}', "model.safetensors": "x"}))
-    assert is_ghosted_output(folder("legacy-ops", {"plan.json": "{}", "operators.safetensors": "x"}))
+    assert not is_ghosted_output(folder("legacy-ck", {"config.json": '{"ghosted": {}}', "model.safetensors": "x"}))
+    assert not is_ghosted_output(folder("legacy-ops", {"plan.json": "{}", "operators.safetensors": "x"}))
     assert not is_ghosted_output(folder("hf-model", {"config.json": '{"model_type": "llama"}'}))
-    assert not is_ghosted_output(folder("my-plan", {"plan.json": "{}", "operators.safetensors": "x", "notes.docx": ""}))
-    assert not is_ghosted_output(folder("my-plan2", {"plan.json": "{}"}))
+    with atomic_dir(tmp_path / "ours") as tmp:
+        (tmp / "plan.json").write_text("{}")
+    assert is_ghosted_output(tmp_path / "ours")
+    (tmp_path / "ours" / "notes.docx").write_text("mine")
+    assert not is_ghosted_output(tmp_path / "ours")
     old = folder("backup.tmp-20240101", {"thesis.docx": "mine"})  # looks like an old temp name: not ours
     os.utime(old, (time.time() - 30 * 24 * 3600,) * 2)
     assert remove_stale(tmp_path) == [] and (old / "thesis.docx").exists()
