@@ -15,8 +15,6 @@ ghosts have the exportable form is written as llama.cpp's `deci` architecture, o
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from ghosted.checkpoint.format import MODEL_TYPE, VARIANT, param_counts
 from ghosted.checkpoint.gguf_tokenizer import check_vocab, copy_gguf_tokenizer, source_gguf, write_hf_tokenizer
 from ghosted.checkpoint.meta import CheckpointMeta, is_ghost_class
 from ghosted.errors import GhostedError
+from ghosted.io import discard_temp, new_temp_file, publish_file
 from ghosted.json_io import index_shards, read_json
 from ghosted.method import arch
 from ghosted.method.arch import GgufArch
@@ -368,10 +367,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
     src = _read_source(ckpt)
     folder, cfg = src.folder, src.cfg
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = new_temp_file(out)  # in a marked temp folder: a killed export's is removed by the next writer there
     try:
         writer = gguf.GGUFWriter(str(tmp), src.out_arch)
         label = (cfg.get("ghosted") or {}).get("base_model") or folder.name
@@ -389,10 +385,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, outtype: str = "f16") -> Expo
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        publish_file(tmp, out)
+    finally:
+        discard_temp(tmp)
     folded = (cfg.get("ghosted") or {}).get("folded") or []
     return ExportResult(out, src.out_arch, outtype, src.n_layer, count, tok_desc, out.stat().st_size, elements,
                         param_counts(folder)["params_dense"], any("head untied" in str(f) for f in folded))
