@@ -237,6 +237,9 @@ def _write_hparams(writer, cfg: dict, spec: GgufArch, name: str, outtype: str,
 
 
 def _checkpoint_dir(ckpt: str | Path) -> Path:
+    """The folder to export; a ghosted checkpoint is verified before any of its files is read (a dense folder or a
+    shipped model is no checkpoint and has nothing to verify)."""
+    from ghosted.checkpoint.verify import checked_model
     from ghosted.models import resolve
 
     ref = resolve(str(ckpt))
@@ -244,6 +247,7 @@ def _checkpoint_dir(ckpt: str | Path) -> Path:
         raise GhostedError(f"{ckpt} is already a GGUF file")
     if ref.kind == "hub":
         raise GhostedError(f"{ckpt}: export reads a local checkpoint folder; download it first")
+    checked_model(ref.path)
     return Path(ref.path)
 
 

@@ -46,7 +46,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ghosted.api import evaluate
+    from ghosted.checkpoint.verify import checked_model
 
+    for model in (args.model, args.baseline):  # a checkpoint is verified before any of its files is read
+        if model is not None:
+            checked_model(model)
     t0 = time.perf_counter()
     settings = eval_settings(args)
     want_eff = args.efficiency or args.baseline is not None

@@ -10,8 +10,9 @@ from pathlib import Path
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="params file whose `gate:` and `registry:` sections apply")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of --config, "
-                                          "else sqlite:///mlflow.db in the current folder)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                          "registry.tracking_uri of --config, else sqlite:///mlflow.db in the "
+                                          "current folder)")
     from ghosted.mlops.registry import DB_TIMEOUT_S
 
     p.add_argument("--db-timeout", type=_seconds, default=None, metavar="S",
@@ -49,10 +50,13 @@ def _quiet_mlflow() -> None:
 
 
 def _config(args: argparse.Namespace):
+    """(gate, registry) settings: --tracking-uri, else MLFLOW_TRACKING_URI, else the params file's, else the default."""
+    import os
+
     from ghosted.mlops.registry.settings import load_config
 
     _quiet_mlflow()
-    return load_config(args.config, args.tracking_uri)
+    return load_config(args.config, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
 
 
 def _gate_text(res: dict) -> str:
@@ -101,8 +105,8 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
     """The register stage without a registration: the same reports, nothing written to MLflow."""
     import sys
 
-    from ghosted.checkpoint.digest import checkpoint_sha256
     from ghosted.checkpoint.meta import read_meta
+    from ghosted.checkpoint.verify import verified
     from ghosted.errors import GhostedError
     from ghosted.mlops.registry import read_json, registered_name
     from ghosted.mlops.registry.provenance import check
@@ -110,8 +114,9 @@ def _reports_only(args: argparse.Namespace, gate, reg, verdict, dense: dict, pru
 
     if not Path(args.checkpoint).is_dir():
         raise GhostedError(f"checkpoint folder not found: {args.checkpoint}")
+    sha = verified(args.checkpoint).sha256  # the same refusals as a registration
     meta = read_meta(args.checkpoint).to_dict()  # the `ghosted` block as written, as `register` reads it
-    checked = check(Path(args.checkpoint), checkpoint_sha256(args.checkpoint), meta, Path(args.metrics), pruned,
+    checked = check(Path(args.checkpoint), sha, meta, Path(args.metrics), pruned,
                     Path(args.dense_metrics), dense)  # the same refusals as a registration
     if checked.warning and not args.quiet:
         print(f"warning: {checked.warning}", file=sys.stderr)

@@ -41,9 +41,10 @@ def model_identity(ref: Any) -> dict[str, str]:
     """The identity of a resolved model (ghosted.models.ModelRef): a checkpoint's content sha256, else its
     base fingerprint."""
     if ref.kind == "folder" and is_checkpoint(ref.path):
-        from ghosted.checkpoint.digest import checkpoint_sha256
+        from ghosted.checkpoint.verify import verified
 
-        return {"name": ref.name, "kind": "checkpoint", "checkpoint_sha256": checkpoint_sha256(ref.path)}
+        # verified first: a checkpoint `ghosted verify` refuses is never evaluated (its hash comes with the verdict)
+        return {"name": ref.name, "kind": "checkpoint", "checkpoint_sha256": verified(ref.path).sha256}
     from ghosted.models import fingerprint
 
     return {"name": ref.name, "kind": "base", "fingerprint": fingerprint(ref)}

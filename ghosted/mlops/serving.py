@@ -1,25 +1,29 @@
 """A ghosted checkpoint as an MLflow pyfunc model: prompts in, generated text out.
 
 `save_pyfunc` writes an MLflow model folder (MLmodel, signature, input example, requirements) that holds the
-checkpoint as the artifact `checkpoint`, this package's code (so the model loads where ghosted is not
-installed) and a models-from-code entry point (no pickle: MLflow refuses to unpickle models by default, and a
-pickle runs code on load). `mlflow.pyfunc.load_model` and `mlflow models serve` then run
-`GhostedTextGenerator`, whose `load_context` calls `ghosted.load` on the checkpoint.
+checkpoint as the artifact `checkpoint` and a three-line models-from-code entry point that imports the INSTALLED
+ghosted (pinned in the requirements): no copy of ghosted's code travels in the artifact store, so nothing stored
+there runs as ghosted (no pickle either: MLflow refuses to unpickle models by default, and a pickle runs code on
+load). `mlflow.pyfunc.load_model` and `mlflow models serve` then run `GhostedTextGenerator`, whose `load_context`
+checks the checkpoint's content against the sha256 recorded at registration (the model's config, and the registry's
+version tag where the registry is reachable), verifies it, and loads it with `ghosted.load`.
 """
 
 from __future__ import annotations
 
-import shutil
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ghosted.errors import GhostedError
 
 ARTIFACT = "checkpoint"
+SHA_KEY = "checkpoint_sha256"  # in the model's config: the checkpoint's content hash when it was registered
+RUN_KEY = "run_id"  # in the model's config: the run that logged it (its registry version's run)
 INPUT_COLUMN = "prompt"
 # Generation parameters a caller may pass (`params` of predict, `"params"` of a /invocations request).
 GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
@@ -82,7 +86,8 @@ class GhostedTextGenerator(_python_model_base()):
         from ghosted.checkpoint.format import load_tokenizer
 
         path = context.artifacts[ARTIFACT]
-        self.model = ghosted.load(path)
+        check_artifact(path, context.model_config or {})
+        self.model = ghosted.load(path)  # verified by check_artifact: the unchanged folder is not read twice
         # the base model's tokenizer, resolved without the folder's code: AutoTokenizer alone reads the ghost
         # config, asks "run the custom code? [y/N]" and stalls a terminal (and `mlflow models serve`)
         self.tokenizer = load_tokenizer(path)
@@ -141,11 +146,14 @@ def _declared_requirements() -> list[str]:
 
 
 def pip_requirements() -> list[str]:
-    """The project's own dependencies, each pinned to the version installed here (local labels such as +cpu
-    dropped, so pip can find it); a dependency that is not installed keeps its declared specifier."""
+    """ghosted itself (the model runs the installed package, not a stored copy of its code) and the project's own
+    dependencies, each pinned to the version installed here (local labels such as +cpu dropped, so pip can find
+    it); a dependency that is not installed keeps its declared specifier."""
     from packaging.requirements import Requirement
 
-    out = []
+    from ghosted.version import __version__
+
+    out = [f"ghosted=={__version__}"]
     for line in _declared_requirements():
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate():
@@ -163,29 +171,76 @@ def pip_requirements() -> list[str]:
 # --------------------------------------------------------------------------- saving
 
 
-def _package_copy(dest: Path) -> Path:
-    """A copy of this package's source (no bytecode caches) under dest/ghosted, for the model's code path."""
-    src = Path(__file__).resolve().parents[1]
-    shutil.copytree(src, dest / "ghosted", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest / "ghosted"
-
-
-def save_pyfunc(checkpoint: Path, path: Path, metadata_: Mapping[str, str] | None = None) -> Path:
-    """Write the MLflow pyfunc model of `checkpoint` to the new folder `path`."""
+def save_pyfunc(checkpoint: Path, path: Path, metadata_: Mapping[str, str] | None = None,
+                config: Mapping[str, str] | None = None) -> Path:
+    """Write the MLflow pyfunc model of `checkpoint` to the new folder `path`; `config` (the model's config:
+    SHA_KEY, RUN_KEY) is what `load_context` checks the checkpoint against."""
     import mlflow.pyfunc
     import pandas as pd
 
     with tempfile.TemporaryDirectory(prefix="ghosted-pyfunc-") as tmp:
-        tmp = Path(tmp)
-        entry = tmp / "ghosted_model.py"
+        entry = Path(tmp) / "ghosted_model.py"
         entry.write_text(ENTRY_POINT, encoding="utf-8")
-        code = _package_copy(tmp / "code")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MLflow warns about optional features we do not use
             mlflow.pyfunc.save_model(
                 path=str(path), python_model=str(entry), artifacts={ARTIFACT: str(Path(checkpoint).resolve())},
-                code_paths=[str(code)], signature=signature(),
-                input_example=pd.DataFrame({INPUT_COLUMN: [EXAMPLE_PROMPT]}),
-                pip_requirements=pip_requirements(), metadata=dict(metadata_ or {}))
+                signature=signature(), input_example=pd.DataFrame({INPUT_COLUMN: [EXAMPLE_PROMPT]}),
+                pip_requirements=pip_requirements(), metadata=dict(metadata_ or {}), model_config=dict(config or {}))
     return Path(path)
+
+
+def checkpoint_path(mlmodel: Path) -> str:
+    """Where an MLflow model folder holds the checkpoint (artifacts/<name>), as its MLmodel file records it."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8")[:1 << 20])
+        rel = doc["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError) as exc:
+        raise GhostedError(f"{mlmodel}: records no `{ARTIFACT}` artifact: not a ghosted MLflow model") from exc
+    parts = PurePosixPath(str(rel)).parts
+    if not isinstance(rel, str) or not parts or parts[0] == "/" or ".." in parts:
+        raise GhostedError(f"{mlmodel}: its `{ARTIFACT}` artifact path {rel!r} is not inside the model folder")
+    return rel
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _registered_hashes(run_id: str) -> list[str]:
+    """The checkpoint_sha256 tags of the registry versions of run `run_id`, in the registry MLflow is pointed at
+    (none where there is no registry: a model folder copied elsewhere, a registry out of reach)."""
+    import mlflow
+
+    from ghosted.config import RegistryConfig
+    from ghosted.mlops.registry.connection import connect
+    from ghosted.mlops.registry.names import SHA_TAG
+
+    try:
+        client = connect(RegistryConfig(mlflow.get_registry_uri()), create=False, db_timeout=5.0)
+        versions = client.search_model_versions(f"run_id='{run_id}'")
+    except Exception:  # noqa: BLE001 - no registry to ask: the hash in the model's config is the check
+        return []
+    return [str(v.tags.get(SHA_TAG)) for v in versions]
+
+
+def check_artifact(path: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse a model whose checkpoint is not the one registered: its content sha256 against the one recorded at
+    registration (the model's config; the registry's version tags where reachable), then checkpoint.verify."""
+    from ghosted.checkpoint.verify import verified
+
+    want = config.get(SHA_KEY)
+    if not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise GhostedError(f"this MLflow model records no {SHA_KEY} of its checkpoint (registered by an older "
+                           "ghosted, or edited): register the checkpoint again with `ghosted register`")
+    got = verified(path).sha256
+    run_id = config.get(RUN_KEY)
+    recorded = _registered_hashes(run_id) if isinstance(run_id, str) and re.fullmatch(r"[0-9a-f]{32}", run_id) \
+        else []
+    for expected, where in ((want, "the model's config"), *((h, "the registry") for h in recorded)):
+        if got != expected:
+            raise GhostedError(f"{path}: the checkpoint's content (sha256 {got[:12]}) is not the one registered "
+                               f"(sha256 {expected[:12]}, recorded in {where}): the artifact store was changed after "
+                               "registration; register the checkpoint again")
 

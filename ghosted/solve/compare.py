@@ -36,10 +36,19 @@ def _nolog(_msg: str) -> None:
 # --------------------------------------------------------------------------- settings
 
 
-def _resume_key(loaded, calib, cfg: CompareConfig) -> str:
+def model_identity(loaded) -> dict[str, str]:
+    """The identity of the grid's model by content (a checkpoint's verified sha256, a dense model's fingerprint),
+    recorded in compare.json: what --merge and a resumed grid compare, never the model's name or path."""
+    from ghosted.evaluation.provenance import model_identity as identity
+
+    return {k: v for k, v in identity(loaded.ref).items() if k != "name"}
+
+
+def _resume_key(loaded, calib, cfg: CompareConfig, identity: dict[str, str]) -> str:
     import hashlib
 
-    doc = {"model": loaded.ref.name, "path": loaded.ref.path, "calibration": calib.sha256, "ghosted": __version__,
+    doc = {"model": loaded.ref.name, "path": loaded.ref.path, "identity": identity, "calibration": calib.sha256,
+           "ghosted": __version__,
            "dtype": str(next(loaded.model.parameters()).dtype), "prune": to_json(cfg.prune),
            "eval": to_json(cfg.evaluation)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -58,9 +67,10 @@ def _load_partial(path: Path | None, key: str, log: Log) -> dict:
     return doc
 
 
-def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
-    """An earlier compare.json whose dense model and cells a new grid may reuse: same model, dtype, calibration
-    windows (sha256), evaluation settings and shared prune settings, or a GhostedError that names the difference."""
+def merge_source(path: Path, loaded, calib, cfg: CompareConfig, identity: dict[str, str]) -> dict:
+    """An earlier compare.json whose dense model and cells a new grid may reuse: the same model by content
+    (`identity`, see model_identity), dtype, calibration windows (sha256), evaluation settings and shared prune
+    settings, or a GhostedError that names the difference."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
@@ -72,7 +82,13 @@ def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
     old_prune = (doc.get("settings") or {}).get("prune") or {}
     new_prune = {k: v for k, v in to_json(cfg.prune).items() if k not in ("remove", "layers", "recovery")}
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    checks = {"model": (doc.get("model"), loaded.ref.name), "dtype": (doc.get("dtype"), dtype),
+    old_identity = doc.get("model_identity")
+    if old_identity != identity:
+        what = ("records no content hash of its model (written by an older ghosted)" if not old_identity else
+                f"was run on another model ({_identity_text(old_identity)}; this grid's {doc.get('model')} is "
+                f"{_identity_text(identity)}: same name or not, other bytes)")
+        raise GhostedError(f"--merge {path}: {what}; its cells are not comparable: run the whole grid instead")
+    checks = {"dtype": (doc.get("dtype"), dtype),
               "calibration": ((doc.get("calibration") or {}).get("sha256"), calib.sha256),
               "evaluation settings": ((doc.get("settings") or {}).get("eval"), to_json(cfg.evaluation)),
               **{f"prune.{k}": (old_prune[k], new_prune[k]) for k in sorted(set(old_prune) & set(new_prune))}}
@@ -81,6 +97,13 @@ def merge_source(path: Path, loaded, calib, cfg: CompareConfig) -> dict:
             raise GhostedError(f"--merge {path}: its {what} ({old}) differs from this grid's ({new}); "
                                "its cells are not comparable: run the whole grid instead")
     return doc
+
+
+def _identity_text(identity: object) -> str:
+    if not isinstance(identity, dict):
+        return repr(identity)[:80]
+    value = identity.get("checkpoint_sha256") or identity.get("fingerprint")
+    return f"{'checkpoint sha256' if 'checkpoint_sha256' in identity else 'fingerprint'} {str(value)[:24]}"
 
 
 def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: Log = _nolog,
@@ -102,12 +125,13 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
     L = arch.num_layers(loaded.model)
     for k in cfg.ks:
         check_k(k, L)
-    merged = merge_source(merge, loaded, calib, cfg) if merge is not None else None  # before the long capture
+    identity = model_identity(loaded)
+    merged = merge_source(merge, loaded, calib, cfg, identity) if merge is not None else None  # before the capture
     res = shared_capture(loaded, calib, cfg.prune, list(cfg.ks), list(cfg.methods), progress, log)
     header = grid_header(loaded, calib, cfg.prune, list(cfg.ks), list(cfg.methods), cfg.evaluation, res,
                          time.perf_counter() - t0)
 
-    key = _resume_key(loaded, calib, cfg)
+    key = _resume_key(loaded, calib, cfg, identity)
     done = _load_partial(partial_path, key, log)
     done_cells = {(c["k"], c["method"]): c for c in done.get("cells", []) if not c.get("error")}
     methods = list(cfg.methods)
@@ -153,5 +177,5 @@ def run_compare(loaded, calib, cfg: CompareConfig, progress: bool = True, log: L
         header["settings"] = {**header["settings"], "remove": ks, "recovery": methods}
         extra = {"merged": {"from": str(merge), "command": merged.get("command"), "versions": merged.get("versions"),
                             "cells": [[k, m] for k, m in old if (k, m) in {(c["k"], c["method"]) for c in cells}]}}
-    return {**header, "kind": "compare", "dense": dense, "cells": cells, "versions": versions(),
-            "seconds": time.perf_counter() - t0, **extra}
+    return {**header, "model_identity": identity, "kind": "compare", "dense": dense, "cells": cells,
+            "versions": versions(), "seconds": time.perf_counter() - t0, **extra}

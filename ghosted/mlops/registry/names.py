@@ -18,7 +18,9 @@ from ghosted.evaluation.gate import FINGERPRINT_KEY, PROTOCOL_KEY
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"
 FINGERPRINT_TAG = FINGERPRINT_KEY
-SHA_TAG = "checkpoint_sha256"
+SHA_TAG = "checkpoint_sha256"  # the checkpoint's content hash: `ghosted export models:/...` and the model check it
+GGUF_TAG = "gguf"  # what `ghosted export --gguf` writes: the llama.cpp architecture, or "no" (then GGUF_REASON_TAG)
+GGUF_REASON_TAG = "gguf_reason"
 PROTOCOL_TAG = PROTOCOL_KEY  # the evaluations' protocol_sha256 (absent: metrics without a provenance block)
 PROVENANCE_TAG = "provenance"  # "missing" on a version registered from metrics without a provenance block
 DECISION_TAG = "champion_decision"

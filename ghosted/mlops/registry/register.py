@@ -36,6 +36,8 @@ from ghosted.mlops.registry.evaluation import dataset_inputs, evaluation_params,
 from ghosted.mlops.registry.names import (
     DECISION_TAG,
     FINGERPRINT_TAG,
+    GGUF_REASON_TAG,
+    GGUF_TAG,
     GIT_COMMIT_TAG,
     MODEL_ARTIFACT,
     OWNER_TAG,
@@ -100,11 +102,21 @@ def _provenance_tags(checked: Checked) -> dict[str, str]:
     return {PROVENANCE_TAG: "checked", PROTOCOL_TAG: checked.protocol_sha256}
 
 
+def _gguf_tags(meta: dict) -> dict[str, str]:
+    """What `ghosted export --gguf` writes for this checkpoint: `gguf` = the llama.cpp architecture, or "no" with
+    `gguf_reason`."""
+    from ghosted.checkpoint.gguf import gguf_form
+
+    form, why = gguf_form(meta)
+    return {GGUF_TAG: form} if form else {GGUF_TAG: "no", GGUF_REASON_TAG: (why or "no GGUF form")[:4000]}
+
+
 def _version_tags(meta: dict, git: dict[str, str], sha: str, verdict: Verdict, gate: GateConfig,
                   checked: Checked) -> dict[str, str]:
-    """Lineage, the tree's state, the content hash, the protocol and the gate's verdict with its numbers."""
+    """Lineage, the tree's state, the content hash, the GGUF form, the protocol and the gate's verdict with its
+    numbers."""
     return {**lineage(meta), **{k: v for k, v in git.items() if k != GIT_COMMIT_TAG}, SHA_TAG: sha,
-            **_provenance_tags(checked),
+            **_gguf_tags(meta), **_provenance_tags(checked),
             "gate": "pass" if verdict.passed else "fail", "rank_by": gate.rank_by,
             **({"rank_value": repr(verdict.rank_value)} if verdict.rank_value is not None else {}),
             **({"retained_acc": repr(verdict.retained_acc)} if verdict.retained_acc is not None else {}),
@@ -129,11 +141,15 @@ def _run_metrics(dense: dict, pruned: dict, verdict: Verdict) -> dict[str, float
 
 def prepare(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: GateConfig, reg: RegistryConfig,
             scores: Path | None = None, log: Log = nolog) -> Submission:
-    """Read and check a register's inputs (the metrics' provenance included), apply the gate, hash the checkpoint:
-    a one-line error on bad input."""
+    """Verify the checkpoint (its content hash comes with the verdict), read and check the other inputs (the
+    metrics' provenance included), apply the gate: a one-line error on bad input."""
+    from ghosted.checkpoint.verify import verified
+
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise GhostedError(f"checkpoint folder not found: {checkpoint}")
+    log(f"verifying {checkpoint}")
+    sha = verified(checkpoint).sha256  # a checkpoint `ghosted verify` refuses is never registered
     meta = _read_meta(checkpoint)
     if not meta.get("base_fingerprint"):
         raise GhostedError(f"{checkpoint}/config.json has no `ghosted` block: register a folder written by "
@@ -142,8 +158,6 @@ def prepare(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: G
     table = read_json(scores, "scores") if scores is not None else None
     verdict = apply_gate(dense, pruned, gate)
     name = check_name(reg.name or registered_name(meta["base_model"]))
-    log(f"hashing {checkpoint}")
-    sha = checkpoint_sha256(checkpoint)
     checked = check(checkpoint, sha, meta, Path(pruned_metrics), pruned, Path(dense_metrics), dense)
     if checked.warning:
         log(f"warning: {checked.warning}")
@@ -193,7 +207,7 @@ def _log_run(client: Client, run_id: str, sub: Submission, log: Log) -> None:
     """Params and metrics (in MLflow's batch limits), dataset inputs, the pyfunc model and both metrics files."""
     from mlflow.entities import Metric, Param
 
-    from ghosted.mlops.serving import save_pyfunc
+    from ghosted.mlops.serving import RUN_KEY, SHA_KEY, checkpoint_path, save_pyfunc
 
     now = int(time.time() * 1000)
     params_list = [Param(k, v) for k, v in sub.params.items()]
@@ -203,8 +217,12 @@ def _log_run(client: Client, run_id: str, sub: Submission, log: Log) -> None:
     client.log_inputs(run_id, datasets=dataset_inputs(sub.meta, sub.dense, sub.pruned, log))
     log(f"logging {sub.checkpoint} as an MLflow pyfunc model to run {run_id}")
     with tempfile.TemporaryDirectory(prefix="ghosted-register-") as tmp:
-        model_dir = save_pyfunc(sub.checkpoint, Path(tmp) / MODEL_ARTIFACT, {SHA_TAG: sub.sha,
-                                                                             "registered_name": sub.name})
+        model_dir = save_pyfunc(sub.checkpoint, Path(tmp) / MODEL_ARTIFACT,
+                                {SHA_TAG: sub.sha, "registered_name": sub.name}, {SHA_KEY: sub.sha, RUN_KEY: run_id})
+        copied = checkpoint_sha256(model_dir / checkpoint_path(model_dir / "MLmodel"))
+        if copied != sub.sha:  # the folder changed after it was verified: log only what was verified
+            raise GhostedError(f"{sub.checkpoint} changed while it was being registered (sha256 {sub.sha[:12]} when "
+                               f"verified, {copied[:12]} when copied): nothing registered; run again")
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     for p in (sub.dense_metrics, sub.pruned_metrics):
         client.log_artifact(run_id, str(p), "metrics")
