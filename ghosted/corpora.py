@@ -38,6 +38,9 @@ import torch
 
 from ghosted.errors import GhostedError
 from ghosted.io import release_memory
+from ghosted.json_io import parse_json, read_json
+
+LINE_MAX_BYTES = 64 << 20  # one document of a .jsonl text source
 
 SHIPPED_SOURCES = ("passages", "wiki", "ptb", "ptb-train")
 
@@ -59,7 +62,7 @@ def _saved_column(folder: Path, column: str) -> list:
     import pyarrow as pa
     import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json", "saved dataset state", expect=dict)
     if state.get("_indices_data_files"):  # a saved selection of rows: let datasets apply it
         import datasets
 
@@ -89,7 +92,7 @@ def _calibration_passages() -> tuple[str, ...]:
         for f in sorted((root / task).glob("*/requests.jsonl.gz")):
             with gzip.open(f, "rt", encoding="utf-8") as fh:
                 for line in fh:
-                    doc = json.loads(line)["doc"]
+                    doc = parse_json(line, str(f), "request line", expect=dict)["doc"]
                     text = doc.get(field, "")
                     if field == "query":  # "Title: ...\nBackground: <paragraph>\nQuestion: ..."
                         if "Background:" not in text:
@@ -147,10 +150,8 @@ def _file_documents(path: Path) -> list[str]:
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GhostedError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+            row = parse_json(line, f"{path}:{i}", "JSON line", max_bytes=LINE_MAX_BYTES,
+                             fix="each line of a .jsonl source is an object with a string 'text' field")
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise GhostedError(f"{path}:{i}: each line must be an object with a string 'text' field")
             docs.append(row["text"])
@@ -295,7 +296,7 @@ def load_calibration(path: Path) -> Calibration:
     from ghosted.checks import reading
 
     with reading(path, "calibration folder", "rebuild it with `ghosted calibrate`"):
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "calibration folder", fix="rebuild it with `ghosted calibrate`", expect=dict)
         ids = load_file(str(path / "tokens.safetensors"))["input_ids"]
         if ids.dtype != torch.long or ids.dim() != 2 or min(ids.shape) < 1 or int(ids.min()) < 0:
             raise ValueError(f"input_ids must be [N, T] non-negative int64 token ids, got {ids.dtype} {list(ids.shape)}")

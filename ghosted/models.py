@@ -23,6 +23,7 @@ import torch
 
 from ghosted.errors import GhostedError
 from ghosted.io import file_sha256, release_memory
+from ghosted.json_io import need, read_json
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {
@@ -156,6 +157,28 @@ def _convert_gguf(gguf: Path, out: Path, sha: str | None = None) -> None:
         )
 
 
+SOURCE_RECORD = "ghosted_source.json"  # beside a converted GGUF: which file it came from and its sha256
+
+
+def source_record(folder: str | Path) -> dict[str, str]:
+    """The ghosted_source.json of a converted model folder: {"gguf": path, "sha256": hex}; one line when malformed."""
+    path = Path(folder) / SOURCE_RECORD
+    fix = "delete the folder and let ghosted convert the GGUF again"
+    doc = read_json(path, "converted-model record", fix=fix, expect=dict)
+    for key in ("gguf", "sha256"):
+        need(doc, key, str, path, "converted-model record", fix)
+    return doc
+
+
+def _is_checkpoint(cfg_path: Path, name: str) -> bool:
+    """Whether a model folder's config.json carries a `ghosted` block (a malformed one: "cannot load model")."""
+    try:
+        doc = read_json(cfg_path, "model config", fix="restore the model's config.json")
+    except GhostedError as exc:
+        raise GhostedError(f"cannot load model '{name}': {exc}") from None
+    return isinstance(doc, dict) and "ghosted" in doc
+
+
 def _adopt_unkeyed(name: str, sha: str, folder: Path) -> bool:
     """An older ghosted's conversion (models/<name>, not keyed) of these very GGUF bytes, hard-linked into `folder`
     so an upgrade does not convert again; that folder stays as it is. False: none, other bytes, or no links."""
@@ -163,7 +186,7 @@ def _adopt_unkeyed(name: str, sha: str, folder: Path) -> bool:
 
     old = cache_dir() / "models" / name
     try:
-        if json.loads((old / "ghosted_source.json").read_text()).get("sha256") != sha:
+        if source_record(old)["sha256"] != sha:
             return False
         with atomic_dir(folder, force=True, kind="model-cache") as tmp:
             for f in old.iterdir():
@@ -251,7 +274,7 @@ def fingerprint(ref: ModelRef) -> str:
     folder = Path(ref.path)
     src = folder / "ghosted_source.json"
     if src.exists():  # converted shipped model (its folder is keyed by it): the GGUF's hash is the identity
-        return "sha256:" + json.loads(src.read_text())["sha256"]
+        return "sha256:" + source_record(folder)["sha256"]
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
         if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".py")):
@@ -296,7 +319,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
         kwargs["device_map"] = device_map
     try:
         cfg_path = Path(ref.path) / "config.json"
-        if ref.kind != "hub" and cfg_path.exists() and "ghosted" in json.loads(cfg_path.read_text()):
+        if ref.kind != "hub" and cfg_path.exists() and _is_checkpoint(cfg_path, name_or_path):
             from ghosted.checkpoint.format import load_tokenizer
             from ghosted.checkpoint.load import load as load_ghosted
 
@@ -339,7 +362,7 @@ def load_tokenizer(name_or_path: str):
     extra = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     try:
         cfg_path = Path(ref.path) / "config.json"
-        if ref.kind != "hub" and cfg_path.is_file() and "ghosted" in json.loads(cfg_path.read_text()):
+        if ref.kind != "hub" and cfg_path.is_file() and _is_checkpoint(cfg_path, name_or_path):
             from ghosted.checkpoint.format import base_config
             from ghosted.checkpoint.format import load_tokenizer as checkpoint_tokenizer
             from ghosted.checkpoint.meta import CheckpointMeta, read_config

@@ -14,6 +14,7 @@ import torch
 
 from ghosted.errors import GhostedError
 from ghosted.io import file_sha256
+from ghosted.json_io import parse_json
 from ghosted.method.sums import GroupedSums, Pair, PairSums
 
 
@@ -105,7 +106,7 @@ class CaptureResult(GroupedSums):
             raise GhostedError(f"{path}: sha256 does not match the one recorded when it was written")
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = json.loads((f.metadata() or {}).get("ghosted_capture", "null"))
+                meta = parse_json((f.metadata() or {}).get("ghosted_capture", "null"), str(path), "capture file")
                 if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
                     raise GhostedError(f"{path} is not a capture written by CaptureResult.save")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}

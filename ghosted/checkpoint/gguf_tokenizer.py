@@ -3,22 +3,35 @@ else written from the checkpoint's Hugging Face tokenizer files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ghosted.checkpoint.meta import CheckpointMeta
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
+from ghosted.json_io import read_json
+
+TOKENIZER_MAX_BYTES = 64 << 20  # a tokenizer.json holds the vocabulary and merges: ~10 MB for a 128k vocabulary
+
+
+def read_gguf(source: Path):
+    """A GGUF file's header and metadata (gguf.GGUFReader); a file that is not a valid GGUF is one line."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(source))
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError) as exc:
+        raise GhostedError(f"{source}: not a valid GGUF file ({type(exc).__name__}: {brief(str(exc), 120)}); "
+                           "give the .gguf the model came from, unchanged") from None
 
 
 def source_gguf(ckpt: Path, cfg: dict) -> Path | None:
     """The GGUF the base model came from, when it is at hand and matches the recorded fingerprint."""
-    from ghosted.models import SHIPPED, file_sha256, shipped_gguf
+    from ghosted.models import SHIPPED, file_sha256, shipped_gguf, source_record
 
     meta = CheckpointMeta.from_dict(cfg.get("ghosted") or {}).to_dict()
     candidates: list[Path] = []
     src = ckpt / "ghosted_source.json"  # a converted shipped model folder itself
     if src.is_file():
-        candidates.append(Path(json.loads(src.read_text())["gguf"]))
+        candidates.append(Path(source_record(ckpt)["gguf"]))
     base = meta.get("base_model")
     if base in SHIPPED:
         try:
@@ -28,7 +41,7 @@ def source_gguf(ckpt: Path, cfg: dict) -> Path | None:
     elif base and str(base).endswith(".gguf"):
         candidates.append(Path(base).expanduser())
     elif base and (Path(base).expanduser() / "ghosted_source.json").is_file():
-        candidates.append(Path(json.loads((Path(base).expanduser() / "ghosted_source.json").read_text())["gguf"]))
+        candidates.append(Path(source_record(Path(base).expanduser())["gguf"]))
     want = meta.get("base_fingerprint")
     for path in candidates:
         if not path.is_file():
@@ -42,7 +55,7 @@ def source_gguf(ckpt: Path, cfg: dict) -> Path | None:
 def copy_gguf_tokenizer(writer, source: Path) -> None:
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
+    reader = read_gguf(source)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -80,7 +93,7 @@ def write_hf_tokenizer(writer, ckpt: Path) -> str:
     if not tj.is_file():
         raise GhostedError(f"{ckpt} has no tokenizer.json and its base model's GGUF is not at hand: "
                            "cannot write the tokenizer llama.cpp needs")
-    data = json.loads(tj.read_text(encoding="utf-8"))
+    data = read_json(tj, "tokenizer.json", expect=dict, max_bytes=TOKENIZER_MAX_BYTES)
     model = data.get("model") or {}
     pre = _bpe_pre_name(data.get("pre_tokenizer"))
     if model.get("type") != "BPE" or pre is None or (data.get("decoder") or {}).get("type") != "ByteLevel":
@@ -108,7 +121,7 @@ def write_hf_tokenizer(writer, ckpt: Path) -> str:
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
     tc_path = ckpt / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    tc = read_json(tc_path, "tokenizer config", expect=dict) if tc_path.is_file() else {}
     for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
                      ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
         tok = tc.get(key)
@@ -127,9 +140,8 @@ def write_hf_tokenizer(writer, ckpt: Path) -> str:
 
 def check_vocab(ckpt: Path, source: Path, vocab_size: int) -> None:
     """The base GGUF's token list must be the checkpoint's (same strings at the same ids)."""
-    import gguf
 
-    field = gguf.GGUFReader(str(source)).fields.get("tokenizer.ggml.tokens")
+    field = read_gguf(source).fields.get("tokenizer.ggml.tokens")
     if field is None:
         raise GhostedError(f"{source} has no tokenizer.ggml.tokens: cannot take the tokenizer from it")
     tokens = field.contents()
@@ -138,7 +150,8 @@ def check_vocab(ckpt: Path, source: Path, vocab_size: int) -> None:
                            "not the tokenizer of this checkpoint")
     tj = ckpt / "tokenizer.json"
     if tj.is_file():
-        vocab = (json.loads(tj.read_text(encoding="utf-8")).get("model") or {}).get("vocab")
+        data = read_json(tj, "tokenizer.json", expect=dict, max_bytes=TOKENIZER_MAX_BYTES)
+        vocab = (data.get("model") or {}).get("vocab")
         if isinstance(vocab, dict):
             bad = [t for t, i in vocab.items() if i < len(tokens) and tokens[i] != t]
             if bad:

@@ -9,12 +9,12 @@ and CheckpointMeta.has_ghosts the one answer to "is this a ghost checkpoint?".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
+from ghosted.json_io import read_json
 
 
 class _Absent:
@@ -159,12 +159,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise GhostedError(f"{folder} is not a folder")
-    try:
-        doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GhostedError(f"{folder} has no config.json: not a model folder") from None
-    except ValueError as exc:
-        raise GhostedError(f"{folder}/config.json is not valid JSON ({exc})") from exc
+    if not (folder / "config.json").is_file():
+        raise GhostedError(f"{folder} has no config.json: not a model folder")
+    doc = read_json(folder / "config.json", "model config")
     if not isinstance(doc, dict) or not isinstance(doc.get("ghosted"), dict):
         raise GhostedError(f"{folder} is not a ghosted checkpoint (config.json has no `ghosted` block)")
     return doc
@@ -175,8 +172,8 @@ def checkpoint_meta(folder: str | Path) -> CheckpointMeta | None:
     the loader then says what is wrong with it)."""
     cfg = Path(folder) / "config.json"
     try:
-        block = json.loads(cfg.read_text(encoding="utf-8")).get("ghosted") if cfg.is_file() else None
-    except (OSError, ValueError, AttributeError):
+        block = read_json(cfg, "model config", expect=dict).get("ghosted") if cfg.is_file() else None
+    except (OSError, GhostedError):
         return None
     return CheckpointMeta.from_dict(block) if isinstance(block, dict) else None
 
@@ -186,7 +183,8 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         raise GhostedError(f"{path} has no config.json")
+    block = read_json(cfg, "model config", expect=dict).get("ghosted", {})
     try:
-        return CheckpointMeta.from_dict(json.loads(cfg.read_text()).get("ghosted", {}))
-    except (ValueError, AttributeError) as exc:
-        raise GhostedError(f"{path}/config.json is not a JSON object: {exc}") from exc
+        return CheckpointMeta.from_dict(block)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise GhostedError(f"{path}/config.json: its `ghosted` block is not valid ({brief(str(exc), 120)})") from exc

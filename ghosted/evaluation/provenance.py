@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ghosted.json_io import read_json
+
 PROVENANCE_KEY = "provenance"
 PROTOCOL_KEY = "protocol_sha256"
 
@@ -31,8 +33,8 @@ PROTOCOL_KEY = "protocol_sha256"
 def is_checkpoint(folder: str | Path) -> bool:
     """Whether a folder is a ghosted checkpoint (its config.json carries a `ghosted` block)."""
     try:
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = read_json(Path(folder) / "config.json", "model config")
+    except (OSError, ValueError):  # JSONFileError is a ValueError: not readable, so not a checkpoint
         return False
     return isinstance(cfg, dict) and isinstance(cfg.get("ghosted"), dict)
 

@@ -10,7 +10,6 @@ The table also carries each family's rotation layout for a folded c Q (fold.py) 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -22,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ghosted.errors import GhostedError
+from ghosted.json_io import parse_json
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -148,7 +148,7 @@ def _table() -> tuple[dict[str, ArchSpec], dict[str, ArchSpec]]:
     files = sorted((p for p in _spec_dir().iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
     for path in files:
         source = f"architecture spec {path.name}"
-        spec = _parse_spec(json.loads(path.read_text(encoding="utf-8")), source)
+        spec = _parse_spec(parse_json(path.read_bytes(), source, "architecture spec"), source)
         if spec.name != path.name.removesuffix(".json"):
             raise GhostedError(f"{source}: name {spec.name!r} must match the file name")
         for index, key in [(by_arch, a) for a in spec.architectures] + [(by_type, t) for t in spec.model_type]:

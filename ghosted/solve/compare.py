@@ -23,6 +23,7 @@ from ghosted.config import (  # noqa: F401  (re-exported: the grid's settings li
     to_json,
 )
 from ghosted.errors import GhostedError
+from ghosted.json_io import read_json
 from ghosted.method import arch
 from ghosted.solve.grid import CellResult, brief, grid_header, run_cell, run_dense
 from ghosted.version import __version__
@@ -58,8 +59,8 @@ def _load_partial(path: Path | None, key: str, log: Log) -> dict:
     if path is None or not path.is_file():
         return {}
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = read_json(path, "partial compare result", expect=dict)
+    except (OSError, ValueError):  # unreadable or malformed: start afresh (JSONFileError is a ValueError)
         return {}
     if doc.get("key") != key:
         log(f"{path} belongs to other settings: starting afresh")
@@ -71,12 +72,7 @@ def merge_source(path: Path, loaded, calib, cfg: CompareConfig, identity: dict[s
     """An earlier compare.json whose dense model and cells a new grid may reuse: the same model by content
     (`identity`, see model_identity), dtype, calibration windows (sha256), evaluation settings and shared prune
     settings, or a GhostedError that names the difference."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise GhostedError(f"--merge {path}: file not found") from exc
-    except (OSError, ValueError) as exc:
-        raise GhostedError(f"--merge {path}: not a readable compare.json ({exc})") from exc
+    doc = read_json(path, "compare.json for --merge", fix="give a compare.json written by `ghosted compare`")
     if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list) or not isinstance(doc.get("dense"), dict):
         raise GhostedError(f"--merge {path}: not a compare result (no dense model and list of cells)")
     old_prune = (doc.get("settings") or {}).get("prune") or {}

@@ -12,6 +12,7 @@ import torch
 
 from ghosted.checkpoint.meta import LINEAGE, CheckpointMeta, SolveMeta, is_ghost_class
 from ghosted.errors import GhostedError
+from ghosted.json_io import need, read_json
 from ghosted.method import arch
 from ghosted.method.operator import OPERATOR_TENSORS, Operator
 from ghosted.method.sums import F64
@@ -67,7 +68,10 @@ def load_solution(path: Path) -> Solution:
     if not (path / "plan.json").exists():
         raise GhostedError(f"{path} has no plan.json: make it with `ghosted solve`")
     with reading(path, "solution folder", "make it again with `ghosted solve`"):
-        plan = json.loads((path / "plan.json").read_text())
+        fix = "make it again with `ghosted solve`"
+        plan = read_json(path / "plan.json", "solution folder", fix=fix, expect=dict)
+        for key, kind in (("operators", dict), ("removed", list), ("meta", dict)):
+            need(plan, key, kind, path / "plan.json", "solution folder", fix)
         tensors = load_file(str(path / "operators.safetensors"))
         ops = {}
         for key, e in plan["operators"].items():
