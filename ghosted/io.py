@@ -482,6 +482,30 @@ def _account(out: Path, tmp: Path, rewrites: Rewrites | None, flag: str) -> list
     return kept
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the system says it (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(files: dict[str, Path], dirs: set[str], tmp: Path, skip: set[str]) -> None:
+    """Give what ghosted made in `tmp` the usual modes under the umask: some writers make their files private
+    (safetensors writes 0600). `skip`: the user's entries carried over (hard links: their mode is the user's)."""
+    mask = _umask()
+    for want, paths in ((0o666 & ~mask, [p for rel, p in files.items() if rel not in skip]),
+                        (0o777 & ~mask, [tmp / rel for rel in dirs if rel not in skip])):
+        for p in paths:
+            if stat.S_IMODE(p.lstat().st_mode) != want:
+                os.chmod(p, want)
+
+
 def _publish_dir(tmp: Path, out: Path, force: bool, kind: str, rewrites: Rewrites | None) -> None:
     if rewrites is None:
         check_out_dir(out, force)  # the folder may have appeared, or changed, while we worked
@@ -490,6 +514,7 @@ def _publish_dir(tmp: Path, out: Path, force: bool, kind: str, rewrites: Rewrite
     replacing = out.is_dir() and any(out.iterdir())
     kept = _account(out, tmp, rewrites, "--out") if replacing else []
     files, dirs, _ = _walk(tmp)
+    _usual_modes(files, dirs, tmp, set(kept))
     files.pop(MARKER, None)
     doc = _read_record(tmp / MARKER) or {}
     _write_marker(tmp, {**doc, "kind": kind, "writer": _writer(), "version": _version(),
@@ -571,8 +596,8 @@ def publish_file(tmp: Path, path: str | Path) -> None:
     """Rename the finished `tmp` (from new_temp_file) onto `path`; a file already there keeps its mode."""
     path = _file_target(path)
     try:
-        if path.is_file():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # tmp is ours
+        # tmp is ours: an existing file keeps its mode, a new one gets the usual mode under the umask
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         discard_temp(tmp)

@@ -80,7 +80,13 @@ def _user_entries(folder: Path, rewritten: set[str]) -> dict[str, Path]:
     owned = owned_files(folder) | rewritten
     user = {name: p for name, p in list_entries(folder).items() if name not in owned}
     for name, p in sorted(user.items()):
-        if p.is_file() and not p.is_symlink() and Path(name).suffix in _LOADER_SUFFIXES and not is_inert(name):
+        if is_inert(name):
+            continue
+        if p.is_symlink():
+            raise GhostedError(f"cannot upgrade {folder}: {name} is a link ghosted did not make, and a checkpoint "
+                               "holds no links a loader would read; move it out of the folder (or put the file "
+                               "itself there) and run again")
+        if p.is_file() and Path(name).suffix in _LOADER_SUFFIXES:
             raise GhostedError(f"cannot upgrade {folder}: {name} is not a file ghosted wrote, and a loader would "
                                "read it beside the rewritten checkpoint; move it out of the folder and run again")
     parents = {"/".join(n.split("/")[:i]) for n in owned for i in range(1, n.count("/") + 1)}
