@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ghosted.cli.options import add_options
+from ghosted.errors import GhostedError, brief
 
 
 def model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
@@ -23,12 +24,32 @@ def model_args(p: argparse.ArgumentParser, layerwise: bool = True) -> None:
         p.add_argument("--layerwise", action="store_true",
                        help="keep the model in host memory; calibration passes move one decoder layer at a time to "
                             "--device and carry the calibration states forward (models larger than the device)")
-        p.add_argument("--offload-budget", type=int, metavar="MiB",
+        p.add_argument("--offload-budget", type=offload_mib, metavar="MiB",
                        help="with --layerwise: MiB of carried calibration states kept in host memory; the rest go "
-                            "to files in a temporary folder, removed afterwards (default 4096)")
+                            f"to files in a temporary folder, removed afterwards (default 4096; allowed 0 to "
+                            f"{MAX_OFFLOAD_MIB})")
     p.add_argument("--config", type=Path, help="YAML file (e.g. params.yaml) whose sections set this command's "
                                                "defaults (calibration:, prune:, eval:)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+MAX_OFFLOAD_MIB = 1 << 30  # 1 PiB: more than any host holds (0: every carried state goes to files)
+
+
+def whole_in(low: int, high: int):
+    """An argparse type: a whole number from low to high (anything else is argparse's one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {brief(text, 40)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low} and <= {high}, got {brief(text, 40)}")
+        return value
+    return parse
+
+
+offload_mib = whole_in(0, MAX_OFFLOAD_MIB)
 
 
 def calib_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +94,22 @@ def params_file(args: argparse.Namespace):
     """The --config file as typed sections (all defaults without one): the one place the CLI reads YAML."""
     from ghosted.config import load_params
 
+    _check_calib_flags(args)
     return load_params(getattr(args, "config", None))
+
+
+def _check_calib_flags(args: argparse.Namespace) -> None:
+    """--calib FOLDER brings its windows ready-made: a flag that says how to build them would be ignored. (A
+    folder that is no calibration folder is reported by the command, with what is wrong with it.)"""
+    if not getattr(args, "calib", None) or not (Path(args.calib) / "calibration.json").is_file():
+        return
+    builds = [("--calib-source", "calib_source"), ("--n-seqs", "n_seqs"), ("--seed", "seed")]
+    if args.command != "compare":  # compare's --seq-len also sets the perplexity windows
+        builds.append(("--seq-len", "seq_len"))
+    given = [flag for flag, dest in builds if getattr(args, dest, None) is not None]
+    if given:
+        raise GhostedError(f"{given[0]} says how to build calibration windows, but --calib {args.calib} brings them "
+                           f"ready-made: drop {given[0]} (or --calib)")
 
 
 def prune_config(args: argparse.Namespace):

@@ -21,6 +21,7 @@ from ghosted.cli.common import (
 )
 from ghosted.cli.options import add_options
 from ghosted.errors import GhostedError
+from ghosted.json_io import read_json
 
 
 def _eval_args(p: argparse.ArgumentParser, seq_len: bool) -> None:
@@ -76,14 +77,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def compare_config(args: argparse.Namespace):
     """CompareConfig from CLI > YAML (`prune:`, `eval:`, `calibration:`) > defaults."""
-    from ghosted.config import CompareConfig, PruneConfig, parse_ks, parse_names, resolve
+    from ghosted.config import CompareConfig, PruneConfig, parse_ks, resolve
 
     yaml_prune = params_file(args).raw.get("prune", {})
     template = {k: v for k, v in yaml_prune.items() if k not in ("remove", "layers", "recovery")}
     prune = resolve(PruneConfig, "prune", {**template, "remove": 1}, vars(args), only=("select",))
     # The perplexity windows are as long as the calibration windows unless the YAML `eval:` says otherwise.
     settings = eval_settings(args, seq_len=calib_settings(args).seq_len)
-    return CompareConfig(ks=parse_ks(args.remove), methods=parse_names(args.recovery) or (), prune=prune,
+    return CompareConfig(ks=parse_ks(args.remove), methods=args.recovery, prune=prune,
                          evaluation=settings)
 
 
@@ -112,10 +113,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     src = args.out_dir / "compare.json"
     if not src.is_file():
         raise GhostedError(f"{src} not found: write it with `ghosted compare ... --out-dir {args.out_dir}`")
-    try:
-        result = json.loads(src.read_text())
-    except json.JSONDecodeError as exc:
-        raise GhostedError(f"{src} is not valid JSON ({exc.msg})") from exc
+    result = read_json(src, "compare result", fix="rerun `ghosted compare`")
     if not isinstance(result, dict) or not isinstance(result.get("cells"), list):
         raise GhostedError(f"{src} is not a compare result (no list of cells): rerun `ghosted compare`")
     paths = write_report(result, args.out_dir)

@@ -36,9 +36,19 @@ def _plain(hint: Any) -> Any:
 
 
 def _help(cls: type, f: Any) -> str:
+    """The field's help text with its default, and its allowed range where it declares one (Bounds)."""
     flag = flag_of(f)
     text = flag.help() if callable(flag.help) else flag.help
-    return text.replace("{default}", default(cls, f.name)) if "{default}" in text else text
+    text = text.replace("{default}", default(cls, f.name)) if "{default}" in text else text
+    if flag.bounds is None:
+        return text
+    allowed = flag.bounds.help(_whole(typing.get_type_hints(cls)[f.name]))
+    return f"{text[:-1]}; {allowed})" if text.endswith(")") else f"{text} ({allowed})"
+
+
+def _whole(hint: Any) -> bool:
+    hint = _plain(hint)
+    return (typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint) is int
 
 
 def _kwargs(cls: type, f: Any, hint: Any) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from ghosted.mlops.registry import read_json, register
 
     gate, reg = _config(args)
-    if args.name:
+    if args.name is not None:  # --name= (empty) is refused by RegistryConfig, not ignored
         reg = RegistryConfig(reg.tracking_uri, reg.experiment, args.name)
     switch = load_params(args.config).registry  # registry.register / .experiments (load_config keeps the URI)
     dense, pruned = read_json(args.dense_metrics, "dense metrics"), read_json(args.metrics, "pruned metrics")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ghosted.cli.common import calib_args, load_options, log, logger, model_args, search_params
+from ghosted.cli.common import calib_args, load_options, log, logger, model_args, out_args, search_params
 from ghosted.cli.options import add_options
 
 
@@ -40,6 +39,5 @@ def add_parser(sub) -> None:
     model_args(p)
     calib_args(p)
     add_options(p, SearchConfig, group="search")
-    p.add_argument("--out", type=Path, required=True, help="output folder (search.json, report, checkpoint)")
-    p.add_argument("--force", action="store_true", help="replace an existing ghosted output folder")
+    out_args(p, "output folder (search.json, report, checkpoint), written atomically as prune's --out")
     p.set_defaults(func=cmd_search)

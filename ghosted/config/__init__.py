@@ -6,7 +6,8 @@ generated from those fields (ghosted.cli.options) and merged by `resolve()`. The
 call the CLI with `--config params.yaml`), the Prefect flows and the registry all read their settings through
 `load_params()`; `to_json()` is the one way a config becomes JSON.
 
-    typed.py       coercion and checks (build, merged), option()/Flag, to_json, default
+    typed.py       coercion and checks (build, merged), option()/Flag, Bounds (numeric ranges), registry names,
+                   to_json, default
     sections.py    calibration:, prune:
     evaluation.py  eval:, the efficiency measurement, gate:
     runs.py        registry:, sweep:, search:, the compare grid, ghost distillation
@@ -16,7 +17,15 @@ call the CLI with `--config params.yaml`), the Prefect flows and the registry al
 
 from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig, check_sources, check_tasks
 from ghosted.config.params import SECTIONS, Params, load_params, read_yaml, resolve
-from ghosted.config.runs import CompareConfig, DistillConfig, RegistryConfig, SearchConfig, SweepConfig, parse_ks
+from ghosted.config.runs import (
+    CompareConfig,
+    DistillConfig,
+    RegistryConfig,
+    SearchConfig,
+    SweepConfig,
+    parse_ks,
+    parse_methods,
+)
 from ghosted.config.sections import CalibrationConfig, PruneConfig
 from ghosted.config.typed import (
            DEFAULT_TRACKING_URI,
@@ -24,8 +33,11 @@ from ghosted.config.typed import (
            PPL_SOURCES_HELP,
            REGISTER_MODES,
            VARIANTS,
+           Bounds,
            Flag,
+           between,
            build,
+           check_registry_name,
            default,
            flag_of,
            merged,
@@ -38,5 +50,6 @@ from ghosted.config.yaml_io import load_yaml
 __all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",
            "CalibrationConfig", "CompareConfig", "DistillConfig", "EfficiencySettings", "EvalSettings", "Flag",
            "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig",
-           "build", "check_sources", "check_tasks", "default", "flag_of", "load_params", "load_yaml", "merged", "option",
-           "parse_ks", "parse_names", "read_yaml", "resolve", "to_json"]
+           "Bounds", "between", "build", "check_registry_name", "check_sources", "check_tasks", "default", "flag_of",
+           "load_params", "load_yaml", "merged", "option", "parse_ks", "parse_methods", "parse_names", "read_yaml",
+           "resolve", "to_json"]

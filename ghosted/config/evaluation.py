@@ -8,8 +8,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ghosted.config.typed import PPL_SOURCES_HELP, _typed, _whole, build, option, parse_names, twice
+from ghosted.config.typed import (
+    MAX_BATCH,
+    MAX_SEQ_LEN,
+    MAX_WINDOWS,
+    PPL_SOURCES_HELP,
+    _typed,
+    between,
+    build,
+    option,
+    parse_names,
+    twice,
+)
 from ghosted.errors import GhostedError, brief
+
+MAX_ITEMS = 10**9  # --limit: more than any task holds
+MAX_TIMINGS = 16  # efficiency batch sizes
+MAX_NEW_TOKENS = 65_536
+MAX_REPEATS = 1_000
+MAX_PPL_RATIO = 1_000.0  # a gate that lets a model 1000x worse than the dense one pass is no gate
+MAX_RETAINED = 2.0  # a pruned model does not keep twice the dense model's accuracy
 
 
 def check_tasks(tasks: tuple[str, ...]) -> None:
@@ -55,10 +73,16 @@ class EvalSettings:
                                          "zero-shot)", default_factory=_default_tasks, text=True)
     ppl: tuple[str, ...] = option(("wiki", "ptb"), f"perplexity sources, comma-separated: {PPL_SOURCES_HELP} "
                                                    "(default {default}; 'none' to skip)", text=True)
-    limit: int | None = option(None, "first N items of each task (default: all)")
-    ppl_windows: int = option(32, "windows per perplexity source (default {default})")
-    seq_len: int = option(512, "tokens per perplexity window (default {default})")
-    batch_size: int = option(8, "sequences per forward pass in evaluation (default {default})")
+    limit: int | None = option(None, "first N items of each task; a task with fewer items is evaluated whole, and "
+                                     "the results record the items scored (default: all)",
+                               bounds=between(1, MAX_ITEMS))
+    ppl_windows: int = option(32, "windows per perplexity source, at most: a shorter source is scored whole, and "
+                                  "the results record the windows scored (default {default})",
+                              bounds=between(1, MAX_WINDOWS))
+    seq_len: int = option(512, "tokens per perplexity window (default {default})",
+                          bounds=between(2, MAX_SEQ_LEN, note="at most the model's positions"))
+    batch_size: int = option(8, "sequences per forward pass in evaluation (default {default})",
+                             bounds=between(1, MAX_BATCH))
 
     def __post_init__(self) -> None:
         _typed(self, "eval")
@@ -66,11 +90,6 @@ class EvalSettings:
         object.__setattr__(self, "ppl", parse_names(self.ppl) or ())
         check_tasks(self.tasks)
         check_sources(self.ppl)
-        if self.limit is not None:
-            _whole(self.limit, 1, "--limit (eval.limit)")
-        _whole(self.ppl_windows, 1, "--ppl-windows (eval.ppl_windows)")
-        _whole(self.seq_len, 2, "--seq-len (eval.seq_len)")
-        _whole(self.batch_size, 1, "--batch-size (eval.batch_size)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> EvalSettings:
@@ -81,38 +100,37 @@ class EvalSettings:
 class EfficiencySettings:
     """`efficiency:` inputs of `ghosted eval --efficiency` (random prompts, greedy decoding)."""
 
-    batch_sizes: tuple[int, ...] = option((1, 8), "decode batch sizes of the efficiency timings (default {default})",
-                                          name="efficiency-batch-sizes")
-    prompt_len: int = option(128, "prompt tokens for the timings (default {default})")
-    new_tokens: int = option(32, "generated tokens for decode speed (default {default})")
-    repeats: int = option(3, "timed runs per measurement, median kept (default {default})")
+    batch_sizes: tuple[int, ...] = option((1, 8), f"decode batch sizes of the efficiency timings, 1 to {MAX_TIMINGS} "
+                                                  "of them (default {default})",
+                                          name="efficiency-batch-sizes", bounds=between(1, MAX_BATCH))
+    prompt_len: int = option(128, "prompt tokens for the timings (default {default})",
+                             bounds=between(1, MAX_SEQ_LEN, note="with --new-tokens within the model's positions"))
+    new_tokens: int = option(32, "generated tokens for decode speed (default {default})",
+                             bounds=between(2, MAX_NEW_TOKENS))
+    repeats: int = option(3, "timed runs per measurement, median kept (default {default})",
+                          bounds=between(1, MAX_REPEATS))
 
     def __post_init__(self) -> None:
         _typed(self, "efficiency")
-        _whole(self.prompt_len, 1, "--prompt-len")
-        _whole(self.new_tokens, 2, "--new-tokens")
-        _whole(self.repeats, 1, "--repeats")
-        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                                       for b in self.batch_sizes):
-            raise GhostedError(f"efficiency batch sizes must be whole numbers >= 1, got {brief(self.batch_sizes)}")
+        if not self.batch_sizes or len(self.batch_sizes) > MAX_TIMINGS:
+            raise GhostedError(f"--efficiency-batch-sizes (efficiency.batch_sizes) needs 1 to {MAX_TIMINGS} batch "
+                               f"sizes, got {brief(list(self.batch_sizes))}")
 
 
 @dataclass(frozen=True)
 class GateConfig:
     """`gate:` the quality bar a pruned checkpoint must clear before it can become the champion."""
 
-    max_ppl_ratio: float | None = option(2.0, "pruned / dense perplexity, every source", cli=False)
-    min_retained_acc: float | None = option(0.9, "pruned / dense zero-shot average", cli=False)
+    max_ppl_ratio: float | None = option(2.0, "pruned / dense perplexity, every source", cli=False,
+                                         bounds=between(0, MAX_PPL_RATIO, low_open=True))
+    min_retained_acc: float | None = option(0.9, "pruned / dense zero-shot average", cli=False,
+                                            bounds=between(0, MAX_RETAINED, low_open=True))
     rank_by: str = option("wiki", "the perplexity source whose ratio ranks candidates (lower is better)", cli=False)
     acc_metric: str = option("acc_norm", "key of the zero-shot `average` block (acc_norm, acc where a task has none)",
                              cli=False)
 
     def __post_init__(self) -> None:
         _typed(self, "gate")
-        for name in ("max_ppl_ratio", "min_retained_acc"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise GhostedError(f"gate.{name} must be a number > 0 or null, got {brief(v)}")
         if not self.rank_by:
             raise GhostedError("gate.rank_by must name a perplexity source, e.g. wiki")
         if not self.acc_metric:

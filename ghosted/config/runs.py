@@ -8,7 +8,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ghosted.config.evaluation import EvalSettings
-from ghosted.config.typed import DEFAULT_TRACKING_URI, REGISTER_MODES, _typed, _whole, build, option, parse_names, twice
+from ghosted.config.typed import (
+    DEFAULT_TRACKING_URI,
+    MAX_BATCH,
+    MAX_LAYERS,
+    MAX_SEED,
+    MAX_STEPS,
+    REGISTER_MODES,
+    _typed,
+    _whole,
+    between,
+    build,
+    check_registry_name,
+    option,
+    twice,
+)
 from ghosted.errors import GhostedError, brief
 
 
@@ -32,12 +46,17 @@ class RegistryConfig:
         object.__setattr__(self, "register", mode)
         if not self.tracking_uri:
             raise GhostedError("registry.tracking_uri must be an MLflow URI, e.g. sqlite:///mlflow.db")
-        if not self.experiment:
-            raise GhostedError("registry.experiment must name an MLflow experiment")
+        check_registry_name(self.experiment, "registry.experiment")
+        if self.name is not None:
+            check_registry_name(self.name, "registered model name (--name, registry.name)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> RegistryConfig:
         return build(cls, d, "registry")
+
+
+MAX_WORKERS = 1_024  # sweep worker processes, threads per worker
+MAX_GRID_COUNTS = 64  # layer counts of a compare or sweep grid
 
 
 def _sweep_eval() -> EvalSettings:
@@ -48,65 +67,50 @@ def _sweep_eval() -> EvalSettings:
 class SweepConfig:
     """`sweep:` a (layers removed) x (recovery) grid on a Dask cluster, one shared calibration pass."""
 
-    remove: tuple[int, ...] = (6, 9)
-    recovery: tuple[str, ...] = ("none", "ghost")
+    remove: tuple[int, ...] = option((6, 9), "layer counts of the grid", cli=False, bounds=between(1, MAX_LAYERS))
+    # "none" is a method here (plain removal): [none] alone compares the dense model with plain removal
+    recovery: tuple[str, ...] = option(("none", "ghost"), "recovery methods of the grid", cli=False)
     eval: EvalSettings = field(default_factory=_sweep_eval)
-    workers: int = 2  # local cluster worker processes
-    threads_per_worker: int = 1
+    workers: int = option(2, "local cluster worker processes", cli=False, bounds=between(1, MAX_WORKERS))
+    threads_per_worker: int = option(1, "torch threads per task", cli=False, bounds=between(1, MAX_WORKERS))
     address: str | None = None  # tcp://scheduler:8786: a running Dask cluster instead of the local one
 
     def __post_init__(self) -> None:
         _typed(self, "sweep")
-        from ghosted.method.recovery import RECOVERY
-
-        object.__setattr__(self, "recovery", parse_names(self.recovery) or ())
-        if not self.remove or len(set(self.remove)) != len(self.remove):
-            raise GhostedError(f"sweep.remove needs distinct layer counts, got {brief(list(self.remove))}")
-        for k in self.remove:
-            _whole(k, 1, "sweep.remove[]")
-        if not self.recovery or len(set(self.recovery)) != len(self.recovery):
-            raise GhostedError(f"sweep.recovery needs distinct methods, got {brief(list(self.recovery))}")
-        for m in self.recovery:
-            RECOVERY.get(m)
-        _whole(self.workers, 1, "sweep.workers")
-        _whole(self.threads_per_worker, 1, "sweep.threads_per_worker")
+        object.__setattr__(self, "recovery", parse_methods(self.recovery, "sweep.recovery"))
+        if not self.remove or len(set(self.remove)) != len(self.remove) or len(self.remove) > MAX_GRID_COUNTS:
+            raise GhostedError(f"sweep.remove needs 1 to {MAX_GRID_COUNTS} distinct layer counts, got "
+                               f"{brief(list(self.remove))}")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """`search:` ghosted search: the most layers whose pruned model passes the gate (prune: gives the rest)."""
 
-    min_remove: int | None = option(None, "smallest number of layers searched (default: a fifth of them)")
-    max_remove: int | None = option(None, "largest number of layers searched (default: half of them)")
+    min_remove: int | None = option(None, "smallest number of layers searched (default: a fifth of them)",
+                                    bounds=between(1, MAX_LAYERS, note="below the model's layer count"))
+    max_remove: int | None = option(None, "largest number of layers searched (default: half of them)",
+                                    bounds=between(1, MAX_LAYERS, note="below the model's layer count"))
     # single blocks per k screened by held-out loss: the best by angular distance (+ the best boundary error)
-    shortlist: int = option(3, "single blocks screened per k (default {default})")
-    split_shortlist: int = option(2, "two-cut plans screened per k (default {default})")
-    max_cuts: int = option(2, "1: contiguous blocks only (default {default})")
+    shortlist: int = option(3, "single blocks screened per k, at most (default {default})", bounds=between(1, 1024))
+    split_shortlist: int = option(2, "two-cut plans screened per k, at most (default {default})",
+                                  bounds=between(0, 1024))
+    max_cuts: int = option(2, "1: contiguous blocks only (default {default})", bounds=between(1, 2))
     # More than one finalist because the plan with the best screening loss can still miss the gate while the
     # runner-up passes: screening is a proxy for the full evaluation.
-    finalists: int = option(2, "screened plans per k evaluated in full, best first, until one passes "
-                               "(default {default})")
+    finalists: int = option(2, "screened plans per k evaluated in full, best first, until one passes; at most "
+                               "the plans screened (default {default})", bounds=between(1, 64))
     distill: int = option(0, "also distill each evaluated plan's ghosts this many steps and report both rows "
-                             "(default 0)", metavar="STEPS")
+                             "(default 0)", metavar="STEPS", bounds=between(0, MAX_STEPS))
     # The pipeline (`dvc repro`, flows.compress): the solve stage searches for the plan (the gate: and eval:
     # sections decide) instead of removing prune.remove layers; fuse, evaluate and register then run on it.
     enabled: bool = option(False, "the pipeline's solve stage searches instead of removing prune.remove layers",
                            cli=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise GhostedError(f"search.enabled must be true or false, got {brief(self.enabled)}")
-        for name in ("min_remove", "max_remove"):
-            if getattr(self, name) is not None:
-                _whole(getattr(self, name), 1, f"search.{name}")
+        _typed(self, "search")
         if self.min_remove is not None and self.max_remove is not None and self.min_remove > self.max_remove:
             raise GhostedError(f"search.min_remove ({self.min_remove}) is above search.max_remove ({self.max_remove})")
-        _whole(self.shortlist, 1, "search.shortlist")
-        _whole(self.split_shortlist, 0, "search.split_shortlist")
-        if self.max_cuts not in (1, 2):
-            raise GhostedError(f"search.max_cuts must be 1 or 2, got {brief(self.max_cuts)}")
-        _whole(self.finalists, 1, "--finalists (search.finalists)")
-        _whole(self.distill, 0, "--distill (search.distill)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SearchConfig:
@@ -128,20 +132,14 @@ class CompareConfig:
     evaluation: EvalSettings = option(help="the evaluation of every cell", default_factory=EvalSettings, cli=False)
 
     def __post_init__(self) -> None:
-        from ghosted.method.recovery import RECOVERY
 
-        if not self.ks:
-            raise GhostedError("--remove needs at least one layer count, e.g. --remove 6,9")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise GhostedError(f"--remove takes whole numbers >= 1, got {brief(list(self.ks))}")
+        if not self.ks or len(self.ks) > MAX_GRID_COUNTS:
+            raise GhostedError(f"--remove needs 1 to {MAX_GRID_COUNTS} layer counts, e.g. --remove 6,9")
+        if any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_LAYERS for k in self.ks):
+            raise GhostedError(f"--remove takes whole numbers >= 1 and <= {MAX_LAYERS}, got {brief(list(self.ks))}")
         if len(set(self.ks)) != len(self.ks):
             raise GhostedError(f"--remove lists a count twice ({twice(self.ks)})")
-        if not self.methods:
-            raise GhostedError("--recovery needs at least one method, e.g. none,ghost")
-        for m in self.methods:
-            RECOVERY.get(m)
-        if len(set(self.methods)) != len(self.methods):
-            raise GhostedError(f"--recovery lists a method twice ({brief(twice(self.methods))})")
+        object.__setattr__(self, "methods", parse_methods(self.methods, "--recovery"))
         if not self.evaluation.tasks and not self.evaluation.ppl:
             raise GhostedError("nothing to evaluate: give --tasks or --ppl (not both 'none')")
         for cell in self.cells():  # every cell's config is valid before anything runs
@@ -153,6 +151,22 @@ class CompareConfig:
 
     def cell_config(self, k: int, method: str):
         return replace(self.prune, remove=k, layers=None, recovery=method)
+
+
+def parse_methods(value: str | tuple[str, ...] | list[str], key: str) -> tuple[str, ...]:
+    """The recovery methods of a grid ('none,ghost' or a list), each known and listed once. Here 'none' is a method
+    (plain removal), not an empty list: --recovery none alone compares the dense model with plain removal."""
+    from ghosted.method.recovery import RECOVERY
+
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    methods = tuple(s.strip() for s in items if s.strip())
+    if not methods:
+        raise GhostedError(f"{key} needs at least one recovery method, e.g. none,ghost")
+    for m in methods:
+        RECOVERY.get(m)
+    if len(set(methods)) != len(methods):
+        raise GhostedError(f"{key} lists a method twice ({brief(twice(methods))})")
+    return methods
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -178,11 +192,12 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("top_k", 1), ("batch_size", 1), ("eval_every", 1), ("patience", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise GhostedError(f"distill.{name} must be a whole number >= {low}, got {brief(v)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise GhostedError(f"distill.lr must be a finite number > 0, got {brief(self.lr)}")
+        for name, low, high in (("steps", 0, MAX_STEPS), ("top_k", 1, 1024), ("batch_size", 1, MAX_BATCH),
+                                ("eval_every", 1, MAX_STEPS), ("patience", 1, MAX_STEPS), ("seed", 0, MAX_SEED)):
+            _whole(getattr(self, name), low, f"distill.{name}", high)
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise GhostedError(f"distill.lr must be a finite number in (0, 1], got {brief(self.lr)}")
         if not 0 <= self.warmup < 1:
             raise GhostedError(f"distill.warmup must be in [0, 1), got {brief(self.warmup)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise GhostedError(f"distill.weight_decay must be a finite number >= 0, got {brief(self.weight_decay)}")

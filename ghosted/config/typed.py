@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 import typing
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any
@@ -23,6 +25,16 @@ GUARDS = ("loss", "boundary", "off")
 VARIANTS = ("rotate", "diag")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REGISTER_MODES = ("true", "false", "on_pass")
+
+# Upper bounds no real run reaches; beyond them a value would only exhaust memory or time (each field states its
+# range in --help). The limits that depend on the model (its layers, hidden size, positions) are checked once it
+# is loaded, before any pass over the data.
+MAX_WINDOWS = 65_536  # calibration sequences, perplexity windows
+MAX_SEQ_LEN = 1 << 20  # tokens per window (the model's positions bound it further)
+MAX_LAYERS = 4_096  # layers to remove (the model's layer count bounds it further)
+MAX_BATCH = 4_096  # sequences per forward pass
+MAX_STEPS = 1_000_000  # distillation steps
+MAX_SEED = 2**32 - 1
 
 
 # --------------------------------------------------------------------------- typed building
@@ -121,11 +133,31 @@ def build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
 
 
 def _typed(cfg: Any, section: str) -> None:
-    """Direct construction (the Python API) gets build()'s type and finiteness checks too."""
+    """Direct construction (the Python API) gets build()'s type and finiteness checks too, and every field's
+    declared Bounds are checked (the section's __post_init__ calls this first)."""
     hints = typing.get_type_hints(type(cfg))
     for f in fields(cfg):
         if f.init:
-            object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{section}.{f.name}"))
+            value = _coerce(getattr(cfg, f.name), hints[f.name], f"{section}.{f.name}")
+            object.__setattr__(cfg, f.name, value)
+            flag = flag_of(f)
+            if flag.bounds is not None and value is not None:
+                flag.bounds.check(value, _is_whole(hints[f.name]), option_name(f, section))
+
+
+def _is_whole(hint: Any) -> bool:
+    """int, int | None, tuple[int, ...]: whole numbers (the bounds' error and help say so)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    return hint is int
+
+
+def option_name(f: Any, section: str) -> str:
+    """How errors name a field: '--flag (section.key)' for a command-line option, else 'section.key'."""
+    flag = flag_of(f)
+    return f"--{flag.name} ({section}.{f.name})" if flag.cli else f"{section}.{f.name}"
 
 
 def merged(base: Any, overrides: Mapping[str, Any], section: str) -> Any:
@@ -164,11 +196,97 @@ def _fmt_num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _whole(value: Any, low: int, key: str) -> None:
+def _whole(value: Any, low: int, key: str, high: int | None = None) -> None:
     """key: '--flag (section.key)' or 'section.key'."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         name, _, where = key.partition(" (")
-        raise GhostedError(f"{name} must be a whole number >= {low}, got {brief(value)}" + (f" ({where}" if where else ""))
+        allowed = f">= {low}" if high is None else f">= {low} and <= {high}"
+        raise GhostedError(f"{name} must be a whole number {allowed}, got {brief(value)}"
+                           + (f" ({where}" if where else ""))
+
+
+# --------------------------------------------------------------------------- numeric ranges
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed values of a numeric option, declared once on its field (option(..., bounds=...)): checked with
+    the types by `_typed` before any work, and stated in the flag's --help. Each item of a list option is
+    checked. Nothing is clamped: a value outside is a one-line error naming the option, the value and the range.
+
+    `low_open`/`high_open`: that end itself is excluded. `note`: a further limit checked once the model is known
+    (e.g. "at most the model's hidden size"), stated in the help."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def contains(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return self.high is None or not (v > self.high or (self.high_open and v == self.high))
+
+    def text(self, whole: bool) -> str:
+        """'>= 1 and <= 65536', '>= 0', '> 0', 'in [0, 1)'."""
+        lo, hi = (None if b is None else _fmt_num(int(b) if whole else b) for b in (self.low, self.high))
+        if hi is None:
+            return f"{'>' if self.low_open else '>='} {lo}"
+        if lo is None:
+            return f"{'<' if self.high_open else '<='} {hi}"
+        if whole and not (self.low_open or self.high_open):
+            return f">= {lo} and <= {hi}"
+        return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+
+    def check(self, value: Any, whole: bool, name: str) -> None:
+        """`name`: '--flag (section.key)' or 'section.key' (option_name)."""
+        items = value if isinstance(value, tuple) else (value,)
+        bad = next((v for v in items if not self.contains(v)), None)
+        if bad is None:
+            return
+        shown = brief(list(value)) if isinstance(value, tuple) else brief(value)
+        if isinstance(value, tuple):
+            raise GhostedError(f"{name} needs values {self.text(whole)}, got {shown}")
+        if whole:
+            flag, _, where = name.partition(" (")
+            raise GhostedError(f"{flag} must be a whole number {self.text(True)}, got {shown}"
+                               + (f" ({where}" if where else ""))
+        raise GhostedError(f"{name} must be {self.text(False)}, got {shown}")
+
+    def help(self, whole: bool) -> str:
+        shown = self.text(whole)
+        if whole and self.low is not None and self.high is not None:
+            shown = f"{_fmt_num(int(self.low))} to {_fmt_num(int(self.high))}"
+        return f"allowed {shown}" + (f", {self.note}" if self.note else "")
+
+
+def between(low: float | None, high: float | None = None, **kw: Any) -> Bounds:
+    """Bounds(low, high, ...): the closed range of an option (see Bounds)."""
+    return Bounds(low, high, **kw)
+
+
+NAME_MAX_CHARS = 200
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]*")
+
+
+def check_registry_name(value: Any, key: str) -> str:
+    """A registered model or experiment name: 1 to NAME_MAX_CHARS characters, letters, digits, space and . _ + -
+    (starting with a letter or digit, no trailing space): safe in MLflow, its filter strings and as a file name."""
+    if not isinstance(value, str) or not value:
+        raise GhostedError(f"{key} must be a non-empty name, got {brief(value)}")
+    if len(value) > NAME_MAX_CHARS:
+        raise GhostedError(f"{key} is {len(value)} characters long, over the limit of {NAME_MAX_CHARS}: "
+                           f"{brief(value, 40)}; choose a shorter name")
+    bad = next((c for c in value if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise GhostedError(f"{key} {brief(value, 60)} holds a control character ({ord(bad):#04x}): "
+                           "use letters, digits, space and . _ + -")
+    if not _NAME_RE.fullmatch(value) or value.endswith(" "):
+        raise GhostedError(f"{key} {brief(value, 60)}: a name holds letters, digits, space and . _ + -, starts with a "
+                           "letter or digit and does not end in a space (MLflow refuses / and :, and quotes break its "
+                           "filters)")
+    return value
 
 
 def twice(items: Sequence[Any]) -> Any:
@@ -209,6 +327,7 @@ class Flag:
     required: bool = False
     cli_default: str | None = None  # the parser's own default (shown in --help and the recorded command)
     cli: bool = True  # False: a params-file setting only
+    bounds: Bounds | None = None  # the allowed numbers (checked by _typed, stated in --help)
 
     @property
     def dest(self) -> str:

@@ -33,9 +33,10 @@ import torch
 
 from ghosted.config import PruneConfig
 from ghosted.corpora import Calibration, build_calibration, tokens_sha256
-from ghosted.errors import GhostedError
+from ghosted.errors import GhostedError, brief
 from ghosted.evaluation.harness import peak_memory, proc_bytes, sync
 from ghosted.io import release_memory
+from ghosted.json_io import read_json
 from ghosted.method import arch
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef, load_model
@@ -71,7 +72,26 @@ def random_config(spec: str):
     if spec in PRESETS:
         cfg = dict(PRESETS[spec])
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoConfig.from_pretrained(spec)
+    doc = read_json(spec, "model config", expect=dict, fix="give a model's config.json")
+    try:
+        return AutoConfig.for_model(**doc)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GhostedError(f"random:{spec}: not a transformers model config ({brief(str(exc), 120)})") from None
+
+
+def check_bench(model_name: str, seq_len: int, remove: int, prompt: int, new: int) -> None:
+    """The limits that depend on the model, from its config alone, before any worker starts: --remove below its
+    layers, --seq-len and --prompt + --new-tokens within its positions."""
+    from ghosted.checks import check_seq_len
+    from ghosted.models import load_tokenizer
+
+    config = random_config(random_spec(model_name)) if model_name.startswith("random:") else \
+        load_tokenizer(model_name)[1]
+    layers = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    if isinstance(layers, int) and not 1 <= remove < layers:
+        raise GhostedError(f"--remove must be between 1 and {layers - 1} for a {layers}-layer model, got {remove}")
+    check_seq_len(config, seq_len)
+    check_seq_len(config, prompt + new, "--prompt + --new-tokens", "use a shorter --prompt or fewer --new-tokens")
 
 
 def load_bench_model(name: str, dtype: str, device: str) -> Loaded:
@@ -114,7 +134,7 @@ def import_model_code(name: str) -> str | None:
             return None  # resolve() would convert the GGUF first
         ref = resolve(name)
         path = Path(ref.path) / "config.json"
-        if ref.kind not in ("shipped", "folder") or "ghosted" in json.loads(path.read_text()):
+        if ref.kind not in ("shipped", "folder") or "ghosted" in read_json(path, "model config", expect=dict):
             return None
         config = AutoConfig.from_pretrained(ref.path)
     try:
@@ -253,8 +273,7 @@ def bench(model_name: str, sizes: list[int], seq_len: int, remove: int, device: 
           batch_size: int = 4, prompt: int = 256, new: int = 32, repeats: int = 3, layerwise: bool = False,
           offload_budget: int | None = None) -> dict:
     """Every calibration size in a fresh process, then the speed test; returns the whole report."""
-    if model_name.startswith("random:"):
-        random_spec(model_name)  # fail before the first worker process
+    check_bench(model_name, seq_len, remove, prompt, new)  # fail before the first worker process
     runs = []
     for n in sizes:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -119,6 +119,7 @@ def shared_capture(loaded: Loaded, calib: Calibration, template: PruneConfig, ks
                    progress: bool = True, log: Callable[[str], None] | None = None) -> CaptureResult:
     """The one calibration pass that serves a whole grid (ghosted compare, flows/sweep.py)."""
     model = loaded.model
+    template.check_model(arch.num_layers(model), int(model.config.hidden_size))  # before the pass
     plan = shared_plan(arch.num_layers(model), int(model.config.hidden_size), sorted(ks), list(methods),
                        heldout_windows(calib.n, template.holdout), template.variant, template.norm_features,
                        template.token_shift)
@@ -192,6 +193,7 @@ def solve(loaded: Loaded, calib: Calibration, cfg: PruneConfig, progress: bool =
     """
     t0 = time.perf_counter()
     L = arch.num_layers(loaded.model)
+    cfg.check_model(L, int(loaded.model.config.hidden_size))  # --remove, --rank: before any pass
     if cfg.recovery == "foldable":  # refuse a family without an exact fold before any pass
         layout_for(arch.get_arch(loaded.model))
     removed, res, passes, selection_info = _select(loaded, calib, cfg, shared, progress)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ghosted.errors import GhostedError
+from ghosted.json_io import read_json as bounded_json
 from ghosted.mlops.registry.names import Log, nolog, param_key
 
 DATASET_CONTEXT = "mlflow.data.context"  # MLflow's input tag for a dataset's role: calibration | evaluation
@@ -133,7 +134,7 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise GhostedError(f"{what} file not found: {path}")
     try:
-        doc = json.loads(path.read_text())
+        doc = bounded_json(path, f"{what} file", fix="write it with `ghosted eval --out`")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GhostedError(f"{path}: not valid JSON ({exc}); write it with `ghosted eval --out`") from exc
     if not isinstance(doc, dict):
