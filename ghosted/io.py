@@ -6,7 +6,8 @@ can prove it wrote.
   temp folder holds the marker file MARKER naming the temp folder itself and its writer (host, boot, pid and the
   pid's start time, command line).
 - `remove_stale` deletes a temp folder only when its marker proves it: the marker names that very folder, and
-  its writer is gone (same host, and the pid is dead, belongs to a newer process, or the machine rebooted since).
+  its writer is gone (same host and pid namespace, and the pid is dead or belongs to a newer process; or the
+  machine rebooted since).
   A name alone proves nothing: a user's folder that merely looks like a temp is never touched.
 - A finished output folder keeps the marker, now listing every file ghosted wrote with its sha256 (and, apart,
   the user's files it carried over, e.g. by `ghosted upgrade`). `force` replaces an existing folder only when
@@ -92,6 +93,14 @@ def _boot_id() -> str | None:
         return None
 
 
+@lru_cache(maxsize=1)
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _started(pid: int) -> int | None:
     """When process `pid` started (clock ticks after boot; Linux), to tell it from a later process with its pid."""
     try:
@@ -114,8 +123,9 @@ def _alive(pid: int) -> bool:
 
 def _writer() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "started": _started(pid),
-            "command": " ".join(sys.argv)[:500], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(), "pid": pid,
+            "started": _started(pid), "command": " ".join(sys.argv)[:500],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _writer_gone(w: dict) -> bool:
@@ -125,6 +135,8 @@ def _writer_gone(w: dict) -> bool:
     boot = _boot_id()
     if boot and w.get("boot") and w["boot"] != boot:
         return True  # the machine rebooted since
+    if w.get("pidns") != _pid_namespace():
+        return False  # another container's process ids: cannot be checked from here
     pid = w.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False

@@ -11,8 +11,9 @@ user's own files and asserts that each of them is still there, byte-identical an
 - kills: the temp of a killed export, prune or JSON write is removed by the next run, and a killed --force
   replace puts the old output back.
 
-With GHOSTED_RELIABILITY_LOG=path every case appends its outcome (tests/test_reliability.py's `_record`): refusals
-as kind "input", the rest as kind "fault", so python -m studies.reliability_report counts them.
+With GHOSTED_RELIABILITY_LOG=path every case appends its outcome (tests/test_reliability.py's `_record`, the same
+fields): refusals as kind "bad" (exit, error, one_line, traceback, partial, lost), the rest as kind "fault" (plus
+fault_kind, ok, expect_exit), for python -m studies.reliability_report.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _fault(case: str, fault_kind: str, description: str, code: int, err: str, pa
 
 def _refusal(case: str, description: str, code: int, err: str, partial: list[str], lost: list[str]) -> None:
     lines = _error_lines(err)
-    _record("input", ID + case, f"[output] {description}", exit=code, error=lines[0] if lines else err.strip()[:300],
+    _record("bad", ID + case, f"[output] {description}", exit=code, error=lines[0] if lines else err.strip()[:300],
             one_line=len(lines) == 1, traceback="Traceback" in err, partial=partial, lost=lost)
 
 
