@@ -1,7 +1,7 @@
 """ghosted: remove decoder layers from a causal LM and recover quality with closed-form operators.
 
 The public API: `load` and `verify` (a checkpoint folder), and, from ghosted.api, `load_params`, `prune`,
-`search`, `evaluate` and `compare` (what the commands do). They are imported on first use, so
+`search`, `heal`, `evaluate` and `compare` (what the commands do). They are imported on first use, so
 `import ghosted` does not import torch.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from ghosted.errors import GhostedError
 from ghosted.version import __version__
 
-_API = ("PruneResult", "compare", "evaluate", "load_params", "prune", "search")
+_API = ("HealResult", "PruneResult", "compare", "evaluate", "heal", "load_params", "prune", "search")
 
 __all__ = ["__version__", "load", "verify", "GhostedError", *_API]
 

@@ -2,7 +2,8 @@
 
     params = ghosted.load_params("params.yaml")
     result = ghosted.prune("smollm2-135m", params, "out/ckpt")
-    quality = ghosted.evaluate(str(result.out))
+    healed = ghosted.heal(result.out, params, "out/healed")
+    quality = ghosted.evaluate(str(healed.out))
 
 Each function takes typed settings (ghosted.config), checks its outputs before any work, and raises
 GhostedError with a one-line reason. The CLI parses flags into the same settings and calls these. Torch and
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghosted.config import CalibrationConfig, CompareConfig, EfficiencySettings, EvalSettings, Params, PruneConfig
+from ghosted.config import (
+    CalibrationConfig,
+    CompareConfig,
+    EfficiencySettings,
+    EvalSettings,
+    HealConfig,
+    Params,
+    PruneConfig,
+)
 from ghosted.config import load_params as _load_params
 from ghosted.errors import GhostedError
 
@@ -229,5 +238,35 @@ def compare(model: str, config: CompareConfig, out_dir: str | Path, *, params: P
     return result
 
 
-__all__ = ["PruneResult", "calibration_for", "compare", "evaluate", "load_params", "open_model", "prune",
-           "prune_template", "refuse_ghost_model", "search"]
+@dataclass(frozen=True)
+class HealResult:
+    """What `heal` wrote: the checkpoint folder, whether it is healed (else the input unchanged, and why), the
+    held-out loss before and after, and the whole `heal` record of its lineage."""
+
+    out: Path
+    healed: bool
+    heldout_nll_before: float
+    heldout_nll_after: float
+    steps: int
+    reason: str | None = None
+    record: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def heal(checkpoint: str | Path, params: Params | HealConfig | str | Path | None = None, out: str | Path | None = None,
+         *, base: str | None = None, force: bool = False, progress: bool = True, log: Log = _nolog) -> HealResult:
+    """What `ghosted heal` does: distil the pruned `checkpoint` from its dense base (its lineage's base_model, or
+    `base`) with the params' `heal:` recipe on training text, and write a checkpoint of the same kind to `out`
+    (the input unchanged, with the reason, when healing does not lower the held-out loss)."""
+    from ghosted.healing.run import heal_checkpoint
+
+    cfg = params if isinstance(params, HealConfig) else _as_params(params).heal
+    if out is None:
+        raise GhostedError("out: give the output folder")
+    rec = heal_checkpoint(checkpoint, cfg, out, base=base, force=force, progress=progress, log=log)
+    return HealResult(out=Path(out), healed=rec["healed"], heldout_nll_before=rec["heldout_nll_before"],
+                      heldout_nll_after=rec["heldout_nll_after"], steps=rec["steps_run"], reason=rec.get("reason"),
+                      record=rec)
+
+
+__all__ = ["HealResult", "PruneResult", "calibration_for", "compare", "evaluate", "heal", "load_params", "open_model",
+           "prune", "prune_template", "refuse_ghost_model", "search"]

@@ -120,8 +120,8 @@ def check_writable(path: Path, flag: str, kind: str = "file") -> None:
 # Output arguments of the commands: (command, argparse dest) -> file or folder. Anything else named `out*`
 # or `summary` is checked as a file.
 OUTPUT_KINDS = {("prune", "out"): "folder", ("calibrate", "out"): "folder", ("solve", "out"): "folder",
-                ("fuse", "out"): "folder", ("search", "out"): "folder", ("compare", "out_dir"): "folder",
-                ("register", "reports"): "folder",
+                ("fuse", "out"): "folder", ("search", "out"): "folder", ("heal", "out"): "folder",
+                ("compare", "out_dir"): "folder", ("register", "reports"): "folder",
                 ("bench", "out"): "prefix", ("report", "out_dir"): "existing folder"}
 
 

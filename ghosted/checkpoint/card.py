@@ -50,6 +50,21 @@ def _front_matter(meta: CheckpointMeta, has_ghosts: bool) -> str:
     return "\n".join([*lines, "---", ""])
 
 
+def _healing(meta: CheckpointMeta) -> str:
+    """The card's line on `ghosted heal`: what it did, or why the checkpoint was kept unhealed."""
+    rec = meta.heal
+    data = rec.get("data") or {}
+    tokens = (rec.get("tokens") or {}).get("train", "?")
+    what = (f"distilled from the dense base on `{data.get('source', '?')}`: {rec.get('steps_run', '?')} steps, "
+            f"{tokens:,} training tokens" if isinstance(tokens, int) else "distilled from the dense base")
+    if not meta.healed:
+        return f"tried and not kept ({rec.get('reason', 'no reason recorded')})"
+    before, after = rec.get("heldout_nll_before"), rec.get("heldout_nll_after")
+    if isinstance(before, float) and isinstance(after, float):
+        what += f", held-out loss {before:.4f} -> {after:.4f}"
+    return what
+
+
 def model_card(meta: CheckpointMeta, folder_name: str, params: dict[str, int | None] | None = None) -> str:
     """README.md of a checkpoint: what it was made from, what was removed and recovered, how to load it.
     `params`: {"params", "params_dense"} (checkpoint.format.param_counts)."""
@@ -71,6 +86,8 @@ def model_card(meta: CheckpointMeta, folder_name: str, params: dict[str, int | N
         rows.append(("parameters", f"{n:,} (dense base {nd:,}, ratio {n / nd:.3f})"))
     for folded in d.get("folded") or []:
         rows.append(("folded", str(folded)))
+    if meta.heal:
+        rows.append(("healing", _healing(meta)))
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     if has_ghosts:
         load = ("A ghost checkpoint is its own model type (`ghosted`): a loader that does not run its code refuses it "
@@ -84,9 +101,11 @@ def model_card(meta: CheckpointMeta, folder_name: str, params: dict[str, int | N
                 f"```python\nimport ghosted\nmodel = ghosted.load(\"{folder_name}\")  # verifies the folder first\n"
                 f"# or\nfrom transformers import AutoModelForCausalLM\n"
                 f"model = AutoModelForCausalLM.from_pretrained(\"{folder_name}\")\n```\n")
+    how = ("recovered with closed-form operators fitted on calibration data, then healed by distillation from the "
+           "dense base" if meta.healed else "recovered with closed-form operators fitted on calibration data "
+           "(no training)")
     return (f"{_front_matter(meta, has_ghosts)}\n# {folder_name}\n\n"
-            "Layer-pruned with ghosted: whole decoder layers removed, the lost quality "
-            "recovered with closed-form operators fitted on calibration data (no training).\n\n"
+            f"Layer-pruned with ghosted: whole decoder layers removed, the lost quality {how}.\n\n"
             f"{table}\n\n## Loading\n\n{load}\n"
             "`ghosted verify DIR` checks every file against `ghosted_manifest.json` (sha256), the code against the "
             "installed ghosted, and the tensors. Files no loader reads (this card, `.gitattributes`, a licence, "

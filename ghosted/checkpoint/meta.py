@@ -134,6 +134,8 @@ class CheckpointMeta(_Record):
     format: int = ABSENT  # absent: format 1 of an older ghosted
     layers_path: str = ABSENT
     final_norm_path: str = ABSENT
+    healed: bool = ABSENT  # written by `ghosted heal`: whether the weights were healed (false: kept, with the reason)
+    heal: dict[str, Any] = ABSENT  # the heal record: recipe, plan, data, tokens, seconds, curve (ghosted.healing.run)
 
     @property
     def has_ghosts(self) -> bool:

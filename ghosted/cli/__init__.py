@@ -16,7 +16,7 @@ from ghosted.errors import GhostedError
 # Sub-command modules, each with add_parser(subparsers) that sets `func`.
 COMMAND_MODULES = ("ghosted.cli.prune_cmd", "ghosted.cli.eval_cmd", "ghosted.cli.registry_cmd", "ghosted.cli.bench_cmd",
                    "ghosted.cli.verify_cmd", "ghosted.cli.export_cmd",
-                   "ghosted.cli.fingerprint_cmd", "ghosted.cli.search_cmd")
+                   "ghosted.cli.fingerprint_cmd", "ghosted.cli.search_cmd", "ghosted.cli.heal_cmd")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,11 +11,13 @@ call the CLI with `--config params.yaml`), the Prefect flows and the registry al
     sections.py    calibration:, prune:
     evaluation.py  eval:, the efficiency measurement, gate:
     runs.py        registry:, sweep:, search:, the compare grid, ghost distillation
+    heal.py        heal: (knowledge distillation of a pruned checkpoint from its dense base)
     params.py      the Params root, read_yaml, load_params, resolve
     yaml_io.py     load_yaml: the one safe YAML reader (size, depth, node count, aliases, duplicate keys bounded)
 """
 
 from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig, check_sources, check_tasks
+from ghosted.config.heal import HealConfig
 from ghosted.config.params import SECTIONS, Params, load_params, read_yaml, resolve
 from ghosted.config.runs import (
     CompareConfig,
@@ -49,7 +51,7 @@ from ghosted.config.yaml_io import load_yaml
 
 __all__ = ["DEFAULT_TRACKING_URI", "GUARDS", "PPL_SOURCES_HELP", "REGISTER_MODES", "SECTIONS", "VARIANTS",
            "CalibrationConfig", "CompareConfig", "DistillConfig", "EfficiencySettings", "EvalSettings", "Flag",
-           "GateConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig",
+           "GateConfig", "HealConfig", "Params", "PruneConfig", "RegistryConfig", "SearchConfig", "SweepConfig",
            "Bounds", "between", "build", "check_registry_name", "check_sources", "check_tasks", "default", "flag_of",
            "load_params", "load_yaml", "merged", "option", "parse_ks", "parse_methods", "parse_names", "read_yaml",
            "resolve", "to_json"]

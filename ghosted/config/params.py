@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ghosted.config.evaluation import EfficiencySettings, EvalSettings, GateConfig
+from ghosted.config.heal import HealConfig
 from ghosted.config.runs import RegistryConfig, SearchConfig, SweepConfig
 from ghosted.config.sections import CalibrationConfig, PruneConfig
 from ghosted.config.typed import build, flag_of
@@ -17,7 +18,7 @@ from ghosted.errors import GhostedError, brief
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "prune": PruneConfig, "eval": EvalSettings,
                              "gate": GateConfig, "registry": RegistryConfig, "sweep": SweepConfig,
-                             "search": SearchConfig, "efficiency": EfficiencySettings}
+                             "search": SearchConfig, "efficiency": EfficiencySettings, "heal": HealConfig}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Params:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     efficiency: EfficiencySettings = field(default_factory=EfficiencySettings)  # ghosted eval --efficiency
+    heal: HealConfig = field(default_factory=HealConfig)  # ghosted heal
     path: Path | None = None  # the file it came from (relative registry URIs resolve against its folder)
     raw: dict[str, dict] = field(default_factory=dict, compare=False)  # each section as written in the file
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -95,7 +98,7 @@ def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor,
     return total
 
 
-def _ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def ghost_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """What distillation trains: every ghost parameter but the sink detector (a hard step, no useful gradient)
     and an exportable ghost's identity map of h (its weight stays I so that llama.cpp's deci layer holds it)."""
     if not hasattr(model, "ghosts"):
@@ -128,6 +131,80 @@ def _read_operators(model: torch.nn.Module, removed: list[int], start: dict[Pair
     return out
 
 
+@dataclass
+class KDRun:
+    """What one knowledge-distillation loop did: the held-out loss before and at its best, the snapshot taken at
+    that best (None when no evaluation beat `before`), the steps run, why it stopped and the curve."""
+
+    before: float
+    best: float
+    best_state: Any
+    steps: int
+    stopped: str  # "steps" | "patience" | "time budget" | "non-finite loss"
+    curve: list[dict] = field(default_factory=list)
+
+
+def kd_train(model: torch.nn.Module, params: list[torch.nn.Parameter], input_ids: torch.Tensor, fit_rows: list[int],
+             held_ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, cfg: Any,
+             snapshot: Callable[[], Any], progress: bool = True, log: Callable[[str], None] = print,
+             desc: str = "distill", autocast: Callable[[], AbstractContextManager] = nullcontext,
+             deadline: float | None = None) -> KDRun:
+    """Train `params` (requires_grad already set) on the top-k KL to the teacher (`t_logp`, `t_idx`: one row per
+    entry of `fit_rows`), AdamW with a linear warm-up and a cosine schedule; every cfg.eval_every steps the
+    held-out next-token loss, `snapshot()` at each new best, and early stopping after cfg.patience evaluations
+    without a new best of the training's own. `cfg` has steps, lr, weight_decay, warmup, batch_size, eval_every,
+    patience and seed (DistillConfig, HealConfig); `deadline`: a time.perf_counter() after which it stops."""
+    with autocast():
+        before = mean_nll(model, held_ids, cfg.batch_size)
+    run = KDRun(before, before, None, 0, "steps")
+    # early stopping watches the training's own best: a run that starts above the starting loss (the warm-up's
+    # first steps) and is still improving is not cut off for that
+    trained_best, since_best = math.inf, 0
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=cfg.steps, desc=desc, unit="step", disable=not progress)
+    running, seen = 0.0, 0
+    for step in range(1, cfg.steps + 1):
+        rows = torch.randint(0, len(fit_rows), (cfg.batch_size,), generator=gen)
+        ids = input_ids[[fit_rows[int(r)] for r in rows]].to(device)
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = kl_backward(model, ids, t_logp[rows].to(device), t_idx[rows].to(device))
+        if not math.isfinite(loss):
+            log(f"{desc}: non-finite loss at step {step}; stopping")
+            run.stopped = "non-finite loss"
+            break
+        opt.step()
+        sched.step()
+        running, seen, run.steps = running + loss, seen + 1, step
+        bar.update(1)
+        late = deadline is not None and time.perf_counter() > deadline
+        if step % cfg.eval_every == 0 or step == cfg.steps or late:
+            with autocast():
+                nll = mean_nll(model, held_ids, cfg.batch_size)
+            run.curve.append({"step": step, "train_kl": running / seen, "heldout_nll": nll})
+            bar.set_postfix(kl=f"{running / seen:.4f}", heldout=f"{nll:.4f}")
+            running, seen = 0.0, 0
+            if nll < run.best:
+                run.best, run.best_state = nll, snapshot()
+            if nll < trained_best:
+                trained_best, since_best = nll, 0
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    run.stopped = "patience"
+                    break
+        if late:
+            run.stopped = "time budget"
+            break
+    bar.close()
+    return run
+
+
 def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int], operators: dict[Pair, Operator],
             heldout: frozenset[int], cfg: DistillConfig, progress: bool = True, log=print) -> DistillResult:
     """Train the residual operators of `operators` (cuts of `removed`, dense indices) on the fit windows.
@@ -145,64 +222,27 @@ def distill(model: torch.nn.Module, input_ids: torch.Tensor, removed: list[int],
     if not held_rows or not fit_rows:
         raise GhostedError("distillation needs held-out windows for early stopping: set --holdout > 0")
     t_logp, t_idx = teacher_topk(model, input_ids[fit_rows], cfg.top_k, cfg.batch_size, progress)
-    held_ids = input_ids[held_rows]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    curve: list[dict] = []
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
         with temporarily_pruned(model, removed, operators) as m:
-            params = _ghost_params(m)
+            params = ghost_params(m)
             for p in params:
                 p.requires_grad_(True)
-            before = mean_nll(m, held_ids, cfg.batch_size)
-            best, best_ops = before, _read_operators(m, removed, trainable)
-            # early stopping watches the training's own best: a run that starts above the training-free loss
-            # (the warm-up's first steps) and is still improving is not cut off for that
-            trained_best, since_best = math.inf, 0
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            warm = max(1, int(cfg.warmup * cfg.steps))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-                1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-            device = next(m.parameters()).device
-            bar = tqdm(total=cfg.steps, desc="distill", unit="step", disable=not progress)
-            running, seen, step = 0.0, 0, 0
-            for step in range(1, cfg.steps + 1):
-                rows = torch.randint(0, len(fit_rows), (cfg.batch_size,), generator=gen)
-                ids = input_ids[[fit_rows[int(r)] for r in rows]].to(device)
-                opt.zero_grad(set_to_none=True)
-                loss = kl_backward(m, ids, t_logp[rows].to(device), t_idx[rows].to(device))
-                if not math.isfinite(loss):
-                    log(f"distill: non-finite loss at step {step}; stopping")
-                    break
-                opt.step()
-                sched.step()
-                running, seen = running + loss, seen + 1
-                bar.update(1)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    nll = mean_nll(m, held_ids, cfg.batch_size)
-                    curve.append({"step": step, "train_kl": running / seen, "heldout_nll": nll})
-                    bar.set_postfix(kl=f"{running / seen:.4f}", heldout=f"{nll:.4f}")
-                    running, seen = 0.0, 0
-                    if nll < best:
-                        best, best_ops = nll, _read_operators(m, removed, trainable)
-                    if nll < trained_best:
-                        trained_best, since_best = nll, 0
-                    else:
-                        since_best += 1
-                        if since_best >= cfg.patience:
-                            break
-            bar.close()
+            run = kd_train(m, params, input_ids, fit_rows, input_ids[held_rows], t_logp, t_idx, cfg,
+                           lambda: _read_operators(m, removed, trainable), progress, log)
     finally:
         for p, req in frozen:
             p.requires_grad_(req)
-    kept = "distilled" if best < before else "training-free"
+    kept = "distilled" if run.best_state is not None else "training-free"
     out = dict(operators)
     if kept == "distilled":
-        out.update(best_ops)
-    log(f"distill: held-out loss {before:.4f} -> {best:.4f} after {step} steps; keeping the {kept} operators")
-    return DistillResult(out, kept, before, best, step, time.perf_counter() - t0, curve)
+        out.update(run.best_state)
+    log(f"distill: held-out loss {run.before:.4f} -> {run.best:.4f} after {run.steps} steps; keeping the {kept} "
+        "operators")
+    return DistillResult(out, kept, run.before, run.best, run.steps, time.perf_counter() - t0, run.curve)
 
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "kl_backward", "teacher_topk", "topk_kl"]
+__all__ = ["DistillConfig", "DistillResult", "KDRun", "distill", "ghost_params", "kd_train", "kl_backward",
+           "teacher_topk", "topk_kl"]
