@@ -37,6 +37,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ghosted.errors import GhostedError
+from ghosted.json_io import parse_json
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -151,8 +152,8 @@ def _read_record(path: Path) -> dict | None:
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > _RECORD_MAX:
             return None
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = parse_json(path.read_bytes(), str(path), "ghosted record", max_bytes=_RECORD_MAX)
+    except (OSError, ValueError):  # JSONFileError is a ValueError
         return None
     return doc if isinstance(doc, dict) else None
 

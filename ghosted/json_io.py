@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,9 @@ def _fail(where: str, what: str, problem: str, fix: str) -> JSONFileError:
 
 def parse_json(data: str | bytes, where: str = "<string>", what: str = "JSON file", *, fix: str = "",
                expect: type | tuple[type, ...] | None = None, max_bytes: int = MAX_BYTES,
-               max_depth: int = MAX_DEPTH) -> Any:
-    """A JSON text under the bounds above (`where` and `what` name it in errors); `expect`: the top-level type."""
+               max_depth: int = MAX_DEPTH, pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """A JSON text under the bounds above (`where` and `what` name it in errors); `expect`: the top-level type;
+    `pairs_hook`: json's object_pairs_hook (a ValueError it raises is a one-line error too)."""
     if len(data) > max_bytes:
         raise _fail(where, what, f"{len(data)} bytes, over the {max_bytes} byte limit", fix)
     if isinstance(data, bytes):
@@ -87,7 +89,7 @@ def parse_json(data: str | bytes, where: str = "<string>", what: str = "JSON fil
     if depth > max_depth:
         raise _fail(where, what, f"nested {depth} levels deep, over the limit of {max_depth}", fix)
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, object_pairs_hook=pairs_hook)
     except json.JSONDecodeError as exc:
         msg = " ".join(exc.msg.split())[:120]
         raise _fail(where, what, f"not valid JSON ({msg} at line {exc.lineno}, column {exc.colno})", fix) from None

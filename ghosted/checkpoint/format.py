@@ -30,6 +30,7 @@ from ghosted.checkpoint.card import CARD, is_inert, model_card
 from ghosted.checkpoint.meta import CheckpointMeta, read_config
 from ghosted.errors import GhostedError
 from ghosted.io import MANIFEST, MARKER, atomic_dir, cached_sha256, carry
+from ghosted.json_io import read_json
 from ghosted.method import arch
 
 FORMAT = 2  # 1: older ghosted (model_type of the base, weights in model.safetensors, no manifest)
@@ -124,7 +125,7 @@ def param_counts(folder: Path) -> dict[str, int | None]:
     whose layers are all the same size (every supported one); None where the folder says no dense layer count."""
     from safetensors import safe_open
 
-    doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    doc = read_json(folder / "config.json", "model config", expect=dict)
     block = doc.get("ghosted") if isinstance(doc.get("ghosted"), dict) else {}
     layers_path = re.escape(str(block.get("layers_path") or "model.layers").removeprefix("model."))
     layer_re = re.compile(rf"^(?:model\.)?{layers_path}\.(\d+)\.")

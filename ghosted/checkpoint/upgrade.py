@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_me
 from ghosted.checkpoint.verify import _check_manifest, _code_files, _scan, _stale_code, verify
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, list_entries, owned_files, read_marker
+from ghosted.json_io import index_shards
 
 # Files a loader reads as weights or runs as code: one of the user's would sit beside the rewritten checkpoint.
 _LOADER_SUFFIXES = {".py", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5"}
@@ -66,8 +66,7 @@ def _weights(folder: Path, variant: str | None) -> set[str]:
     found = {n for n in (name, index) if (folder / n).is_file()}
     if index in found:
         try:
-            shards = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()
-            found.update(s for s in shards if isinstance(s, str))
+            found.update(index_shards(folder / index))  # plain shard names only (JSONFileError is a ValueError)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
     return found

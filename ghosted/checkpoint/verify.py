@@ -44,6 +44,7 @@ from ghosted.checkpoint.format import (
 from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, file_sha256
+from ghosted.json_io import parse_json
 from ghosted.method import arch
 
 MAX_HEADER = 100_000_000  # bytes of a safetensors header: the safetensors library's own limit
@@ -163,8 +164,8 @@ def _read_small_json(path: Path, limit: int, what: str) -> object:
     if path.stat().st_size > limit:
         raise GhostedError(f"{path}: {what} of {path.stat().st_size} bytes, over the {limit}-byte bound")
     try:
-        return json.loads(path.read_bytes(), object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return parse_json(path.read_bytes(), str(path), what, max_bytes=limit, pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:  # parse_json's own errors (size, depth, syntax, keys) are one line already
         raise GhostedError(f"{path}: {what} is not valid JSON ({' '.join(str(exc).split())[:200]})") from exc
 
 
@@ -180,12 +181,12 @@ def _check_manifest(folder: Path, hashes: dict[str, str] | None = None) -> list[
         return hashes[name] if hashes is not None and name in hashes else file_sha256(folder / name)
 
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = _read_small_json(folder / MANIFEST, MAX_CONFIG, MANIFEST)
     except FileNotFoundError:
         raise GhostedError(f"{folder}: no {MANIFEST}, so its files cannot be checked (a checkpoint of format "
                            f"{FORMAT} is always written with one: it was deleted, or the folder re-saved by another "
                            "tool); write the checkpoint again with `ghosted prune` or `ghosted fuse`") from None
-    except ValueError as exc:
+    except UnicodeDecodeError as exc:  # the JSON reader's own errors (size, depth, syntax) are one line already
         raise GhostedError(f"{folder}/{MANIFEST} is not valid JSON ({exc})") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" or not isinstance(files, dict) \
@@ -222,7 +223,7 @@ def _check_code(folder: Path, doc: dict, base: str, has_ghosts: bool) -> None:
     code = _code_files(folder)
     for tok_cfg in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
         f = folder / tok_cfg
-        if f.is_file() and "auto_map" in json.loads(f.read_text(encoding="utf-8")):
+        if f.is_file() and "auto_map" in _read_small_json(f, MAX_CONFIG, tok_cfg):
             raise GhostedError(f"{folder}: {tok_cfg} maps classes to code (auto_map): ghosted never writes that")
     if not has_ghosts:
         if code or doc.get("auto_map"):
@@ -521,7 +522,7 @@ def _has_block(folder: Path) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG:
         return False
     try:
-        doc = json.loads(cfg.read_bytes())
+        doc = parse_json(cfg.read_bytes(), str(cfg), "model config", max_bytes=MAX_CONFIG)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(doc, dict) and "ghosted" in doc

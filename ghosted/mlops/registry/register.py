@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import ghosted.mlops.registry.faults as faults
 from ghosted.errors import GhostedError
 from ghosted.evaluation.gate import Verdict, apply_gate
+from ghosted.json_io import read_json as bounded_json
 from ghosted.mlops.registry.champion import champion, decide, description, set_champion
 from ghosted.mlops.registry.connection import (
     DB_TIMEOUT_S,
@@ -89,7 +90,7 @@ def _read_meta(checkpoint: Path) -> dict:
     if not cfg.is_file():
         raise GhostedError(f"{checkpoint} has no config.json")
     try:
-        meta = json.loads(cfg.read_text()).get("ghosted") or {}
+        meta = bounded_json(cfg, "model config", expect=dict).get("ghosted") or {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise GhostedError(f"{cfg}: not a valid config.json ({exc})") from exc
     return meta if isinstance(meta, dict) else {}
