@@ -469,9 +469,23 @@ def _edit_and_rehash(ck: Path, world) -> None:
     write_manifest(ck)
 
 
+def _edit_all_but_the_database(ck: Path, world) -> None:
+    """Weights edited, the manifest AND the model's recorded sha256 (MLmodel) rewritten: only the registry database
+    still knows what was registered."""
+    from ghosted.checkpoint.digest import checkpoint_sha256
+
+    old = checkpoint_sha256(ck)
+    _edit_and_rehash(ck, world)
+    mlmodel = ck.parent.parent / "MLmodel"
+    assert old in mlmodel.read_text()
+    mlmodel.write_text(mlmodel.read_text().replace(old, checkpoint_sha256(ck)))
+
+
 STORE_TAMPERS = {
     "edited-manifest-rewritten": ("the checkpoint's weights edited in the artifact store, its manifest rewritten",
                                   _edit_and_rehash, "is not the one registered"),
+    "edited-model-config-rewritten": ("weights edited, manifest and the MLmodel's recorded sha256 rewritten in the "
+                                      "artifact store", _edit_all_but_the_database, "is not the one registered"),
     "planted-dense-weights": ("the dense base's weights planted beside the checkpoint's in the artifact store",
                               _plant_dense, "holds weights ghosted did not write"),
 }
@@ -479,16 +493,16 @@ STORE_TAMPERS = {
 
 @pytest.fixture
 def store(world, tmp_path):
-    """The artifact store's checkpoint folders, restored after the test changed them."""
+    """The artifact store's checkpoint folders, their MLflow model folders restored after the test changed them."""
     saved = {}
     for kind in ("plain", "ghost"):
         ck = _artifact_checkpoint(world["uri"], f"m-{kind}")
-        shutil.copytree(ck, tmp_path / f"saved-{kind}")
+        shutil.copytree(ck.parent.parent, tmp_path / f"saved-{kind}", symlinks=True)
         saved[kind] = ck
     yield saved
     for kind, ck in saved.items():
-        shutil.rmtree(ck)
-        shutil.copytree(tmp_path / f"saved-{kind}", ck)
+        shutil.rmtree(ck.parent.parent)
+        shutil.copytree(tmp_path / f"saved-{kind}", ck.parent.parent, symlinks=True)
 
 
 @pytest.mark.parametrize("case", list(STORE_TAMPERS))

@@ -100,7 +100,8 @@ def test_upgrade_rewrites_the_card_it_wrote_and_keeps_the_users(ghost_ck, tmp_pa
 
 def test_ghost_tokenizer_loads_without_remote_code(ghost_ck, monkeypatch) -> None:
     """transformers asks "run the custom code? [y/N]" (input()) for a ghost config; ghosted's loaders never do."""
-    from ghosted.mlops.serving import ARTIFACT, GhostedTextGenerator
+    from ghosted.checkpoint.digest import checkpoint_sha256
+    from ghosted.mlops.serving import ARTIFACT, SHA_KEY, GhostedTextGenerator
 
     def no_prompt(*_a):
         raise AssertionError("prompted to run the folder's code")
@@ -111,6 +112,7 @@ def test_ghost_tokenizer_loads_without_remote_code(ghost_ck, monkeypatch) -> Non
 
     class Context:
         artifacts = {ARTIFACT: str(ghost_ck)}  # noqa: RUF012
+        model_config = {SHA_KEY: checkpoint_sha256(ghost_ck)}  # noqa: RUF012 - what `register` records with the model
 
     gen = GhostedTextGenerator()
     gen.load_context(Context())
