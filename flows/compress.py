@@ -40,6 +40,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ghosted.errors import GhostedError
+from ghosted.json_io import parse_json, read_json
 
 SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep", "search")
 RETRY_DELAYS = [10, 60]
@@ -181,8 +182,8 @@ def dvc_stage(repo: str, stage: str, force: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"stage": stage, "ran": any(f"Running stage '{stage}'" in ln for ln in lines)}
     for ln in reversed(lines):  # a stage's JSON summary on stdout (register: the version it made, if any)
         if ln.startswith("{") and ln.endswith("}"):
-            with contextlib.suppress(json.JSONDecodeError):
-                result["output"] = json.loads(ln)
+            with contextlib.suppress(ValueError):  # JSONFileError is a ValueError
+                result["output"] = parse_json(ln, f"stage {stage} output", "JSON summary")
                 break
     return result
 
@@ -196,8 +197,8 @@ def dvc_status(repo: str) -> list[str]:
     if proc.returncode != 0:
         raise _failure("status", proc.returncode, lines)
     try:
-        status = json.loads(proc.stdout.strip() or "{}")
-    except json.JSONDecodeError as exc:
+        status = parse_json(proc.stdout.strip() or "{}", "`dvc status --json`", "status", expect=dict)
+    except ValueError as exc:  # JSONFileError is a ValueError
         raise StageFailed(f"`dvc status --json` printed no JSON: {lines[-1] if lines else 'nothing'}") from exc
     return sorted(status)
 
@@ -269,10 +270,19 @@ def compress(repo: str = ".", refresh_fingerprint: bool = False) -> dict[str, An
                 if stage == "register" and res["ran"] and out.get("version"):
                     result["registered"] = {k: out.get(k) for k in ("name", "version", "gate", "champion",
                                                                      "decision")}
-    base = root / BASE_MODEL_FILE
-    if base.is_file():
-        result["fingerprint"] = json.loads(base.read_text()).get("fingerprint")
+    if (root / BASE_MODEL_FILE).is_file():
+        result["fingerprint"] = base_fingerprint(root)
     return result
+
+
+def base_fingerprint(repo: Path) -> str | None:
+    """The fingerprint recorded in the repository's base-model record (None without the file)."""
+    path = Path(repo) / BASE_MODEL_FILE
+    if not path.is_file():
+        return None
+    doc = read_json(path, "base-model record", expect=dict, fix="rerun the fingerprint stage (`dvc repro fingerprint`)")
+    value = doc.get("fingerprint")
+    return value if isinstance(value, str) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,17 +29,17 @@ from typing import Any
 
 from prefect import flow
 
-from flows.compress import BASE_MODEL_FILE, compress
+from flows.compress import base_fingerprint, compress
 from ghosted.errors import GhostedError
 
 DEPLOYMENT = "scheduled"  # the deployment is `ghosted-recompress/scheduled`
 HEALTH_TIMEOUT_S = 5.0
+MAX_INTERVAL_S = 365 * 86_400.0  # --interval: a year between runs at most (and finite)
 START_SERVER = "start one with `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
 
 
 def _fingerprint(repo: Path) -> str | None:
-    path = repo / BASE_MODEL_FILE
-    return json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
+    return base_fingerprint(repo)
 
 
 @flow(name="ghosted-recompress", log_prints=True)
@@ -125,13 +125,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                          "PREFECT_API_URL and run it on --cron or --interval (blocks)")
     when = ap.add_mutually_exclusive_group()
     when.add_argument("--cron", help="schedule for --serve, e.g. '0 3 * * *' (03:00 daily, the default)")
-    when.add_argument("--interval", type=float, help="schedule for --serve: seconds between runs")
+    when.add_argument("--interval", type=float, help="schedule for --serve: seconds between runs (above 0, at most "
+                                                     f"{MAX_INTERVAL_S:.0f}: a year)")
     ap.add_argument("--name", default=DEPLOYMENT, help=f"deployment name for --serve (default {DEPLOYMENT})")
     args = ap.parse_args(argv)
     if (args.cron or args.interval is not None) and not args.serve:
         ap.error("--cron and --interval only apply with --serve")
-    if args.interval is not None and not args.interval > 0:
-        ap.error(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    if args.interval is not None and not 0 < args.interval <= MAX_INTERVAL_S:
+        ap.error(f"--interval must be a number of seconds above 0 and at most {MAX_INTERVAL_S:.0f} (a year), "
+                 f"got {args.interval:g}")
     if args.serve and args.interval is None:
         from prefect.client.schemas.schedules import CronSchedule
 

@@ -33,14 +33,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.compress import load_params, transient_failure
 from ghosted.errors import GhostedError
+from ghosted.json_io import read_json
 from ghosted.reporting.compare_report import write_report
 
 
-def sweep_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The `sweep:` section of params.yaml (ghosted.config.SweepConfig) as a dict; every cell's config checked."""
+def sweep_settings(params: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    """The `sweep:` section of params.yaml (ghosted.config.SweepConfig) as a dict, with the command line's `flags`
+    (workers, threads_per_worker, address; None: the file's) over it; every cell's config checked."""
     from ghosted.config import PruneConfig, SweepConfig, build, to_json
 
-    cfg = build(SweepConfig, params.get("sweep") or {}, "sweep")
+    given = {k: v for k, v in flags.items() if v is not None}
+    cfg = build(SweepConfig, {**(params.get("sweep") or {}), **given}, "sweep")
     for k in cfg.remove:
         for m in cfg.recovery:
             build(PruneConfig, _cell_prune(params, k, m), "prune")
@@ -72,8 +75,8 @@ def _shared_hit(folder: Path) -> dict[str, Any] | None:
     if not (record.is_file() and stats.is_file() and (folder / "calibration").is_dir()):
         return None
     try:
-        doc = json.loads(record.read_text())
-    except (OSError, ValueError):
+        doc = read_json(record, "shared-statistics record", expect=dict)
+    except (OSError, ValueError):  # JSONFileError is a ValueError: recompute
         return None
     if not isinstance(doc, dict) or file_sha256(stats) != doc.get("stats_sha256"):
         print(f"shared statistics in {folder} do not match their recorded sha256: recomputing them")
@@ -172,23 +175,33 @@ def sweep(params: str = "params.yaml", workdir: str = "out/sweep", threads_per_t
             "shared": {key: shared[key] for key in ("key", "reused", "stats", "sha256")}}
 
 
+# Dask always starts an HTTP server in the scheduler and each worker (dashboard, /info pages, /metrics, /health):
+# the local cluster serves no route on it (every path 404), and the scheduler's is on a random loopback port
+# instead of 8787. No dashboard is started (docs/pipeline.md, "Exposure").
+NO_HTTP_ROUTES = {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
+
+
 def dask_runner(address: str | None, workers: int, threads_per_worker: int):
-    """A DaskTaskRunner: a running cluster at `address`, else a local cluster of worker processes."""
+    """A DaskTaskRunner: a running cluster at `address`, else a local cluster of worker processes without a
+    dashboard (run() sets NO_HTTP_ROUTES while the flow runs, so no HTTP route is served either)."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": threads_per_worker,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "scheduler_kwargs": {"dashboard": False,
+                                                               "dashboard_address": "127.0.0.1:0"}})
 
 
 def run(params: str, workdir: str, address: str | None = None, workers: int | None = None,
         threads_per_worker: int | None = None, sequential: bool = False) -> dict[str, Any]:
+    """The sweep on a Dask cluster (or one task at a time with `sequential`); flags over the `sweep:` section."""
+    import dask
+
     p = load_params(Path(params))
-    s = sweep_settings(p)
-    workers = workers or s["workers"]
-    threads = threads_per_worker or s["threads_per_worker"]
-    address = address or s["address"]
+    s = sweep_settings(p, workers=workers, threads_per_worker=threads_per_worker, address=address)
+    workers, threads, address = s["workers"], s["threads_per_worker"], s["address"]
     if sequential:
         runner, label, per_task = ThreadPoolTaskRunner(max_workers=1), "sequential (one task at a time)", \
             workers * threads
@@ -196,7 +209,8 @@ def run(params: str, workdir: str, address: str | None = None, workers: int | No
         runner = dask_runner(address, workers, threads)
         label = f"dask {address}" if address else f"dask local cluster, {workers} workers x {threads} threads"
         per_task = threads
-    result = sweep.with_options(task_runner=runner)(params=params, workdir=workdir, threads_per_task=per_task)
+    with dask.config.set(NO_HTTP_ROUTES):
+        result = sweep.with_options(task_runner=runner)(params=params, workdir=workdir, threads_per_task=per_task)
     result["runner"] = label
     return result
 
