@@ -344,6 +344,18 @@ def test_json_reader_bounds(tmp_path):
         read_json(tmp_path / "missing.json")
 
 
+def test_a_deep_safetensors_header_is_one_line(tmp_path):
+    """verify reads safetensors headers itself: a deeply nested one was an unexpected RecursionError."""
+    from ghosted.checkpoint.verify import read_header
+    from ghosted.errors import GhostedError
+
+    raw = VERY_DEEP.encode()
+    (tmp_path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(GhostedError, match="nested 100000 levels deep") as exc:
+        read_header(tmp_path / "model.safetensors")
+    assert "\n" not in str(exc.value)
+
+
 def test_every_numeric_option_states_its_range():
     """Each number of every config section declares Bounds: checked before work, and stated in its --help."""
     import types

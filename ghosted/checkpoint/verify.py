@@ -18,7 +18,6 @@ the architecture's tensor names, shapes and dtype.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -311,7 +310,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                                f"most {MAX_HEADER})")
         raw = f.read(n)
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        header = parse_json(raw, str(path), "safetensors header", max_bytes=MAX_HEADER, pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError) as exc:
         raise GhostedError(f"{path}: its safetensors header is not valid JSON ({' '.join(str(exc).split())[:200]})") \
             from exc
