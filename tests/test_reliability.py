@@ -58,7 +58,8 @@ def _record(kind: str, case: str, description: str, **outcome) -> None:
     path = os.environ.get("GHOSTED_RELIABILITY_LOG")
     if path:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": kind, "id": case, "input": description, **outcome}) + "\n")
+            test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]  # the file the case comes from
+            f.write(json.dumps({"kind": kind, "id": case, "input": description, "test": test, **outcome}) + "\n")
 
 
 # --------------------------------------------------------------------------- shared fixtures

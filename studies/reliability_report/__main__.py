@@ -1,4 +1,4 @@
-"""Generate reports/reliability_report/reliability.md from a run of tests/test_reliability.py (never edit the report by hand).
+"""Generate reports/reliability_report/reliability.md from a run of tests/test_reliability*.py (never edit the report by hand).
 
     .venv/bin/python -m studies.reliability_report            # runs the tests, writes the report
     .venv/bin/python -m studies.reliability_report --log F    # re-render from an earlier log
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from studies.common import ROOT, report_dir
 
-TEST_FILE = "tests/test_reliability.py"
+TEST_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_reliability*.py"))
 
 
 def run_tests(log: Path, junit: Path, extra: list[str]) -> int:
     env = {**os.environ, "GHOSTED_RELIABILITY_LOG": str(log), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", TEST_FILE, *extra]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *TEST_FILES, *extra]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 
@@ -36,6 +36,8 @@ def read_log(log: Path) -> list[dict]:
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     latest: dict[tuple[str, str], dict] = {}
     for r in rows:  # a rerun case keeps its last outcome
+        if r["kind"] == "bad":  # the later test files' name for a bad input
+            r["kind"] = "input"
         latest[(r["kind"], r["id"])] = r
     return list(latest.values())
 
@@ -56,6 +58,15 @@ def read_junit(junit: Path) -> list[dict]:
     return out
 
 
+def _category(r: dict) -> str:
+    """What a bad input is: its description's [kind] prefix, else the test file it comes from."""
+    text = str(r["input"])
+    if text.startswith("[") and "]" in text:
+        return text[1:text.index("]")]
+    stem = Path(str(r.get("test") or "other")).stem
+    return stem.removeprefix("test_reliability_") or "other"
+
+
 def verdict(r: dict) -> bool:
     if r["kind"] == "fault":
         return bool(r.get("ok"))
@@ -69,7 +80,7 @@ def _cell(text: object) -> str:
 def render(rows: list[dict], tests: list[dict], command: str) -> str:
     inputs = sorted((r for r in rows if r["kind"] == "input"), key=lambda r: r["id"])
     faults = sorted((r for r in rows if r["kind"] == "fault"), key=lambda r: r["id"])
-    kinds = Counter(r["input"].split("]")[0].lstrip("[") for r in inputs)
+    kinds = Counter(_category(r) for r in inputs)
     outcomes = Counter(t["outcome"] for t in tests)
     fault_kinds = sorted({r["fault_kind"] for r in faults})
     tracebacks = sum(1 for r in rows if r["traceback"])
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=report_dir("reliability_report") / "reliability.md")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -k bad_input)")
     args = p.parse_args(argv)
-    command = f"python -m pytest {TEST_FILE}" + (" " + " ".join(args.pytest_args) if args.pytest_args else "")
+    command = f"python -m pytest {' '.join(TEST_FILES)}" + (" " + " ".join(args.pytest_args) if args.pytest_args else "")
     with tempfile.TemporaryDirectory() as tmp:
         log, junit = args.log, args.junit
         if log is None:
