@@ -70,7 +70,7 @@ def _category(r: dict) -> str:
 def verdict(r: dict) -> bool:
     if r["kind"] == "fault":
         return bool(r.get("ok"))
-    return r["exit"] == 2 and r["one_line"] and not r["traceback"] and not r["partial"] and not r["lost"]
+    return r.get("exit") == 2 and r.get("one_line") and not r.get("traceback") and not r.get("partial") and not r.get("lost")
 
 
 def _cell(text: object) -> str:
@@ -82,10 +82,10 @@ def render(rows: list[dict], tests: list[dict], command: str) -> str:
     faults = sorted((r for r in rows if r["kind"] == "fault"), key=lambda r: r["id"])
     kinds = Counter(_category(r) for r in inputs)
     outcomes = Counter(t["outcome"] for t in tests)
-    fault_kinds = sorted({r["fault_kind"] for r in faults})
-    tracebacks = sum(1 for r in rows if r["traceback"])
-    partial = sum(1 for r in rows if r["partial"])
-    lost = sum(1 for r in rows if r["lost"])
+    fault_kinds = sorted({r.get("fault_kind") for r in faults})
+    tracebacks = sum(1 for r in rows if r.get("traceback"))
+    partial = sum(1 for r in rows if r.get("partial"))
+    lost = sum(1 for r in rows if r.get("lost"))
     lines = [
         "# Reliability: bad inputs and injected faults",
         "",
@@ -119,7 +119,7 @@ def render(rows: list[dict], tests: list[dict], command: str) -> str:
     lines += ["## Faults (real processes)", "", "| id | fault | exit | outcome | partial | lost | ok |",
               "|---|---|---:|---|---|---|---|"]
     for r in faults:
-        said = "completed" if r["exit"] == 0 and r.get("expect_exit") == 0 else _cell(r["error"]) or "-"
+        said = "completed" if r.get("exit") == 0 and r.get("expect_exit") == 0 else _cell(r.get("error")) or "-"
         lines.append(f"| `{r['id']}` | {_cell(r['input'])} | {r['exit']} | {said} | "
                      f"{_cell(r['partial']) if r['partial'] else 0} | {_cell(r['lost']) if r['lost'] else 0} | "
                      f"{'yes' if verdict(r) else 'NO'} |")
