@@ -251,7 +251,8 @@ def check_solution(sol: Any, model: Any, where: Path | str) -> None:
             t = getattr(op, name)
             if t is None:
                 continue
-            if t.shape[0] != d or (name in ("W", "T") and tuple(t.shape) != (d, d)):
+            rows = 1 if name == "detect_b" else d  # the sink detector's threshold is one number
+            if t.shape[0] != rows or (name in ("W", "T") and tuple(t.shape) != (d, d)):
                 raise GhostedError(f"{where}: operator {s}-{b} tensor {name} has shape {list(t.shape)}, "
                                    f"this model's hidden size is {d}: solve again for this model")
             if not bool(torch.isfinite(t).all()):

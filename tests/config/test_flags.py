@@ -24,7 +24,7 @@ from ghosted.config import (
 from ghosted.errors import GhostedError
 
 PRUNE_HELP_FLAGS = {"--batch-size", "--calib", "--calib-source", "--config", "--device", "--device-map", "--distill",
-                    "--distill-lr", "--dtype", "--fold", "--force", "--guard", "--help", "--holdout", "--layers",
+                    "--distill-lr", "--dtype", "--exportable", "--fold", "--force", "--guard", "--help", "--holdout", "--layers",
                     "--layerwise", "--n-seqs", "--norm-features", "--offload-budget", "--out", "--quiet", "--rank",
                     "--recovery", "--remove", "--ridge", "--ridge-grid", "--seed", "--select", "--seq-len",
                     "--shortlist", "--summary", "--token-policy", "--token-shift", "--variant"}
