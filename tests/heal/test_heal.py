@@ -217,3 +217,35 @@ def test_the_command_reads_the_recipe_from_config_and_flags_override_it(checkpoi
     assert summary["steps"] == rec["steps_run"] == 5 and rec["recipe"]["lr"] == 0.003
     assert rec["plan"] == {"adjacent": [1, 2], "lora": [], "lora_rank": 4, "ghosts": False}
     assert rec["trained_params"]["lora"] == 0 and summary["healed"] == (rec["heldout_nll_after"] < rec["heldout_nll_before"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "qwen3", "phi3"])
+def test_adapters_merge_into_every_family_exactly(family):
+    """Hooked adapters (B made non-zero) and the merged weights give the same logits; no hook is left behind."""
+    from ghosted.healing import lora
+    from ghosted.healing.train import _linears, plan_heal
+    from ghosted.method.operator import Operator
+    from ghosted.method.surgery import HookOwner, apply
+    from tests.tiny_models import make_tiny
+
+    model, _ = make_tiny(family, num_layers=4)
+    apply(model, [1], {(1, 2): Operator("identity")})
+    plan = plan_heal(model, [1], HealConfig(lora_rank=4))
+    assert plan.adjacent == [0, 1] and plan.lora == [2]
+    linears = _linears(model, plan.lora)
+    assert linears
+    adapters = lora.make_adapters(linears, 4, seed=0)
+    for ad in adapters.values():
+        torch.nn.init.normal_(ad.B, std=0.1)
+    ids = torch.randint(4, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    hooks = HookOwner()
+    hooks.own([lora.hook(lin, adapters[lora.key(n)]) for n, lin in linears.items()])
+    with torch.no_grad():
+        hooked = model(ids).logits
+        hooks.remove()
+        plain_logits = model(ids).logits
+        for n, lin in linears.items():
+            lora.merge(lin, adapters[lora.key(n)])
+        merged = model(ids).logits
+    assert not torch.allclose(hooked, plain_logits, atol=1e-4)
+    assert torch.allclose(merged, hooked, atol=1e-4)
