@@ -346,7 +346,7 @@ def test_json_reader_bounds(tmp_path):
 
 def test_a_deep_safetensors_header_is_one_line(tmp_path):
     """verify reads safetensors headers itself: a deeply nested one was an unexpected RecursionError."""
-    from ghosted.checkpoint.verify import read_header
+    from ghosted.checkpoint.verify_tensors import read_header
     from ghosted.errors import GhostedError
 
     raw = VERY_DEEP.encode()

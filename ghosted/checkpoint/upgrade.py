@@ -24,7 +24,8 @@ from ghosted.checkpoint.format import (
     save,
 )
 from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_meta
-from ghosted.checkpoint.verify import _check_manifest, _code_files, _scan, _stale_code, verify
+from ghosted.checkpoint.verify import verify
+from ghosted.checkpoint.verify_files import _check_manifest, _code_files, _scan, _stale_code
 from ghosted.errors import GhostedError
 from ghosted.io import MARKER, list_entries, owned_files, read_marker
 from ghosted.json_io import index_shards
