@@ -12,12 +12,12 @@ import errno
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ghosted.errors import GhostedError
+from ghosted.io import probe_write
 
 DEVICE_HELP = "use cpu, cuda, cuda:N (or mps on Apple silicon)"
 
@@ -95,8 +95,10 @@ def _existing_ancestor(path: Path) -> Path:
 def check_writable(path: Path, flag: str, kind: str = "file") -> None:
     """An output path can be written: not the wrong kind of thing, and its folder accepts new files.
 
-    kind: "file" (a JSON/markdown file) or "folder". The folder check really creates (and removes) a file,
-    which catches read-only mounts, permissions, a parent that is a file, and a full disk.
+    kind: "file" (a JSON/markdown file) or "folder". The folder check really creates (and removes) a marked
+    temp folder holding a small file (ghosted.io.probe_write), which catches read-only mounts, permissions, a
+    parent that is a file, and a full disk; a check killed in between leaves only that temp, which the next
+    check or writer into the folder removes.
     """
     path = Path(path)
     if kind == "file" and path.is_dir():
@@ -109,12 +111,10 @@ def check_writable(path: Path, flag: str, kind: str = "file") -> None:
     # The output is written beside the target and renamed; a folder that exists is also written into.
     for folder in (base, path) if kind == "folder" and path.is_dir() else (base,):
         try:
-            fd, probe = tempfile.mkstemp(prefix=".ghosted-write-check-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise GhostedError(f"{flag} {path}: cannot write in {folder} ({exc.strerror}); "
-                               f"choose a folder you can write to") from None
+            probe_write(folder)  # a marked temp, removed at once (a killed check's by the next one)
+        except OSError as exc:  # the probe writes a file: a full disk is refused here too, before any work
+            why = _OS_FIX.get(exc.errno) or f"{exc.strerror}; choose a folder you can write to"
+            raise GhostedError(f"{flag} {path}: cannot write in {folder}: {why}") from None
 
 
 # Output arguments of the commands: (command, argparse dest) -> file or folder. Anything else named `out*`

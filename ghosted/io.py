@@ -13,6 +13,9 @@ can prove it wrote.
   the user's files it carried over, e.g. by `ghosted upgrade`). `force` replaces an existing folder only when
   that list or the folder's ghosted_manifest.json accounts for every file in it, unchanged; any other file is
   named in one line and nothing is deleted.
+- In a folder shared with the user's own files (`compare --out-dir`), each file is written through new_temp_file
+  and publish_file, and the folder's marker lists the files ghosted wrote there (`record_files`); a file ghosted
+  no longer writes is deleted only when that record proves it ghosted's, unchanged (`remove_proven`).
 - New files and folders get the usual mode (0666/0777 less the umask); a replaced file or folder keeps the mode
   it had. ghosted never changes the mode of anything it did not create.
 """
@@ -31,7 +34,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -432,14 +435,21 @@ def check_out_file(path: str | Path | None, flag: str) -> Path | None:
 # --------------------------------------------------------------------------- writing
 
 
+def new_temp_dir(parent: str | Path, name: str) -> Path:
+    """A new hidden scratch folder in `parent`, marked as this process's (the killed writers' ones there are swept
+    first); the caller removes it with shutil.rmtree, and if the process is killed first, the next writer into
+    `parent` removes it (its marker proves it is ghosted's)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(parent)
+    return _make_temp(parent, name, "tmp")
+
+
 @contextmanager
 def temp_dir(parent: str | Path, name: str) -> Iterator[Path]:
     """A hidden scratch folder in `parent` (same file system, so renames out of it are atomic), always removed;
     if the process is killed, the next writer into `parent` removes it (its marker proves it is ghosted's)."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(parent)
-    tmp = _make_temp(parent, name, "tmp")
+    tmp = new_temp_dir(parent, name)
     try:
         yield tmp
     finally:
@@ -596,7 +606,8 @@ def new_temp_file(path: str | Path) -> Path:
     path = _file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent)
-    return _make_temp(path.parent, path.name, "tmp") / path.name
+    # the temp folder's own marker is MARKER: a new marker is written beside it under another name
+    return _make_temp(path.parent, path.name, "tmp") / (path.name if path.name != MARKER else f"{MARKER}.new")
 
 
 def discard_temp(tmp: Path) -> None:
@@ -634,3 +645,56 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=float, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- files in a folder shared with the user
+
+
+def record_files(folder: str | Path, written: Iterable[str], removed: Iterable[str] = (), kind: str = "files") -> None:
+    """Add the files ghosted just wrote into `folder` (by name, with their sha256 as they are now) to the folder's
+    marker, and drop the names it removed or no longer writes, so that a later run can prove them its own
+    (remove_proven). The marker is replaced atomically (keeping its mode) and everything else it records stays;
+    an entry under the marker's name that is not a readable record of ghosted's is never replaced (then nothing
+    is recorded, and nothing will be removed)."""
+    folder = Path(folder)
+    path = folder / MARKER
+    doc = _read_record(path)
+    if doc is None:
+        if os.path.lexists(path):
+            return
+        doc = {"kind": kind, "writer": _writer(), "version": _version(), "dirs": [], "kept": []}
+    files = dict(doc["files"]) if isinstance(doc.get("files"), dict) else {}
+    written = list(written)
+    for name in removed:
+        files.pop(name, None)
+    for name in written:
+        p = folder / name
+        if p.is_file() and not p.is_symlink():  # written through a user's link: the link is theirs
+            files[name] = cached_sha256(p)
+    if isinstance(doc.get("kept"), list):  # a user's file ghosted has now replaced is ghosted's
+        doc["kept"] = [k for k in doc["kept"] if k not in written]
+    write_text_atomic(path, json.dumps({**doc, "files": dict(sorted(files.items()))}, indent=1, sort_keys=True)
+                      + "\n")
+
+
+def remove_proven(path: str | Path) -> bool:
+    """Delete the file `path` only when its folder's marker or manifest proves ghosted wrote it and it is unchanged
+    since (a user's file of the same name, or ghosted's file the user edited, stays); True if it was deleted."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    proof = _proof(path.parent)
+    want = proof[0].get(path.name) if proof is not None else None  # None too for the records themselves
+    if want is None or not _matches(path, want):
+        return False
+    path.unlink()
+    return True
+
+
+def probe_write(folder: str | Path) -> None:
+    """Raise OSError unless ghosted can write in `folder` (permissions, a read-only mount, a full disk): makes a
+    marked temp folder holding its marker file and removes it at once. A kill in between leaves only that temp,
+    which the next probe or writer into the folder removes (its marker proves it ghosted's); the sweep runs first."""
+    folder = Path(folder)
+    remove_stale(folder)
+    shutil.rmtree(_make_temp(folder, "ghosted-write-check", "tmp"), ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import file_sha256, release_memory
+from ghosted.io import discard_temp, file_sha256, new_temp_file, publish_file, release_memory
 from ghosted.json_io import need, read_json
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
@@ -125,15 +125,14 @@ def shipped_gguf(name: str, sha: str | None = None) -> Path:
     if not target.is_file():
         import importlib
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = new_temp_file(target)  # a marked temp: a killed join's is removed by the next writer into the folder
         try:
             importlib.import_module(info["package"]).assemble(tmp, overwrite=True)  # checks the package's sha256
-            os.replace(tmp, target)
+            publish_file(tmp, target)
         except (OSError, ValueError, ModuleNotFoundError) as exc:
             raise GhostedError(f"model '{name}': cannot join its GGUF parts ({exc}); reinstall {info['pip']}") from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            discard_temp(tmp)
     return target
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ghosted.io import new_temp_dir
+
 # States the layer-major pass keeps in memory before it spills the rest to files (ghosted prune --offload-budget).
 DEFAULT_OFFLOAD_BUDGET = 4 * 2**30
 
@@ -40,7 +42,8 @@ class OffloadStore:
             self.used += n
             return t
         if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="ghosted-offload-")
+            # a marked folder in the system's temp folder: a killed run's spill is removed by the next one
+            self.dir = str(new_temp_dir(tempfile.gettempdir(), "ghosted-offload"))
         self.count += 1
         path = os.path.join(self.dir, f"{self.count}.bin")
         t.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)  # the raw bytes, any dtype

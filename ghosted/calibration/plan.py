@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import file_sha256
+from ghosted.io import discard_temp, file_sha256, new_temp_file, publish_file
 from ghosted.json_io import parse_json
 from ghosted.method.sums import GroupedSums, Pair, PairSums
 
@@ -82,16 +80,13 @@ class CaptureResult(GroupedSums):
                 tensors[name] = t.detach().to("cpu").contiguous()
         meta = {"format": _FORMAT, "num_layers": self.num_layers, "score_tokens": self.score_tokens,
                 "seconds": self.seconds, "groups": groups}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        tmp = new_temp_file(path)  # a marked temp: a killed save's is removed by the next writer into the folder
         try:
-            save_file(tensors, tmp, metadata={"ghosted_capture": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={"ghosted_capture": json.dumps(meta)})
             digest = file_sha256(tmp)
-            os.replace(tmp, path)  # a half-written file never carries the final name
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            publish_file(tmp, path)  # a half-written file never carries the final name; the usual mode
+        finally:
+            discard_temp(tmp)
         return digest
 
     @classmethod

@@ -14,14 +14,13 @@ import importlib.util
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ghosted.errors import GhostedError
+from ghosted.io import atomic_file
 
 # Bump when the export format or a column mapping changes: it is part of every file's address.
 _EXPORT_FORMAT = 1
@@ -111,16 +110,10 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Through ghosted's one writer: a marked temp beside `path` (a killed write's is swept by the next writer),
+    renamed into place with the usual mode under the umask."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def export_task_data(task: str, cache_dir: Path) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ghosted.errors import GhostedError
+from ghosted.io import temp_dir
 
 ARTIFACT = "checkpoint"
 SHA_KEY = "checkpoint_sha256"  # in the model's config: the checkpoint's content hash when it was registered
@@ -178,7 +179,7 @@ def save_pyfunc(checkpoint: Path, path: Path, metadata_: Mapping[str, str] | Non
     import mlflow.pyfunc
     import pandas as pd
 
-    with tempfile.TemporaryDirectory(prefix="ghosted-pyfunc-") as tmp:
+    with temp_dir(tempfile.gettempdir(), "ghosted-pyfunc") as tmp:  # marked: a killed run's is swept
         entry = Path(tmp) / "ghosted_model.py"
         entry.write_text(ENTRY_POINT, encoding="utf-8")
         with warnings.catch_warnings():

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from ghosted.io import temp_dir
+from ghosted.io import discard_temp, new_temp_file, publish_file, record_files, remove_proven
 from ghosted.solve.grid import format_layers
 
 PPL_PLOT = "ppl_vs_removed.png"
@@ -315,21 +314,37 @@ def plot_accuracy(result: dict, path: Path) -> bool:
 
 
 def write_report(result: dict, out_dir: Path, name: str = "compare", plot_prefix: str = "") -> list[Path]:
-    """Write NAME.json, NAME.md and the plots (PLOT_PREFIX + each name in PLOTS) into out_dir: each built in a
-    temp dir, then moved in. A plot that has nothing to show (no perplexity or no tasks) is not written, and a
-    stale copy is removed."""
+    """Write NAME.json, NAME.md and the plots (PLOT_PREFIX + each name in PLOTS) into out_dir, a folder that may
+    hold the user's own files: each is built in a marked temp beside it (ghosted.io.new_temp_file), then renamed
+    into place (a file already there keeps its mode, a new one follows the umask), the JSON last. The folder's
+    marker records what was written; a plot that has nothing to show (no perplexity or no tasks) is not written,
+    and a stale copy is removed only when that record proves ghosted wrote it, unchanged: a user's file of the
+    same name is kept."""
     out_dir = Path(out_dir)
-    with temp_dir(out_dir, name) as tmp:
-        plots = [(plot, plot_prefix + plot) for plot, fn in ((PPL_PLOT, plot_ppl), (SCORES_PLOT, plot_scores),
-                                                            (ACCURACY_PLOT, plot_accuracy))
-                 if fn(result, tmp / (plot_prefix + plot))]
-        (tmp / f"{name}.md").write_text(markdown(result, plots), encoding="utf-8")
-        (tmp / f"{name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        plots = []
+        for plot, fn in ((PPL_PLOT, plot_ppl), (SCORES_PLOT, plot_scores), (ACCURACY_PLOT, plot_accuracy)):
+            file = plot_prefix + plot
+            temps[file] = new_temp_file(out_dir / file)
+            if fn(result, temps[file]):
+                plots.append((plot, file))
+            else:
+                discard_temp(temps.pop(file))
+        for file, text in ((f"{name}.md", markdown(result, plots)),
+                           (f"{name}.json", json.dumps(result, indent=2, default=float) + "\n")):
+            temps[file] = new_temp_file(out_dir / file)
+            temps[file].write_text(text, encoding="utf-8")
         # the JSON last: once it is there, the report is whole
-        written = [*(path for _, path in plots), f"{name}.md", f"{name}.json"]
-        for plot in PLOTS:
-            if plot_prefix + plot not in written:
-                (out_dir / (plot_prefix + plot)).unlink(missing_ok=True)
+        written = [*(file for _, file in plots), f"{name}.md", f"{name}.json"]
         for file in written:
-            os.replace(tmp / file, out_dir / file)
-        return [out_dir / file for file in written]
+            publish_file(temps[file], out_dir / file)
+    finally:
+        for tmp in temps.values():
+            discard_temp(tmp)
+    stale = [file for file in (plot_prefix + plot for plot in PLOTS) if file not in written]
+    for file in stale:
+        remove_proven(out_dir / file)  # a user's file of that name (or one they edited) stays, no longer listed
+    record_files(out_dir, written, removed=stale, kind="report")
+    return [out_dir / file for file in written]

@@ -4,14 +4,12 @@ score tables and plot, and summary.md. Pure files (no MLflow); plots reuse compa
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ghosted.evaluation.gate import Verdict, gate_report, perplexities, zeroshot_average
-from ghosted.io import write_json_atomic, write_text_atomic
+from ghosted.io import atomic_file, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from ghosted.config import GateConfig
@@ -92,14 +90,9 @@ def write_reports(out_dir: Path, meta: Mapping[str, Any], dense: Mapping, pruned
         rows, brows = score_records(scores, list(meta.get("removed_layers") or []))
         write_json_atomic(out_dir / "layer_scores.json", rows)
         write_json_atomic(out_dir / "block_scores.json", brows)
-        fd, tmp = tempfile.mkstemp(prefix=f".{SCORES_PLOT}.", suffix=".png", dir=out_dir)
-        os.close(fd)
-        try:
+        with atomic_file(out_dir / SCORES_PLOT) as tmp:  # a marked temp; the usual mode, or the old file's
             plot_layer_scores(rows, f"{meta.get('base_model')}: selection scores, removed "
-                                    f"{','.join(map(str, meta.get('removed_layers', [])))}", Path(tmp))
-            os.replace(tmp, out_dir / SCORES_PLOT)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                                    f"{','.join(map(str, meta.get('removed_layers', [])))}", tmp)
         plots.append(SCORES_PLOT)
         written += [out_dir / "layer_scores.json", out_dir / "block_scores.json", out_dir / SCORES_PLOT]
     write_text_atomic(out_dir / "summary.md", summary_markdown(meta, dense, pruned, verdict, cfg, registration, plots))

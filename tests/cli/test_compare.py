@@ -12,6 +12,7 @@ from ghosted.cli import main
 from ghosted.config import EvalSettings
 from ghosted.corpora import build_calibration
 from ghosted.errors import GhostedError
+from ghosted.io import MARKER, read_marker
 from ghosted.models import load_model
 from ghosted.reporting.compare_report import PLOTS, write_report
 from ghosted.solve.compare import CompareConfig, run_compare
@@ -30,7 +31,8 @@ def report_dir(tiny_folder, tmp_path_factory) -> Path:
 
 
 def test_compare_writes_report(report_dir):
-    assert sorted(p.name for p in report_dir.iterdir()) == sorted(["compare.json", "compare.md", *PLOTS])
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted([MARKER, "compare.json", "compare.md", *PLOTS])
+    assert sorted(read_marker(report_dir)["files"]) == sorted(["compare.json", "compare.md", *PLOTS])
     for png in PLOTS:
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((report_dir / "compare.json").read_text())
@@ -96,12 +98,16 @@ def test_every_method_from_one_capture_and_model_restored(tiny_folder, tmp_path)
     assert [(c["k"], c["method"]) for c in res["cells"]][:5] == [(1, m) for m in cfg.methods]
     by = {(c["k"], c["method"]): c["ppl"][str(text)]["ppl"] for c in res["cells"]}
     assert len(set(by.values())) > 2  # the methods really differ
-    # no tasks: the accuracy plot is not written, and a stale one is removed
+    # no tasks: the accuracy plot is not written; a stale one is removed only when ghosted's record proves it its
+    # own (a user's accuracy.png stays; tests/test_reliability_writes.py)
     out = tmp_path / "rep"
     out.mkdir()
-    (out / "accuracy.png").write_bytes(b"stale")
+    (out / "accuracy.png").write_bytes(b"the user's")
     write_report(res, out)
-    assert not (out / "accuracy.png").exists() and (out / "ppl_vs_removed.png").exists()
+    assert (out / "accuracy.png").read_bytes() == b"the user's" and (out / "ppl_vs_removed.png").exists()
+    (out / "accuracy.png").unlink()
+    write_report({**res, "settings": {**res["settings"], "eval": {**res["settings"]["eval"], "ppl": []}}}, out)
+    assert not (out / "ppl_vs_removed.png").exists()  # ghosted's own, unchanged: removed
     assert "Zero-shot: not evaluated." in (out / "compare.md").read_text()
 
 

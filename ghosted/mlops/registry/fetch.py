@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ghosted.errors import GhostedError
+from ghosted.io import temp_dir
 from ghosted.mlops.registry.connection import (
     DB_TIMEOUT_S,
     connect,
@@ -78,7 +79,7 @@ def registered_checkpoint(reg: RegistryConfig, uri: str, db_timeout: float = DB_
 
     name, alias, number = parse_model_uri(uri)
     client = connect(reg, create=False, db_timeout=db_timeout)
-    with tempfile.TemporaryDirectory(prefix="ghosted-fetch-") as tmp:
+    with temp_dir(tempfile.gettempdir(), "ghosted-fetch") as tmp:  # marked: a killed run's is swept
         with mlflow_errors(reg):
             v = _version(client, name, alias, number)
             want = v.tags.get(SHA_TAG)

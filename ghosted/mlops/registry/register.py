@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import ghosted.mlops.registry.faults as faults
 from ghosted.errors import GhostedError
 from ghosted.evaluation.gate import Verdict, apply_gate
+from ghosted.io import temp_dir
 from ghosted.json_io import read_json as bounded_json
 from ghosted.mlops.registry.champion import champion, decide, description, set_champion
 from ghosted.mlops.registry.connection import (
@@ -217,7 +218,7 @@ def _log_run(client: Client, run_id: str, sub: Submission, log: Log) -> None:
         client.log_batch(run_id, metrics=metrics_list[i:i + 100], params=params_list[i:i + 100])
     client.log_inputs(run_id, datasets=dataset_inputs(sub.meta, sub.dense, sub.pruned, log))
     log(f"logging {sub.checkpoint} as an MLflow pyfunc model to run {run_id}")
-    with tempfile.TemporaryDirectory(prefix="ghosted-register-") as tmp:
+    with temp_dir(tempfile.gettempdir(), "ghosted-register") as tmp:  # marked: a killed run's is swept
         model_dir = save_pyfunc(sub.checkpoint, Path(tmp) / MODEL_ARTIFACT,
                                 {SHA_TAG: sub.sha, "registered_name": sub.name}, {SHA_KEY: sub.sha, RUN_KEY: run_id})
         copied = checkpoint_sha256(model_dir / checkpoint_path(model_dir / "MLmodel"))
