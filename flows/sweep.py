@@ -69,7 +69,7 @@ def _set_threads(n: int) -> None:
 
 def _shared_hit(folder: Path) -> dict[str, Any] | None:
     """The record of a complete shared-statistics folder whose capture file still has the recorded sha256."""
-    from ghosted.io import file_sha256
+    from ghosted.hashing import file_sha256
 
     record, stats = folder / "shared.json", folder / "stats.safetensors"
     if not (record.is_file() and stats.is_file() and (folder / "calibration").is_dir()):

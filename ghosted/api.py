@@ -122,7 +122,7 @@ def refuse_ghost_model(model: str) -> None:
 def _prepare(model: str, params: Params, out: str | Path | None, force: bool, calibration: str | Path | None,
              log: Log, load: Mapping[str, Any]):
     """Outputs checked, then the model and its calibration windows loaded."""
-    from ghosted.io import check_out_dir
+    from ghosted.io_owned import check_out_dir
 
     if out is None:
         raise GhostedError("out: give the output folder")

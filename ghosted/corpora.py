@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import release_memory
 from ghosted.json_io import parse_json, read_json
+from ghosted.memory import release_memory
 
 LINE_MAX_BYTES = 64 << 20  # one document of a .jsonl text source
 

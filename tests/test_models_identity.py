@@ -15,7 +15,8 @@ import pytest
 from ghosted import models
 from ghosted.cli import main
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, file_sha256
+from ghosted.hashing import file_sha256
+from ghosted.io_temps import MARKER
 from ghosted.mlops.dvc import write_base_model
 from tests.checkpoint.test_export import make_tiny_folder
 from tests.tiny_models import save_tiny_folder

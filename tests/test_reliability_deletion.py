@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 
 from ghosted.cli import main
-from ghosted.io import MARKER, _host, temp_dir
+from ghosted.io import temp_dir
+from ghosted.io_temps import MARKER, _host
 from tests.checkpoint.test_export import make_tiny_folder
 from tests.test_reliability import _record
 
@@ -615,7 +616,7 @@ def test_an_existing_output_keeps_its_mode(case: Existing, world, tmp_path, caps
 # put in place; 2 with an existing --force output: the old output moved aside, the new one not yet in).
 _KILL_AT_RENAME = r"""
 import os, signal, sys
-import ghosted.io as gio
+import ghosted.io as gio, ghosted.io_temps as gtemps
 n = int(sys.argv[1])
 class _Os:
     calls = 0
@@ -626,7 +627,7 @@ class _Os:
         return os.replace(a, b)
     def __getattr__(self, name):
         return getattr(os, name)
-gio.os = _Os()
+gio.os = gtemps.os = _Os()  # every rename ghosted.io makes, in its temp helpers too
 from ghosted.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from ghosted.cli import main
-from ghosted.io import file_sha256, read_marker
+from ghosted.hashing import file_sha256
+from ghosted.io_temps import read_marker
 from tests.test_reliability import _record
 from tests.test_reliability_deletion import _error_lines, _lost, _sandbox, _temps, tree, umask
 
@@ -229,7 +230,7 @@ def test_shared_statistics_follow_the_umask(mask, tmp_path):
 # argv[1] (the write probe: right after making it).
 _KILL_AT_RMTREE = r"""
 import os, shutil, signal, sys
-import ghosted.io as gio
+import ghosted.io as gio, ghosted.io_temps as gtemps
 class _Shutil:
     def rmtree(self, path, *a, **k):
         if sys.argv[1] in os.path.basename(str(path)):
@@ -237,7 +238,7 @@ class _Shutil:
         return shutil.rmtree(path, *a, **k)
     def __getattr__(self, name):
         return getattr(shutil, name)
-gio.shutil = _Shutil()
+gio.shutil = gtemps.shutil = _Shutil()  # every removal ghosted.io makes, in its temp helpers too
 from ghosted.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ghosted.calibration.accumulator import Accumulator
 from ghosted.calibration.offload import DEFAULT_OFFLOAD_BUDGET, OffloadStore
 from ghosted.calibration.passes import CaptureJob, Hooks, StopForward, mlp_output_hook
-from ghosted.io import release_memory
+from ghosted.memory import release_memory
 from ghosted.method import arch
 
 

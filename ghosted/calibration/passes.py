@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ghosted.calibration.accumulator import Accumulator
 from ghosted.errors import GhostedError
-from ghosted.io import release_memory
+from ghosted.memory import release_memory
 from ghosted.method import arch
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ghosted.errors import GhostedError
-from ghosted.io import discard_temp, file_sha256, new_temp_file, publish_file
+from ghosted.hashing import file_sha256
+from ghosted.io import discard_temp, new_temp_file, publish_file
 from ghosted.json_io import parse_json
 from ghosted.method.sums import GroupedSums, Pair, PairSums
 

@@ -29,7 +29,9 @@ from ghosted._remote import modeling_ghosted
 from ghosted.checkpoint.card import CARD, is_inert, model_card
 from ghosted.checkpoint.meta import CheckpointMeta, read_config
 from ghosted.errors import GhostedError
-from ghosted.io import MANIFEST, MARKER, atomic_dir, cached_sha256, carry
+from ghosted.hashing import cached_sha256
+from ghosted.io import atomic_dir, carry
+from ghosted.io_temps import MANIFEST, MARKER
 from ghosted.json_io import read_json
 from ghosted.method import arch
 

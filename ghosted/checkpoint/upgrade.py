@@ -27,7 +27,8 @@ from ghosted.checkpoint.meta import ABSENT, CheckpointMeta, read_config, read_me
 from ghosted.checkpoint.verify import verify
 from ghosted.checkpoint.verify_files import _check_manifest, _code_files, _scan, _stale_code
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, list_entries, owned_files, read_marker
+from ghosted.io_owned import list_entries, owned_files
+from ghosted.io_temps import MARKER, read_marker
 from ghosted.json_io import index_shards
 
 # Files a loader reads as weights or runs as code: one of the user's would sit beside the rewritten checkpoint.

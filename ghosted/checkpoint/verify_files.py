@@ -26,7 +26,8 @@ from ghosted.checkpoint.format import (
     remote_sources,
 )
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, file_sha256
+from ghosted.hashing import file_sha256
+from ghosted.io_temps import MARKER
 from ghosted.json_io import parse_json
 
 MAX_INDEX = 64 << 20  # bytes of a weights index (a 400B model's is ~2 MB)

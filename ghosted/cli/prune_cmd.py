@@ -56,7 +56,7 @@ def _run_params(args: argparse.Namespace, **sections):
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ghosted.api import prune
-    from ghosted.io import check_out_file
+    from ghosted.io_owned import check_out_file
 
     t0 = time.perf_counter()
     cfg = prune_config(args)
@@ -81,7 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ghosted.checks import check_seq_len
     from ghosted.corpora import build_calibration, save_calibration
-    from ghosted.io import check_out_dir
+    from ghosted.io_owned import check_out_dir
     from ghosted.models import load_tokenizer
 
     c = calib_settings(args)
@@ -95,7 +95,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ghosted.io import check_out_file
+    from ghosted.io_owned import check_out_file
     from ghosted.solve.solver import score
 
     check_out_file(args.out, "--out")
@@ -124,7 +124,7 @@ def format_scores(table: dict) -> str:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from ghosted.api import refuse_ghost_model
-    from ghosted.io import check_out_dir
+    from ghosted.io_owned import check_out_dir
     from ghosted.solve.solver import save_solution, solve
 
     searching = params_file(args).search.enabled and args.remove is None and args.layers is None
@@ -170,7 +170,7 @@ def _searched_solution(args: argparse.Namespace, loaded, calib, params):
 def cmd_fuse(args: argparse.Namespace) -> int:
     from ghosted.api import refuse_ghost_model
     from ghosted.checks import check_solution
-    from ghosted.io import check_out_dir
+    from ghosted.io_owned import check_out_dir
     from ghosted.solve.solver import build_checkpoint, load_solution
 
     sol = load_solution(args.ops)

@@ -35,8 +35,8 @@ from ghosted.config import PruneConfig
 from ghosted.corpora import Calibration, build_calibration, tokens_sha256
 from ghosted.errors import GhostedError, brief
 from ghosted.evaluation.harness import peak_memory, proc_bytes, sync
-from ghosted.io import release_memory
 from ghosted.json_io import read_json
+from ghosted.memory import release_memory
 from ghosted.method import arch
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef, load_model

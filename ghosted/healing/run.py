@@ -72,7 +72,7 @@ def open_source(checkpoint: str | Path, base: str | None = None) -> Source:
 def _teacher(src: Source, data: HealData, cfg: HealConfig, progress: bool, log: Callable[[str], None]):
     """The dense base's top-k log-probs on the training windows, and its seconds per window."""
     from ghosted.checks import check_seq_len
-    from ghosted.io import release_memory
+    from ghosted.memory import release_memory
     from ghosted.models import load_model
     from ghosted.solve.distill import teacher_topk
 
@@ -141,7 +141,7 @@ def heal_checkpoint(checkpoint: str | Path, cfg: HealConfig, out: str | Path, *,
     """Heal `checkpoint` with `cfg` into `out` (module docstring); returns the `heal` record written."""
     from ghosted.checkpoint import format as checkpoint_format
     from ghosted.checks import check_device
-    from ghosted.io import check_out_dir
+    from ghosted.io_owned import check_out_dir
     from ghosted.version import __version__
 
     t0 = time.perf_counter()

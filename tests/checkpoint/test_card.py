@@ -15,7 +15,7 @@ from ghosted.checkpoint.upgrade import upgrade
 from ghosted.checkpoint.verify import verify
 from ghosted.cli import main
 from ghosted.errors import GhostedError
-from ghosted.io import file_sha256
+from ghosted.hashing import file_sha256
 from tests.checkpoint.test_checkpoint import _as_legacy, _copy, _ghost_checkpoint
 
 

@@ -16,7 +16,9 @@ import pytest
 from ghosted.checkpoint.verify import verify
 from ghosted.cli import main
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, atomic_dir, check_out_dir, remove_stale
+from ghosted.io import atomic_dir
+from ghosted.io_owned import check_out_dir
+from ghosted.io_temps import MARKER, remove_stale
 from tests.tiny_models import make_tiny
 
 TEXT = "\n\n".join(f"Paragraph {i}: layer pruning removes whole blocks of a language model. " * 3 for i in range(40))
@@ -183,7 +185,8 @@ def test_stale_temp_folders_are_removed_only_with_their_marker(tmp_path: Path) -
     import shutil
     import socket
 
-    from ghosted.io import _host, temp_dir
+    from ghosted.io import temp_dir
+    from ghosted.io_temps import _host
 
     dead = _killed_writer_temp(tmp_path, "ck")
     copied = tmp_path / f".ck.tmp-g-{_host()}-{dead.name.split('-')[-2]}-0123abcd"
@@ -219,7 +222,7 @@ import os, signal, sys
 point = os.environ["STOP_AT"]
 def stop():
     os.kill(os.getpid(), signal.SIGSTOP)
-import ghosted.checkpoint.format as ck, ghosted.io as gio, ghosted.solve.solver as pr
+import ghosted.checkpoint.format as ck, ghosted.io as gio, ghosted.io_temps as gtemps, ghosted.solve.solver as pr
 if point == "before-save":
     orig_build = pr.build_checkpoint
     def build(*a, **k):
@@ -241,7 +244,7 @@ elif point.startswith("rename-"):
             return os.replace(a, b)
         def __getattr__(self, name):
             return getattr(os, name)
-    gio.os = _Os()
+    gio.os = gtemps.os = _Os()  # every rename ghosted.io makes, in its temp helpers too
 from ghosted.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -306,7 +309,7 @@ def test_kill_9_during_prune(point: str, existing: bool, tiny, tmp_path: Path, c
 def test_what_counts_as_a_ghosted_output(tmp_path: Path) -> None:
     """Only ghosted's own folders may be replaced: its marker or manifest lists every file in it, unchanged. The
     layout or a config.json `ghosted` key proves nothing."""
-    from ghosted.io import is_ghosted_output
+    from ghosted.io_owned import is_ghosted_output
 
     def folder(name: str, files: dict[str, str]) -> Path:
         d = tmp_path / name

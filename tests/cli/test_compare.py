@@ -12,7 +12,7 @@ from ghosted.cli import main
 from ghosted.config import EvalSettings
 from ghosted.corpora import build_calibration
 from ghosted.errors import GhostedError
-from ghosted.io import MARKER, read_marker
+from ghosted.io_temps import MARKER, read_marker
 from ghosted.models import load_model
 from ghosted.reporting.compare_report import PLOTS, write_report
 from ghosted.solve.compare import CompareConfig, run_compare
@@ -193,7 +193,7 @@ def test_shared_capture_round_trips_through_safetensors(tiny_folder, tmp_path):
     """CaptureResult.save/load: every float64 sum back bit for bit, a cell solved from the loaded file equals
     one solved from the capture in memory, and a file changed since it was written is refused."""
     from ghosted.calibration.capture import CaptureResult
-    from ghosted.io import file_sha256
+    from ghosted.hashing import file_sha256
     from ghosted.solve.solver import shared_capture, solve
 
     loaded = load_model(str(tiny_folder))
