@@ -249,3 +249,35 @@ def test_adapters_merge_into_every_family_exactly(family):
         merged = model(ids).logits
     assert not torch.allclose(hooked, plain_logits, atol=1e-4)
     assert torch.allclose(merged, hooked, atol=1e-4)
+
+
+def _oracle_teacher(src, data, cfg, progress, log):
+    """A teacher that knows the text: all its mass on the true next token (distillation becomes plain language
+    modelling, which lowers the held-out loss of a tiny random model where a random teacher would not)."""
+    ids = data.calib.input_ids[data.fit]
+    t_idx = torch.arange(cfg.top_k).expand(*ids[:, 1:].shape, cfg.top_k).clone()
+    t_idx[..., 0] = ids[:, 1:]
+    t_logp = torch.full(t_idx.shape, -30.0)
+    t_logp[..., 0] = 0.0
+    return (t_logp, t_idx), 0.0
+
+
+@pytest.mark.parametrize("recovery", [["--recovery", "none"], ["--recovery", "ghost", "--exportable", "--guard", "off"]])
+def test_healed_checkpoints_still_export_to_gguf(recovery, texts, tmp_path, run, monkeypatch):
+    """A healed plain checkpoint exports as its base architecture, a healed exportable ghost as llama.cpp's deci."""
+    import gguf
+
+    from ghosted.healing import run as heal_run
+    from tests.checkpoint.test_export import make_tiny_folder
+
+    base = make_tiny_folder(tmp_path / "base", "llama")  # a byte-level tokenizer: one GGUF can hold
+    code, _, err = run("prune", base, "--layers", "2-3", *recovery, "--calib-source", texts["calib"], "--n-seqs", 8,
+                       "--seq-len", 32, "--out", tmp_path / "pruned", "-q")
+    assert code == 0, err
+    monkeypatch.setattr(heal_run, "_teacher", _oracle_teacher)
+    res = ghosted.heal(tmp_path / "pruned", _recipe(texts), tmp_path / "healed", progress=False)
+    assert res.healed
+    code, _, err = run("export", tmp_path / "healed", "--gguf", tmp_path / "healed.gguf")
+    assert code == 0, err
+    arch = gguf.GGUFReader(str(tmp_path / "healed.gguf")).fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == ("deci" if "--exportable" in recovery else "llama")
