@@ -241,28 +241,33 @@ def compare(model: str, config: CompareConfig, out_dir: str | Path, *, params: P
 @dataclass(frozen=True)
 class HealResult:
     """What `heal` wrote: the checkpoint folder, whether it is healed (else the input unchanged, and why), the
-    held-out loss before and after, and the whole `heal` record of its lineage."""
+    held-out loss before and after (None when no training ran), and the whole `heal` record of its lineage."""
 
     out: Path
     healed: bool
-    heldout_nll_before: float
-    heldout_nll_after: float
+    heldout_nll_before: float | None
+    heldout_nll_after: float | None
     steps: int
     reason: str | None = None
     record: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def heal(checkpoint: str | Path, params: Params | HealConfig | str | Path | None = None, out: str | Path | None = None,
-         *, base: str | None = None, force: bool = False, progress: bool = True, log: Log = _nolog) -> HealResult:
+         *, base: str | None = None, force: bool = False, if_enabled: bool = False, progress: bool = True,
+         log: Log = _nolog) -> HealResult:
     """What `ghosted heal` does: distil the pruned `checkpoint` from its dense base (its lineage's base_model, or
     `base`) with the params' `heal:` recipe on training text, and write a checkpoint of the same kind to `out`
-    (the input unchanged, with the reason, when healing does not lower the held-out loss)."""
-    from ghosted.healing.run import heal_checkpoint
+    (the input unchanged, with the reason, when healing does not lower the held-out loss). `if_enabled` (the
+    pipeline's stage): when the recipe says enabled: false, write the input unchanged instead of healing."""
+    from ghosted.healing.run import heal_checkpoint, write_unhealed
 
     cfg = params if isinstance(params, HealConfig) else _as_params(params).heal
     if out is None:
         raise GhostedError("out: give the output folder")
-    rec = heal_checkpoint(checkpoint, cfg, out, base=base, force=force, progress=progress, log=log)
+    if if_enabled and not cfg.enabled:
+        rec = write_unhealed(checkpoint, cfg, out, "heal.enabled is false: not healed", base=base, force=force)
+    else:
+        rec = heal_checkpoint(checkpoint, cfg, out, base=base, force=force, progress=progress, log=log)
     return HealResult(out=Path(out), healed=rec["healed"], heldout_nll_before=rec["heldout_nll_before"],
                       heldout_nll_after=rec["heldout_nll_after"], steps=rec["steps_run"], reason=rec.get("reason"),
                       record=rec)

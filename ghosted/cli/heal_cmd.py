@@ -23,17 +23,21 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
     cfg = heal_config(args)
     with quiet_libraries(args):
-        res = heal(args.checkpoint, cfg, args.out, base=args.base, force=args.force, progress=not args.quiet,
-                   log=logger(args))
+        res = heal(args.checkpoint, cfg, args.out, base=args.base, force=args.force, if_enabled=args.if_enabled,
+                   progress=not args.quiet, log=logger(args))
     rec = res.record
     summary = {"out": str(res.out), "healed": res.healed, "heldout_nll_before": res.heldout_nll_before,
-               "heldout_nll_after": res.heldout_nll_after, "steps": res.steps, "stopped": rec["stopped"],
-               "tokens": rec["tokens"], "seconds": rec["seconds"]["total"]}
+               "heldout_nll_after": res.heldout_nll_after, "steps": res.steps, "stopped": rec.get("stopped"),
+               "tokens": rec.get("tokens"), "seconds": rec.get("seconds", {}).get("total")}
     if res.reason:
         summary["reason"] = res.reason
-    state = "healed" if res.healed else "unhealed (kept as it was)"
-    log(args, f"wrote {res.out}: {state}, held-out loss {res.heldout_nll_before:.4f} -> {res.heldout_nll_after:.4f}, "
-              f"{res.steps} steps, {rec['tokens']['train']:,} training tokens, {summary['seconds']}s")
+    if res.heldout_nll_before is None:
+        log(args, f"wrote {res.out} unchanged: {res.reason}")
+    else:
+        state = "healed" if res.healed else "unhealed (kept as it was)"
+        log(args, f"wrote {res.out}: {state}, held-out loss {res.heldout_nll_before:.4f} -> "
+                  f"{res.heldout_nll_after:.4f}, {res.steps} steps, {rec['tokens']['train']:,} training tokens, "
+                  f"{summary['seconds']}s")
     print(json.dumps(summary))
     return 0
 
@@ -54,6 +58,8 @@ def add_parser(sub) -> None:
                                   "have the recorded fingerprint)")
     p.add_argument("--force", action="store_true", help="replace --out if it is an earlier ghosted output "
                    "(a folder ghosted did not write is never replaced)")
+    p.add_argument("--if-enabled", action="store_true", help="for the pipeline: when the recipe says enabled: false "
+                   "(heal.enabled), write the checkpoint unchanged (healed: false, with the reason) instead of healing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_options(p, HealConfig, group="heal recipe")
     p.set_defaults(func=cmd_heal)

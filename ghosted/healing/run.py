@@ -136,6 +136,27 @@ def _judge(model, src: Source, data: HealData, trained: Trained, cfg: HealConfig
     return model, after, None
 
 
+def write_unhealed(checkpoint: str | Path, cfg: HealConfig, out: str | Path, reason: str, *,
+                   base: str | None = None, force: bool = False) -> dict:
+    """Write `checkpoint` unchanged to `out` with `healed: false` and `reason` (the pipeline's heal stage when
+    heal.enabled is false); its lineage is checked as for healing. Returns the `heal` record written."""
+    from ghosted.checkpoint import format as checkpoint_format
+    from ghosted.checkpoint.load import load
+    from ghosted.io_owned import check_out_dir
+    from ghosted.version import __version__
+
+    check_out_dir(out, force)
+    src = open_source(checkpoint, base)
+    record = {"recipe": to_json(cfg), "from_checkpoint_sha256": src.sha256, "steps_run": 0,
+              "heldout_nll_before": None, "heldout_nll_after": None, "reason": reason}
+    if src.meta.heal:
+        record["previous"] = src.meta.heal
+    meta = CheckpointMeta.from_dict({**src.meta.to_dict(), "version": __version__,
+                                     "healed": bool(src.meta.healed), "heal": record})
+    checkpoint_format.save(load(src.path), checkpoint_format.load_tokenizer(src.path), out, meta, force=force)
+    return {"healed": bool(src.meta.healed), **record}
+
+
 def heal_checkpoint(checkpoint: str | Path, cfg: HealConfig, out: str | Path, *, base: str | None = None,
                     force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Heal `checkpoint` with `cfg` into `out` (module docstring); returns the `heal` record written."""

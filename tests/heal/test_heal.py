@@ -281,3 +281,14 @@ def test_healed_checkpoints_still_export_to_gguf(recovery, texts, tmp_path, run,
     assert code == 0, err
     arch = gguf.GGUFReader(str(tmp_path / "healed.gguf")).fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == ("deci" if "--exportable" in recovery else "llama")
+
+
+def test_if_enabled_writes_the_checkpoint_unchanged_when_the_recipe_is_off(checkpoints, texts, tmp_path, run):
+    """The pipeline's stage: `--if-enabled` with heal.enabled false copies the checkpoint through, unhealed."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"heal:\n  enabled: false\n  source: {texts['heal']}\n  eval_sources: {texts['eval']}\n")
+    code, out, err = run("heal", checkpoints["plain"], "--out", tmp_path / "h", "--config", params, "--if-enabled", "-q")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["healed"] is False and summary["steps"] == 0 and "heal.enabled is false" in summary["reason"]
+    _unchanged(checkpoints["plain"], tmp_path / "h", summary["reason"])
