@@ -3,7 +3,7 @@
 The plan (HealPlan, decided from the checkpoint's lineage before anything trains): every weight of the kept
 layer just before and just after each cut (`adjacent`), LoRA adapters on the linears of every other kept layer
 (`lora`), and the ghost parameters (`ghosts`, ghosted.solve.distill.ghost_params: never an exportable ghost's
-identity map or its sink detector). The loss is the top-k KL to the dense teacher (ghosted.solve.distill.kd_train:
+identity map or its sink detector). The loss is the KL to the dense teacher over its top-k tokens and the rest (ghosted.solve.distill.kd_train:
 AdamW, warm-up and cosine, held-out next-token loss every eval_every steps, early stopping). At the end the best
 held-out state is put back, or, when no evaluation beat the start, the starting values; the adapters are merged
 into their linears and their hooks removed, so nothing of LoRA remains in the model.
@@ -125,7 +125,7 @@ def heal_model(model: nn.Module, plan: HealPlan, data: HealData, teacher: tuple[
         hooks.own([lora.hook(lin, adapters[lora.key(name)]) for name, lin in linears.items()])
         run = kd_train(model, params, ids, data.fit, ids[data.heldout], *teacher, cfg,
                        lambda: [p.detach().clone() for p in params], progress, log, desc="heal",
-                       autocast=autocast_for(next(model.parameters()).device), deadline=deadline)
+                       autocast=autocast_for(next(model.parameters()).device), deadline=deadline, tail=True)
     finally:
         hooks.remove()
         for p, req in frozen:

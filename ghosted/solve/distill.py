@@ -63,20 +63,32 @@ def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_
     return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
 
 
-def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of sum_k p_k (log p_k - log q_k); logits [B, T-1, V], t_* [B, T-1, k]."""
-    logq = logits.float().log_softmax(-1).gather(-1, t_idx)
+def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, tail: bool = False) -> torch.Tensor:
+    """Mean over tokens of sum_k p_k (log p_k - log q_k); logits [B, T-1, V], t_* [B, T-1, k].
+
+    `tail`: also the term of the teacher's mass outside its top k, p_r (log p_r - log q_r) with p_r = 1 - sum_k p_k
+    and q_r the student's mass on every other token: the exact KL between the two distributions over k + 1
+    outcomes. Without it the loss is lowest when the student puts ALL its mass on the teacher's top k (sum_k q_k =
+    1 > sum_k p_k), which starves the tokens outside them, the true next token among them."""
+    logq_all = logits.float().log_softmax(-1)
+    logq = logq_all.gather(-1, t_idx)
     p = t_logp.exp()
-    return (p * (t_logp - logq)).sum(-1).mean()
+    kl = (p * (t_logp - logq)).sum(-1)
+    if tail:
+        p_rest = (1 - p.sum(-1)).clamp_min(0)
+        logq_rest = logq_all.scatter(-1, t_idx, float("-inf")).logsumexp(-1)
+        kl = kl + torch.special.xlogy(p_rest, p_rest) - p_rest * logq_rest
+    return kl.mean()
 
 
-def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> float:
+def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor,
+                tail: bool = False) -> float:
     """topk_kl of one batch, its gradient accumulated into the trainable parameters; the LM head runs on one
     chunk of tokens at a time (ghosted.evaluation.perplexity), so no [B, T, V] logits or their gradient are
     held. Nothing is accumulated when the loss is not finite (the value says so)."""
     split = split_head(model)
     if split is None:  # plain forward: full logits
-        loss = topk_kl(model(input_ids=ids, use_cache=False).logits[:, :-1], t_logp, t_idx)
+        loss = topk_kl(model(input_ids=ids, use_cache=False).logits[:, :-1], t_logp, t_idx, tail)
         if torch.isfinite(loss):
             loss.backward()
         return float(loss.detach())
@@ -89,7 +101,7 @@ def kl_backward(model: torch.nn.Module, ids: torch.Tensor, t_logp: torch.Tensor,
     n, rows, total = h.shape[0], chunk_rows(head.weight.shape[0]), 0.0
     for r in range(0, n, rows):
         logits = post(model.config, head(h[r:r + rows]))
-        part = topk_kl(logits, t_logp[r:r + rows].to(logits.device), t_idx[r:r + rows].to(logits.device))
+        part = topk_kl(logits, t_logp[r:r + rows].to(logits.device), t_idx[r:r + rows].to(logits.device), tail)
         part = part * (min(rows, n - r) / n)  # chunk means -> the mean over all n tokens
         part.backward()
         total += float(part.detach())
@@ -148,12 +160,13 @@ def kd_train(model: torch.nn.Module, params: list[torch.nn.Parameter], input_ids
              held_ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, cfg: Any,
              snapshot: Callable[[], Any], progress: bool = True, log: Callable[[str], None] = print,
              desc: str = "distill", autocast: Callable[[], AbstractContextManager] = nullcontext,
-             deadline: float | None = None) -> KDRun:
+             deadline: float | None = None, tail: bool = False) -> KDRun:
     """Train `params` (requires_grad already set) on the top-k KL to the teacher (`t_logp`, `t_idx`: one row per
     entry of `fit_rows`), AdamW with a linear warm-up and a cosine schedule; every cfg.eval_every steps the
     held-out next-token loss, `snapshot()` at each new best, and early stopping after cfg.patience evaluations
     without a new best of the training's own. `cfg` has steps, lr, weight_decay, warmup, batch_size, eval_every,
-    patience and seed (DistillConfig, HealConfig); `deadline`: a time.perf_counter() after which it stops."""
+    patience and seed (DistillConfig, HealConfig); `deadline`: a time.perf_counter() after which it stops; `tail`:
+    topk_kl's term for the teacher's mass outside its top k."""
     with autocast():
         before = mean_nll(model, held_ids, cfg.batch_size)
     run = KDRun(before, before, None, 0, "steps")
@@ -173,7 +186,7 @@ def kd_train(model: torch.nn.Module, params: list[torch.nn.Parameter], input_ids
         ids = input_ids[[fit_rows[int(r)] for r in rows]].to(device)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = kl_backward(model, ids, t_logp[rows].to(device), t_idx[rows].to(device))
+            loss = kl_backward(model, ids, t_logp[rows].to(device), t_idx[rows].to(device), tail)
         if not math.isfinite(loss):
             log(f"{desc}: non-finite loss at step {step}; stopping")
             run.stopped = "non-finite loss"

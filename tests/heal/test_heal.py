@@ -292,3 +292,23 @@ def test_if_enabled_writes_the_checkpoint_unchanged_when_the_recipe_is_off(check
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["healed"] is False and summary["steps"] == 0 and "heal.enabled is false" in summary["reason"]
     _unchanged(checkpoints["plain"], tmp_path / "h", summary["reason"])
+
+
+def test_topk_kl_with_the_tail_is_the_kl_over_k_plus_one_outcomes():
+    from ghosted.solve.distill import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g)
+    t_logp, t_idx = teacher.log_softmax(-1).topk(6, dim=-1)
+    assert abs(float(topk_kl(teacher, t_logp, t_idx, tail=True))) < 1e-6
+    p, q = teacher.softmax(-1), student.softmax(-1)
+
+    def coarse(x):  # the top-6 tokens' probabilities and the rest's
+        top = x.gather(-1, t_idx)
+        return torch.cat([top, 1 - top.sum(-1, keepdim=True)], -1)
+
+    exact = (coarse(p) * (coarse(p).log() - coarse(q).log())).sum(-1).mean()
+    assert torch.allclose(topk_kl(student, t_logp, t_idx, tail=True), exact, atol=1e-5)
+    # without the tail, a student with all its mass on the teacher's top k scores better than the teacher itself
+    greedy = torch.full_like(teacher, -30.0).scatter(-1, t_idx, t_logp)
+    assert float(topk_kl(greedy, t_logp, t_idx)) < 0 < float(topk_kl(greedy, t_logp, t_idx, tail=True))
