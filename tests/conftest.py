@@ -48,6 +48,22 @@ def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str
     return _run
 
 
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_env_restored():
+    """mlflow.set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI for subprocesses:
+    a test that points MLflow somewhere must not send a later test's `ghosted register` subprocess there."""
+    before = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # The longest files first: with one file per xdist worker (scripts/test.sh) the suite ends when the file started
 # last ends. A stable sort, so the order inside each file is kept.
 _LONGEST_FIRST = ("test_schedule.py", "test_flows.py", "test_reliability.py", "test_registry.py", "test_export.py", "test_cli.py")
