@@ -126,3 +126,25 @@ def test_exportable_refuses_what_llama_cpp_cannot_run(tiny_llama, capsys):
                           (["--recovery", "linearpatch"], "--recovery ghost")):
         code, _, err = _run(capsys, "prune", tiny_llama, "--layers", "2-3", "--exportable", *extra, "--out", "/x")
         assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_the_searched_plan_of_an_exportable_config_exports_to_deci(tiny_llama, text_file, tmp_path, capsys):  # noqa: F811
+    """params.yaml's prune.exportable reaches the search: every candidate it screens and the checkpoint it chooses
+    (one or two cuts) are exportable ghosts, so the champion a search picks runs in llama.cpp."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"calibration: {{source: {text_file}, n: 8, seq_len: 16}}\n"
+                      "prune: {select: angular, recovery: ghost, exportable: true}\n"
+                      f"eval: {{ppl: {text_file}, ppl_windows: 1, seq_len: 16, tasks: none}}\n"
+                      f"gate: {{max_ppl_ratio: 1000.0, min_retained_acc: null, rank_by: {text_file}}}\n"
+                      "search: {min_remove: 1, max_remove: 3, split_shortlist: 1}\n")
+    out = tmp_path / "search"
+    code, stdout, err = _run(capsys, "search", tiny_llama, "--config", params, "--out", out, "--quiet")
+    assert code == 0, stdout + err
+    ckpt = out / "checkpoint"
+    ghosts = json.loads((ckpt / "config.json").read_text())["ghosted"]["ghosts"]
+    assert ghosts and all(g["norm"] and g["raw"] is False for g in ghosts)
+    code, stdout, err = _run(capsys, "export", ckpt, "--gguf", tmp_path / "s.gguf", "--outtype", "f32")
+    assert code == 0 and "deci" in stdout, err
+    reader = gguf.GGUFReader(str(tmp_path / "s.gguf"))
+    n_kv = _field(reader, "deci.attention.head_count_kv")
+    assert n_kv.count(0) >= len(ghosts)  # one linear-attention layer per cut (plus any detector layers)
