@@ -171,8 +171,9 @@ def prune_template(params: Params) -> PruneConfig:
 
 def search(model: str, params: Params | str | Path | None, out: str | Path, *, calibration: str | Path | None = None,
            force: bool = False, progress: bool = True, log: Log = _nolog, **load: Any) -> dict:
-    """What `ghosted search` does: the most layers whose pruned model passes params.gate; writes OUT/search.json,
-    the report and (when a plan passed) OUT/checkpoint. Returns the search document (`chosen` None: none passed)."""
+    """What `ghosted search` does: the most layers whose pruned model passes params.gate (or, with search.target,
+    the best plan within the budget, passing or not); writes OUT/search.json, the report and (when a plan was
+    chosen) OUT/checkpoint. Returns the search document (`chosen` None: none passed; `chosen.passed`)."""
     from ghosted.solve.search import run_search, write_search
 
     t0 = time.perf_counter()
@@ -180,8 +181,14 @@ def search(model: str, params: Params | str | Path | None, out: str | Path, *, c
     template = prune_template(p)
     if not p.eval.ppl and not p.eval.tasks:
         raise GhostedError("search needs an evaluation for the gate: the eval: section has no ppl and no tasks")
+    if p.search.heal:  # the recipe's text is checked before anything loads, as `ghosted heal` does
+        from ghosted.checks import check_device
+        from ghosted.healing.data import refuse_evaluation_names
+
+        refuse_evaluation_names(p.heal)
+        check_device(p.heal.device, "--device (heal.device)")
     loaded, calib = _prepare(model, p, out, force, calibration, log, load)
-    outcome = run_search(loaded, calib, template, p.search, p.eval, p.gate, progress=progress, log=log)
+    outcome = run_search(loaded, calib, template, p.search, p.eval, p.gate, progress=progress, log=log, heal=p.heal)
     outcome.doc["wall_seconds"] = time.perf_counter() - t0
     write_search(loaded, calib, outcome, Path(out), force=force)
     return outcome.doc

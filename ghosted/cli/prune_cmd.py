@@ -130,6 +130,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
     searching = params_file(args).search.enabled and args.remove is None and args.layers is None
     if searching:
         params = search_params(args)  # every section checked before the model loads
+        if params.search.heal:
+            raise GhostedError("search.heal heals checkpoints and the solve stage writes operators: turn it off and "
+                               "use heal.enabled (the pipeline's heal stage after fuse)")
     else:
         cfg = prune_config(args)
     check_out_dir(args.out, args.force)
@@ -158,9 +161,9 @@ def _searched_solution(args: argparse.Namespace, loaded, calib, params):
     outcome = run_search(loaded, calib, prune_template(params), params.search, params.eval, params.gate,
                          progress=not args.quiet, log=logger(args))
     doc = outcome.doc
-    if outcome.chosen is None:
+    if outcome.chosen is None or not doc["chosen"]["passed"]:
         raise GhostedError(f"search: {doc['message']}; nothing to fuse or register (widen search.min_remove/"
-                           "max_remove or relax the gate)")
+                           "max_remove, loosen search.target or relax the gate)")
     log(args, f"search: {doc['message']} ({doc['full_evaluations']} full evaluations)")
     outcome.chosen.meta = outcome.chosen.meta.updated(
         search={"chosen_k": doc["chosen"]["k"], "full_evaluations": doc["full_evaluations"]})

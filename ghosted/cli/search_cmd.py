@@ -1,4 +1,5 @@
-"""ghosted search: the most layers whose pruned model passes the gate (see ghosted/solve/search.py)."""
+"""ghosted search: the most layers whose pruned model passes the gate, or the best plan within a --target budget
+(see ghosted/solve/search.py)."""
 
 from __future__ import annotations
 
@@ -19,23 +20,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     log(args, f"{doc['message']}; {doc['full_evaluations']} full evaluations, {doc['wall_seconds']:.0f}s; "
               f"wrote {args.out / SEARCH_JSON}")
     chosen = doc["chosen"]
-    print(json.dumps({"out": str(args.out), "chosen": None if chosen is None else
-                      {k: chosen[k] for k in ("k", "removed", "recovery", "checkpoint")},
+    keys = ("k", "removed", "recovery", "checkpoint", "passed", "reasons", "budget")
+    print(json.dumps({"out": str(args.out), "target": doc["target"],
+                      "chosen": None if chosen is None else {k: chosen[k] for k in keys},
                       "message": doc["message"], "full_evaluations": doc["full_evaluations"],
                       "wall_seconds": round(doc["wall_seconds"], 1)}))
-    return 0 if chosen is not None else 1  # nothing passed: the report is written, but there is no model to use
+    # nothing passed (or the target's plan fails the gate): the report is written, but no model to ship
+    return 0 if chosen is not None and chosen["passed"] else 1
 
 
 def add_parser(sub) -> None:
     from ghosted.config import SearchConfig
 
     p = sub.add_parser(
-        "search", help="find the most layers whose pruned model passes the gate (writes search.json + checkpoint)",
+        "search", help="find the most layers whose pruned model passes the gate, or the best plan within a "
+                       "--target budget (writes search.json + checkpoint)",
         description="Screen pruning plans (one or two cuts, ghost recovery) by held-out calibration loss from one "
                     "shared calibration pass, then binary-search the number of removed layers with full "
-                    "evaluations (the eval: section) judged by the gate: section. Writes OUT/search.json, "
-                    "OUT/search.md, OUT/frontier.png and the chosen model in OUT/checkpoint. Exit status 1 "
-                    "(with search.json saying chosen: null) when no plan in the range passes.")
+                    "evaluations (the eval: section) judged by the gate: section. With --target params=N | "
+                    "speedup=X | memory=MB: the fewest layers whose removal meets the budget, and the best of its "
+                    "plans that meet it, judged by the gate all the same. Writes OUT/search.json, OUT/search.md, "
+                    "OUT/frontier.png and the chosen model in OUT/checkpoint. Exit status 1 when no plan in the "
+                    "range passes (search.json says chosen: null, no checkpoint) or when the target's plan fails "
+                    "the gate (its checkpoint is written, chosen.passed false with the reasons).")
     model_args(p)
     calib_args(p)
     add_options(p, SearchConfig, group="search")

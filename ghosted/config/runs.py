@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ghosted.config.evaluation import EvalSettings
+from ghosted.config.target import parse_target
 from ghosted.config.typed import (
     DEFAULT_TRACKING_URI,
     MAX_BATCH,
@@ -102,6 +103,14 @@ class SearchConfig:
                                "the plans screened (default {default})", bounds=between(1, 64))
     distill: int = option(0, "also distill each evaluated plan's ghosts this many steps and report both rows "
                              "(default 0)", metavar="STEPS", bounds=between(0, MAX_STEPS))
+    # A budget instead of the gate deciding k: the fewest layers whose removal meets it, then the best plan of
+    # those that meet it (ghosted.solve.budget); the gate still judges it.
+    target: str | None = option(None, "the most accurate plan within a budget, instead of the most layers that pass "
+                                      "the gate: params=N (100M, 1e8: after pruning, the ghosts included), "
+                                      "speedup=X (ideal prefill L/(L-k), e.g. 1.3) or memory=MB (weights and ghosts "
+                                      "in the saved dtype, e.g. 400 or 400MB)", metavar="KIND=VALUE")
+    heal: bool = option(False, "also heal each evaluated plan's checkpoint with the heal: recipe and report both "
+                               "rows; the gate may pick the healed one")
     # The pipeline (`dvc repro`, flows.compress): the solve stage searches for the plan (the gate: and eval:
     # sections decide) instead of removing prune.remove layers; fuse, evaluate and register then run on it.
     enabled: bool = option(False, "the pipeline's solve stage searches instead of removing prune.remove layers",
@@ -111,6 +120,11 @@ class SearchConfig:
         _typed(self, "search")
         if self.min_remove is not None and self.max_remove is not None and self.min_remove > self.max_remove:
             raise GhostedError(f"search.min_remove ({self.min_remove}) is above search.max_remove ({self.max_remove})")
+        if self.target is not None:
+            parse_target(self.target)  # a bad target is one line before anything loads
+            if self.min_remove is not None or self.max_remove is not None:
+                raise GhostedError(f"--target (search.target) {self.target} decides how many layers go: drop "
+                                   "--min-remove/--max-remove (search.min_remove/max_remove)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SearchConfig:

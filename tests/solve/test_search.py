@@ -18,7 +18,8 @@ from ghosted.method.linalg import solve_ghost
 from ghosted.method.sums import F64, PairSums
 from ghosted.method.surgery import temporarily_pruned
 from ghosted.models import Loaded, ModelRef
-from ghosted.solve.search import fit_progressive, k_range, screen, split_plans
+from ghosted.solve.screen import fit_progressive, screen, split_plans
+from ghosted.solve.search import k_range
 from ghosted.solve.solver import PruneConfig, build_checkpoint, shared_capture, solve
 from tests.tiny_models import make_tiny
 
@@ -109,7 +110,7 @@ def test_screen_shortlists_the_best_angular_blocks_and_one_boundary_error_pick()
     """Singles screened per k: the `shortlist` blocks of lowest angular distance, plus the block of lowest held-out
     boundary error (unless it is one of them); nothing else."""
     from ghosted.method.selection import block_scores, ghost_block_errors
-    from ghosted.solve.search import _screen_choice
+    from ghosted.solve.screen import screen_choice
 
     loaded = _loaded(6)
     calib = _own_text(loaded.model)
@@ -117,7 +118,7 @@ def test_screen_shortlists_the_best_angular_blocks_and_one_boundary_error_pick()
     res = shared_capture(loaded, calib, cfg, [2], ["ghost"], progress=False)
     ang = block_scores(res, 2)["angular"]
     by_angle = sorted(range(len(ang)), key=lambda s: (ang[s], s))
-    errs = ghost_block_errors(res, 2, _screen_choice(cfg)[1])
+    errs = ghost_block_errors(res, 2, screen_choice(cfg)[1])
     boundary = min((s for s in range(len(errs)) if errs[s] is not None), key=lambda s: errs[s])
     for m in (1, 2):
         got = screen(loaded, calib, cfg, SearchConfig(shortlist=m, max_cuts=1), res, 2)
