@@ -46,9 +46,9 @@ def _heal(r: dict[str, Any]) -> str:
     h = r.get("heal")
     if not h:
         return "-"
-    what = "healed" if h["healed"] else "unhealed"
-    loss = "" if h["heldout_nll_after"] is None else f", {h['heldout_nll_before']:.3f} -> {h['heldout_nll_after']:.3f}"
-    return f"{duration(r['heal_seconds'])} ({what}{loss})"
+    if not h["healed"]:  # the guard kept the checkpoint as it was (search.json has the reason)
+        return f"{duration(r['heal_seconds'])} (unhealed)"
+    return f"{duration(r['heal_seconds'])} (healed, {h['heldout_nll_before']:.3f} -> {h['heldout_nll_after']:.3f})"
 
 
 def _intro(doc: dict[str, Any]) -> list[str]:
@@ -126,8 +126,8 @@ def plot_frontier(doc: dict[str, Any], path: Path) -> bool:
             value = (lambda r, src=src: r["ppl_ratio"].get(src)) if src else (lambda r: r["retained_acc"])
             pts = sorted((k, value(r)) for k, r in lead.items() if value(r) is not None)
             if pts:
-                label = f"{name} ({LABELS[name]})" if name in LABELS else name
-                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
+                legend = f"{name} ({LABELS[name]})" if name in LABELS else name
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=legend)[0]
                 others = [(r["k"], value(r)) for r in mine if r is not lead[r["k"]] and value(r) is not None]
                 if others:
                     ax.scatter([p[0] for p in others], [p[1] for p in others], marker="x", color=line.get_color(),

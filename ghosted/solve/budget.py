@@ -98,7 +98,7 @@ def human(kind: str, x: float) -> str:
     if kind == "speedup":
         return f"x{x:.3f}"
     if kind == "memory":
-        return f"{x:.1f} MB"
+        return f"{x:.1f} MB" if x >= 10 else f"{x:.3f} MB"
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if x >= size:
             return f"{x / size:.2f}{unit}"

@@ -182,7 +182,7 @@ def test_search_heal_reports_healed_rows_beside_the_training_free_ones(tiny_fold
     text.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(40)))
     other = tmp_path / "other.txt"
     other.write_text("a completely different text about nothing much.\n")
-    heal = (f"heal: {{source: {text}, eval_sources: {other}, n: 8, seq_len: 24, steps: 4, eval_every: 2, "
+    heal = (f"heal: {{source: {text}, eval_sources: {other}, n: 12, seq_len: 32, steps: 20, eval_every: 2, "
             "lr: 3.0e-3, lora_rank: 2, holdout: 0.25, max_minutes: null}\n")
     params = _params(tmp_path, "{max_ppl_ratio: 1000.0, min_retained_acc: null}", "{finalists: 1, heal: true}", heal)
     scratch = tmp_path / "tmp"
@@ -195,15 +195,17 @@ def test_search_heal_reports_healed_rows_beside_the_training_free_ones(tiny_fold
     rows = {r["recovery"]: r for r in doc["frontier"]}
     assert set(rows) == {"ghost", "ghost+heal"} and rows["ghost"]["removed"] == rows["ghost+heal"]["removed"]
     h = rows["ghost+heal"]["heal"]
-    assert 1 <= h["steps_run"] <= 4 and rows["ghost+heal"]["heal_seconds"] > 0 and rows["ghost"].get("heal") is None
+    assert h["healed"] is True and h["heldout_nll_after"] < h["heldout_nll_before"] and 1 <= h["steps_run"] <= 20
+    assert rows["ghost+heal"]["heal_seconds"] > 0 and rows["ghost"].get("heal") is None
     assert rows["ghost+heal"]["budget"] == rows["ghost"]["budget"]  # healing adds no parameter
-    assert doc["full_evaluations"] == 3 and doc["settings"]["heal"]["steps"] == 4
-    chosen = doc["chosen"]
-    meta = read_meta(out / "checkpoint")
-    assert (meta.heal is not None) == (chosen["recovery"] == "ghost+heal")
+    assert doc["full_evaluations"] == 3 and doc["settings"]["heal"]["steps"] == 20
+    # the healed row has the lower wiki perplexity here, so the gate's ranking picks it: its healed checkpoint
+    # is the one written
+    assert rows["ghost+heal"]["ppl"]["wiki"] < rows["ghost"]["ppl"]["wiki"]
+    assert doc["chosen"]["recovery"] == "ghost+heal" and read_meta(out / "checkpoint").healed is True
     assert not list(scratch.iterdir())  # the healed finalists' scratch folder is gone
     md = (out / "search.md").read_text()
-    assert "| ghost+heal |" in md and ("(healed, " in md or "(unhealed" in md)
+    assert "| ghost+heal |" in md and "(healed, " in md
     # the pipeline's solve stage writes operators: search.heal is refused there in one line, before loading
     params.write_text(params.read_text().replace("heal: true", "heal: true, enabled: true"))
     code, _, err = run("solve", tiny_folder, "--config", params, "--out", tmp_path / "ops", "--quiet")
