@@ -37,8 +37,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     from ghosted.checkpoint.gguf import OUTTYPES
 
-    p = sub.add_parser("export", help="write a plain checkpoint (recovery none, scalar, replaceme, foldable) as GGUF "
-                                      "for llama.cpp")
+    p = sub.add_parser("export", help="write a checkpoint as GGUF for llama.cpp: a plain one (recovery none, scalar, "
+                                      "replaceme, foldable) as its own architecture, an exportable ghost "
+                                      "(--exportable) as deci")
     p.add_argument("checkpoint", help="checkpoint folder, a registered version (models:/NAME@ALIAS or "
                                       "models:/NAME/VERSION: its checkpoint is checked against the registered "
                                       "sha256), or a shipped model name for the dense model")
