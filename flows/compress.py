@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from ghosted.errors import GhostedError
 from ghosted.json_io import parse_json, read_json
 
-SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep", "search")
+SECTIONS = ("model", "calibration", "prune", "eval", "gate", "registry", "sweep", "search", "heal")
 RETRY_DELAYS = [10, 60]
 PROGRESS_EVERY_S = 15.0  # a progress bar becomes one log line this often (plus its final state)
 ERROR_PREFIX = "ghosted: error: "

@@ -272,7 +272,7 @@ def heal(checkpoint: str | Path, params: Params | HealConfig | str | Path | None
     if out is None:
         raise GhostedError("out: give the output folder")
     if if_enabled and not cfg.enabled:
-        rec = write_unhealed(checkpoint, cfg, out, "heal.enabled is false: not healed", base=base, force=force)
+        rec = write_unhealed(checkpoint, out, "heal.enabled is false: not healed", base=base, force=force)
     else:
         rec = heal_checkpoint(checkpoint, cfg, out, base=base, force=force, progress=progress, log=log)
     return HealResult(out=Path(out), healed=rec["healed"], heldout_nll_before=rec["heldout_nll_before"],

@@ -144,7 +144,8 @@ def _table(rows: list[dict]) -> str:
     body = [(r["name"], r["version"], r["created"], r["gate"],
              "-" if r["rank_value"] is None else f"{r['rank_value']:.4f} ({r['rank_by']})",
              "-" if r["retained_acc"] is None else f"{r['retained_acc']:.4f}",
-             r["removed_layers"] or "-", r["method"] or "-", "*" if r["champion"] else "") for r in rows]
+             r["removed_layers"] or "-", f"{r['method'] or '-'}{' healed' if r['healed'] else ''}",
+             "*" if r["champion"] else "") for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
     fails = [f"  v{r['version']} ({r['name']}): {r['gate_reason']}" for r in rows if r["gate"] == "fail"]

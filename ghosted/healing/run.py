@@ -136,10 +136,12 @@ def _judge(model, src: Source, data: HealData, trained: Trained, cfg: HealConfig
     return model, after, None
 
 
-def write_unhealed(checkpoint: str | Path, cfg: HealConfig, out: str | Path, reason: str, *,
+def write_unhealed(checkpoint: str | Path, out: str | Path, reason: str, *,
                    base: str | None = None, force: bool = False) -> dict:
     """Write `checkpoint` unchanged to `out` with `healed: false` and `reason` (the pipeline's heal stage when
-    heal.enabled is false); its lineage is checked as for healing. Returns the `heal` record written."""
+    heal.enabled is false); its lineage is checked as for healing. Returns the `heal` record written.
+
+    The record holds no recipe: none was applied."""
     from ghosted.checkpoint import format as checkpoint_format
     from ghosted.checkpoint.load import load
     from ghosted.io_owned import check_out_dir
@@ -147,7 +149,7 @@ def write_unhealed(checkpoint: str | Path, cfg: HealConfig, out: str | Path, rea
 
     check_out_dir(out, force)
     src = open_source(checkpoint, base)
-    record = {"recipe": to_json(cfg), "from_checkpoint_sha256": src.sha256, "steps_run": 0,
+    record = {"from_checkpoint_sha256": src.sha256, "steps_run": 0,
               "heldout_nll_before": None, "heldout_nll_after": None, "reason": reason}
     if src.meta.heal:
         record["previous"] = src.meta.heal

@@ -46,6 +46,18 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def _healed(meta: Mapping[str, Any]) -> str:
+    """The heal stage's outcome, from the checkpoint's lineage."""
+    rec = meta.get("heal") if isinstance(meta.get("heal"), Mapping) else {}
+    before, after = rec.get("heldout_nll_before"), rec.get("heldout_nll_after")
+    loss = (f"held-out loss {before:.4f} -> {after:.4f}, {rec.get('steps_run')} steps"
+            if isinstance(before, float) and isinstance(after, float) else "")
+    if meta.get("healed") is True:
+        return f"yes ({loss})"
+    why = "; ".join(str(x) for x in (rec.get("reason"), loss) if x)
+    return f"no ({why})" if why else "no"
+
+
 def summary_markdown(meta: Mapping[str, Any], dense: Mapping, pruned: Mapping, verdict: Verdict, cfg: GateConfig,
                      registration: Mapping[str, Any], plots: list[str]) -> str:
     """summary.md: what was registered, the quality table and the gate and champion decisions."""
@@ -56,6 +68,7 @@ def summary_markdown(meta: Mapping[str, Any], dense: Mapping, pruned: Mapping, v
              f"- Removed layers: {','.join(map(str, meta.get('removed_layers', [])))} of "
              f"{meta.get('num_layers_dense')} (recovery {meta.get('recovery')})",
              f"- Calibration sha256: {meta.get('calibration_sha256')}",
+             f"- Healed: {_healed(meta)}",
              f"- Checkpoint sha256: {registration.get('checkpoint_sha256')}",
              f"- MLflow run: {registration['run_id']}", "",
              "| metric | dense | pruned | ratio |", "|---|---|---|---|"]

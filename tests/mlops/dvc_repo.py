@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,15 @@ from tests.tiny_models import make_tiny
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; pruning removes layers. " * 3
                    for i in range(40))
-STAGES = ("fingerprint", "calibrate", "score", "solve", "fuse", "evaluate_dense", "evaluate_pruned", "register")
+HEAL_WORDS = "cat dog sun sea hill road tree lake river stone cloud field house bird fish wind rain snow".split()
+# Healing text: other words than TEXT (the evaluation text), which no healing window may overlap.
+HEAL_TEXT = "\n\n".join(" ".join(random.Random(i).choices(HEAL_WORDS, k=40)) + "." for i in range(40))
+STAGES = ("fingerprint", "calibrate", "score", "solve", "fuse", "heal", "evaluate_dense", "evaluate_pruned",
+          "register")
+# heal.enabled stays false (the pass-through); `-S heal.enabled=true` heals with this tiny recipe in seconds.
+TINY_HEAL = {"source": "base/heal.txt", "eval_sources": "base/text.txt", "n": 12, "seq_len": 16, "batch_size": 2,
+             "steps": 4, "lr": 0.003, "eval_every": 2, "patience": 2, "holdout": 0.25, "lora_rank": 4, "top_k": 8,
+             "max_minutes": None}
 
 
 def env() -> dict[str, str]:
@@ -66,12 +75,14 @@ def make_repo(repo: Path) -> Path:
         shutil.copy(ROOT / name, repo / name)
     save_tiny(repo / "base" / "tiny-llama")
     (repo / "base" / "text.txt").write_text(TEXT)
+    (repo / "base" / "heal.txt").write_text(HEAL_TEXT)
     set_params(repo, model="base/tiny-llama",
                calibration={"source": "base/text.txt", "n": 6, "seq_len": 16, "seed": 0},
                eval={"ppl": "base/text.txt", "ppl_windows": 2, "seq_len": 16, "tasks": "none", "batch_size": 4,
                      "limit": None},
                prune={"remove": 2},
-               gate={"min_retained_acc": None, "rank_by": "base/text.txt", "max_ppl_ratio": 1000.0})
+               gate={"min_retained_acc": None, "rank_by": "base/text.txt", "max_ppl_ratio": 1000.0},
+               heal=TINY_HEAL)
     run(repo, "git", "init", "-q")
     run(repo, sys.executable, "-m", "dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")

@@ -79,6 +79,20 @@ def _versions(repo: Path) -> int:
     return len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name='ghosted-tiny-llama'"))
 
 
+def _version(repo: Path, version: str):
+    """(model version, its run) of ghosted-tiny-llama in the repo's registry."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    v = client.get_model_version("ghosted-tiny-llama", version)
+    return v, client.get_run(v.run_id)
+
+
+def _ghosted_block(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())["ghosted"]
+
+
 def _ran(out: str) -> list[str]:
     from tests.mlops.dvc_repo import STAGES
 
@@ -96,8 +110,10 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     """The project's real dvc.yaml in a throwaway git repo, one pipeline run for all of it: the flow runs one task
     per DVC stage; afterwards DVC is clean, `dvc repro` is a no-op and a flow rerun registers nothing; `dvc metrics
     show` holds the decisive numbers only; the remote takes the cache; `dvc exp run -S prune.remove=3` reruns only
-    what prune.remove feeds (with progress in its log) and registers nothing; registry.register: false reruns
-    register alone without a version; a changed base model makes every stage that reads it stale."""
+    what prune.remove feeds (with progress in its log) and registers nothing; the heal stage passes the checkpoint
+    through (healed: false) until `-S heal.enabled=true`, which reruns heal and the stages after it and registers a
+    version that records the recipe; registry.register: false reruns register alone without a version; a changed
+    base model makes every stage that reads it stale."""
     import yaml
 
     from tests.mlops.dvc_repo import ROOT, STAGES, dvc, run, save_tiny, set_params
@@ -117,6 +133,19 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert set(lock["stages"]["evaluate_pruned"]["params"]["params.yaml"]) == {"eval"}  # only its own section
+    # heal.enabled false: the checkpoint passes through unhealed, with the same weights (one object in DVC's
+    # content-addressed cache), and the version says healed: false and logs no recipe.
+    healed = _ghosted_block(repo / "models" / "healed")
+    assert healed["healed"] is False and "heal.enabled is false" in healed["heal"]["reason"]
+    assert "recipe" not in healed["heal"]
+    pruned, passed = repo / "models" / "pruned", repo / "models" / "healed"
+    weights = sorted(p.name for p in pruned.glob("*.safetensors"))
+    assert weights and all((pruned / w).read_bytes() == (passed / w).read_bytes() for w in weights)
+    v1, run1 = _version(repo, "1")
+    assert v1.tags["healed"] == run1.data.tags["healed"] == "false"
+    assert not [k for k in [*run1.data.params, *run1.data.metrics] if k.startswith("heal")]
+    summary = (repo / "reports" / "pipeline" / "summary.md").read_text()
+    assert "- Healed: no (heal.enabled is false: not healed)" in summary
 
     state = compress_mod.compress(repo=str(repo), return_state=True)
     second = state.result()
@@ -147,7 +176,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
 
     # An experiment reruns only what prune.remove feeds, and registers nothing (registry.experiments: false).
     out = dvc(repo, "exp", "run", "-S", "prune.remove=3")
-    assert _ran(out) == ["score", "solve", "fuse", "evaluate_pruned", "register"], out[-3000:]
+    assert _ran(out) == ["score", "solve", "fuse", "heal", "evaluate_pruned", "register"], out[-3000:]
     assert "ppl base/text.txt" in out or "ppl text.txt" in out  # progress of the evaluation reaches the log
     assert _registry(repo) == [("1", "pass", True)]
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
@@ -155,10 +184,31 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     # the code is one dependency (one column), not a column per module
     assert [d for d in shown[0]["data"]["deps"] if d.startswith("ghosted")] == ["ghosted"]
 
+    # Healing on (params.yaml's tiny recipe, 3 steps), registered: heal and the stages after it rerun.
+    out = dvc(repo, "exp", "run", "-S", "heal.enabled=true", "-S", "heal.steps=3", "-S", "registry.experiments=true")
+    assert _ran(out) == ["heal", "evaluate_pruned", "register"], out[-3000:]
+    assert "teacher: top-8 log-probs" in out  # the heal stage's log reaches the output
+    rec = _ghosted_block(repo / "models" / "healed")
+    heal = rec["heal"]
+    assert rec["healed"] is True and heal["heldout_nll_after"] < heal["heldout_nll_before"] and heal["steps_run"] == 3
+    assert [r[0] for r in _registry(repo)] == ["1", "2"]
+    v2, run2 = _version(repo, "2")
+    assert v2.tags["healed"] == run2.data.tags["healed"] == str(rec["healed"]).lower()
+    assert run2.data.params["heal.enabled"] == "True" and run2.data.params["heal.steps"] == "3"
+    assert run2.data.params["heal.source"] == "base/heal.txt" and run2.data.params["heal.lr"] == "0.003"
+    assert run2.data.metrics["heal/steps"] == heal["steps_run"]
+    assert run2.data.metrics["heal/heldout_nll_before"] == pytest.approx(heal["heldout_nll_before"])
+    assert run2.data.metrics["heal/heldout_nll_after"] == pytest.approx(heal["heldout_nll_after"])
+    listed = json.loads(run(repo, "ghosted", "registry", "list", "--json", "--config", "params.yaml").stdout)
+    assert [r["healed"] for r in listed] == [False, rec["healed"]]
+    summary = (repo / "reports" / "pipeline" / "summary.md").read_text()
+    assert f"- Healed: {'yes' if rec['healed'] else 'no'} (" in summary and "held-out loss" in summary
+
     # registry.register: false on a plain repro: the register stage writes its reports, no version.
+    registered = _registry(repo)
     set_params(repo, registry={"register": False})
     assert _ran(dvc(repo, "repro")) == ["register"]
-    assert _registry(repo) == [("1", "pass", True)]
+    assert _registry(repo) == registered
     assert "not registered: registry.register: false" in (repo / "reports" / "pipeline" / "summary.md").read_text()
 
     # A changed base model: refreshing the fingerprint makes every stage that reads the model stale.
@@ -166,7 +216,7 @@ def test_compress_runs_the_dvc_stages_then_dvc_owns_the_rest(tmp_path):
     assert "Data and pipelines are up to date." in dvc(repo, "status")  # DVC cannot see the model by itself
     dvc(repo, "repro", "--force", "--single-item", "fingerprint")
     assert json.loads((repo / "data" / "base_model.json").read_text())["fingerprint"] != base["fingerprint"]
-    assert set(json.loads(dvc(repo, "status", "--json"))) == {"calibrate", "score", "solve", "fuse",
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"calibrate", "score", "solve", "fuse", "heal",
                                                                "evaluate_dense"}
 
 
@@ -194,7 +244,7 @@ def test_a_bad_param_ends_the_flow_with_one_line_and_no_retry(tmp_path, capsys):
 def test_stage_order_follows_the_dag():
     order = compress_mod.stage_order(Path(__file__).resolve().parents[2] / "dvc.yaml")
     assert order[0] == "fingerprint" and order[-1] == "register"
-    for before, after in [("calibrate", "score"), ("solve", "fuse"), ("fuse", "evaluate_pruned")]:
+    for before, after in [("calibrate", "score"), ("solve", "fuse"), ("fuse", "heal"), ("heal", "evaluate_pruned")]:
         assert order.index(before) < order.index(after)
 
 

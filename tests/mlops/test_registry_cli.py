@@ -156,6 +156,7 @@ def test_gate_pass_registers_champion_with_lineage(built, uri, params, tmp_path,
     assert v.tags["removed_layers"] == ",".join(map(str, meta["removed_layers"]))
     assert v.tags["method"] == "ghost" and v.tags["calibration_sha256"] == meta["calibration_sha256"]
     assert v.tags["gate"] == "pass" and float(v.tags["rank_value"]) == pytest.approx(1.2)
+    assert v.tags["healed"] == "false" and "heal_reason" not in v.tags  # never healed
     run = client.get_run(res["run_id"])
     assert len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # MLflow's tag, inside a git checkout
     assert run.data.params["base_model"] == str(built["dense"]) and run.data.params["recovery"] == "ghost"
@@ -174,6 +175,41 @@ def test_gate_pass_registers_champion_with_lineage(built, uri, params, tmp_path,
     assert "version 1" in (reports / "summary.md").read_text()
     # The registered model remembers the base fingerprint (what flows/recompress.py compares against).
     assert client.get_registered_model("m-pass").tags["base_fingerprint"] == meta["base_fingerprint"]
+
+
+def test_a_healed_checkpoint_is_registered_with_its_recipe(built, uri, params, tmp_path, capsys):
+    """`ghosted heal` (a few steps on the tiny model): the run logs the recipe as heal.* params and what healing did
+    as heal/ metrics; the run and the version are tagged healed as the checkpoint's lineage says."""
+    import ghosted
+    from ghosted.config.heal import HealConfig
+
+    (tmp_path / "heal.txt").write_text("\n\n".join(f"Note {i}: rain falls on the green hill by the river. " * 3
+                                                    for i in range(40)))
+    (tmp_path / "calib.txt").write_text(TEXT)  # the evaluation text here: no healing window may overlap it
+    recipe = HealConfig(source=str(tmp_path / "heal.txt"), eval_sources=str(tmp_path / "calib.txt"), n=12,
+                        seq_len=16, steps=4, lr=3e-3, eval_every=2, patience=2, holdout=0.25, lora_rank=4, top_k=8,
+                        max_minutes=None)
+    ckpt = tmp_path / "healed"
+    res = ghosted.heal(built["ckpt"], recipe, ckpt, progress=False)
+    assert res.healed and res.heldout_nll_after < res.heldout_nll_before and res.steps > 0  # 5.142 -> 5.111
+    dense = results(tmp_path / "dense.json", 10.0, 20.0, 0.5, base_of=ckpt, protocol="p1")
+    pruned = results(tmp_path / "pruned.json", 12.0, 24.0, 0.5, checkpoint=ckpt, protocol="p1")
+    code, out, err = _cli(capsys, "register", ckpt, "--metrics", pruned, "--dense-metrics", dense, "--config", params,
+                          "--tracking-uri", uri, "--name", "m-healed", "--quiet")
+    assert code == 0, err
+    reg = json.loads(out.strip().splitlines()[-1])
+    client = _client(uri)
+    v, run = client.get_model_version("m-healed", reg["version"]), client.get_run(reg["run_id"])
+    assert v.tags["healed"] == run.data.tags["healed"] == str(res.healed).lower()
+    assert ("heal_reason" in v.tags) == (not res.healed)
+    assert run.data.params["heal.steps"] == "4" and run.data.params["heal.lr"] == "0.003"
+    assert run.data.params["heal.train"] == '["lora", "adjacent", "ghosts"]'
+    assert not any(k.startswith("heal.curve") or k == "healed" for k in run.data.params)  # the recipe, not the record
+    assert run.data.metrics["heal/steps"] == res.steps
+    assert run.data.metrics["heal/heldout_nll_before"] == pytest.approx(res.heldout_nll_before)
+    assert run.data.metrics["heal/heldout_nll_after"] == pytest.approx(res.heldout_nll_after)
+    code, out, _ = _cli(capsys, "registry", "list", "--name", "m-healed", "--tracking-uri", uri)
+    assert code == 0 and ("ghost healed" in out) == res.healed
 
 
 def test_gate_fail_records_reason_and_moves_nothing(built, uri, params, tmp_path, capsys):

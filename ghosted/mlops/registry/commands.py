@@ -66,6 +66,7 @@ def list_versions(reg: RegistryConfig, name: str | None = None, db_timeout: floa
                              "gate": t.get("gate", "-"), "rank_by": t.get("rank_by"),
                              "rank_value": _float(t.get("rank_value")), "retained_acc": _float(t.get("retained_acc")),
                              "removed_layers": t.get("removed_layers"), "method": t.get("method"),
+                             "healed": t.get("healed") == "true",
                              "base_fingerprint": t.get(FINGERPRINT_TAG), "gate_reason": t.get("gate_reason"),
                              "checkpoint_sha256": t.get(SHA_TAG), "protocol_sha256": t.get(PROTOCOL_TAG),
                              "provenance": t.get(PROVENANCE_TAG), "registration": t.get(STATE_TAG),

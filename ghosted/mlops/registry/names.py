@@ -5,6 +5,7 @@ MLflow here."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from collections.abc import Callable, Mapping
@@ -75,8 +76,32 @@ def lineage(meta: Mapping[str, Any]) -> dict[str, str]:
            "num_layers": meta.get("num_layers"), "method": meta.get("recovery"),
            "calibration_sha256": meta.get("calibration_sha256"), "ridge": meta.get("ridge"),
            "token_policy": meta.get("token_policy"), "guard_fallback": (meta.get("guard") or {}).get("fallback"),
-           "ghosted_version": meta.get("version")}
+           "ghosted_version": meta.get("version"), "healed": str(meta.get("healed") is True).lower(),
+           "heal_reason": str(_heal(meta).get("reason") or "")[:500] or None}
     return {k: str(v) for k, v in out.items() if v is not None}
+
+
+def _heal(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    rec = meta.get("heal")
+    return rec if isinstance(rec, Mapping) else {}
+
+
+def heal_params(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The heal recipe of the checkpoint's lineage (`ghosted heal`) as `heal.*` run params; none if it was not
+    healed with one (a pass-through of the pipeline's heal stage records none)."""
+    recipe = _heal(meta).get("recipe")
+    return flatten_params(recipe, "heal.") if isinstance(recipe, Mapping) else {}
+
+
+def heal_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
+    """What healing did, as run metrics: steps run and the held-out next-token loss before and after (after =
+    before when the guard kept the checkpoint unhealed); none when no healing ran."""
+    rec = _heal(meta)
+    got = {"heal/steps": rec.get("steps_run"), "heal/heldout_nll_before": rec.get("heldout_nll_before"),
+           "heal/heldout_nll_after": rec.get("heldout_nll_after")}
+    if not isinstance(got["heal/heldout_nll_before"], (int, float)):
+        return {}
+    return {k: float(v) for k, v in got.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def param_key(part: Any) -> str:

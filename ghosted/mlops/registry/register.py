@@ -52,6 +52,8 @@ from ghosted.mlops.registry.names import (
     checkpoint_sha256,
     flatten_params,
     git_info,
+    heal_metrics,
+    heal_params,
     lineage,
     nolog,
     param_key,
@@ -127,15 +129,16 @@ def _version_tags(meta: dict, git: dict[str, str], sha: str, verdict: Verdict, g
 
 
 def _run_params(meta: dict, gate: GateConfig, dense: dict, pruned: dict) -> dict[str, str]:
-    """The checkpoint's settings, the gate's thresholds and the evaluations' configuration."""
-    return {**flatten_params({k: v for k, v in meta.items() if k not in ("ghosts", "folded")}),
-            "num_ghosts": str(len(meta.get("ghosts") or [])),
+    """The checkpoint's settings (its heal recipe as heal.*), the gate's thresholds and the evaluations'
+    configuration."""
+    return {**flatten_params({k: v for k, v in meta.items() if k not in ("ghosts", "folded", "heal", "healed")}),
+            **heal_params(meta), "num_ghosts": str(len(meta.get("ghosts") or [])),
             **flatten_params(asdict(gate), "gate."), **evaluation_params(dense, pruned)}
 
 
-def _run_metrics(dense: dict, pruned: dict, verdict: Verdict) -> dict[str, float]:
-    """The evaluations' measurements and the gate's ratios."""
-    return {**split_evaluation(dense, "dense")[0], **split_evaluation(pruned, "pruned")[0],
+def _run_metrics(meta: dict, dense: dict, pruned: dict, verdict: Verdict) -> dict[str, float]:
+    """The evaluations' measurements, what healing did and the gate's ratios."""
+    return {**split_evaluation(dense, "dense")[0], **split_evaluation(pruned, "pruned")[0], **heal_metrics(meta),
             "gate/pass": float(verdict.passed),
             **{f"gate/ppl_ratio/{param_key(s)}": r for s, r in verdict.ppl_ratio.items() if math.isfinite(r)},
             **({"gate/retained_acc": verdict.retained_acc} if verdict.retained_acc is not None else {})}
@@ -167,7 +170,7 @@ def prepare(checkpoint: Path, pruned_metrics: Path, dense_metrics: Path, gate: G
     return Submission(checkpoint, pruned_metrics, dense_metrics, meta, dense, pruned, table, verdict, name, sha,
                       run_tags={**lineage(meta), **git, **_provenance_tags(checked)},
                       version_tags=_version_tags(meta, git, sha, verdict, gate, checked),
-                      params=_run_params(meta, gate, dense, pruned), metrics=_run_metrics(dense, pruned, verdict),
+                      params=_run_params(meta, gate, dense, pruned), metrics=_run_metrics(meta, dense, pruned, verdict),
                       provenance=checked)
 
 
