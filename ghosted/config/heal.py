@@ -39,8 +39,8 @@ class HealConfig:
     # the pipeline's switch (a heal stage after fuse); `ghosted heal` always heals with this recipe
     enabled: bool = option(False, "the pipeline heals the fused checkpoint", cli=False)
     train: tuple[str, ...] = option(HEAL_PARTS, _TRAIN_HELP, text=True)
-    steps: int = option(120, "optimizer steps, at most (default {default})", bounds=between(1, MAX_STEPS))
-    lr: float = option(1e-4, "AdamW learning rate, linear warm-up then cosine (default {default})",
+    steps: int = option(240, "optimizer steps, at most (default {default})", bounds=between(1, MAX_STEPS))
+    lr: float = option(2e-4, "AdamW learning rate, linear warm-up then cosine (default {default})",
                        bounds=between(0, 1, low_open=True))
     weight_decay: float = option(0.0, "AdamW weight decay (default {default})", bounds=between(0, 1))
     warmup: float = option(0.05, "fraction of the steps with a linear warm-up (default {default})",
