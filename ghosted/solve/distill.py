@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ghosted.config import DistillConfig  # noqa: F401  re-exported: the settings live in ghosted.config
 from ghosted.errors import GhostedError
 from ghosted.evaluation.perplexity import chunk_rows, mean_nll, next_token_logits, split_head
+from ghosted.memory import release_memory
 from ghosted.method.operator import Operator
 from ghosted.method.sums import F64
 from ghosted.method.surgery import Pair, ghost_site, temporarily_pruned
@@ -59,6 +60,9 @@ def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_
             v, i = logits.log_softmax(-1).topk(k, dim=-1)
             vals.append(v.cpu())
             idx.append(i.cpu())
+        # glibc keeps what the worker threads freed in their own arenas: without handing it back the resident
+        # size grew by about 300 MB per batch on SmolLM2 (12.5 GB after 42 batches; flat with one arena)
+        release_memory(collect=False)
     T1 = input_ids.shape[1] - 1
     return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
 
@@ -193,6 +197,7 @@ def kd_train(model: torch.nn.Module, params: list[torch.nn.Parameter], input_ids
             break
         opt.step()
         sched.step()
+        release_memory(collect=False)  # as in teacher_topk: the step's temporaries back to the system
         running, seen, run.steps = running + loss, seen + 1, step
         bar.update(1)
         late = deadline is not None and time.perf_counter() > deadline
