@@ -30,11 +30,18 @@ from tests.test_reliability import (
 _CALIB_POINT = "ghosted.corpora:build_calibration"
 
 
+def _default_signals() -> None:
+    """The child starts with the default action of the signals the tests send: a suite started under `nohup`
+    (SIGHUP ignored) or from a shell without job control (SIGINT ignored) passes those dispositions on."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _paused(tmp_path: Path, point: str, argv: list[object]) -> tuple[subprocess.Popen, Path]:
     marker = tmp_path.parent / f"{tmp_path.name}.marker"
     proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER, marker, point, *map(str, argv)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
     return proc, marker
 
 
