@@ -140,11 +140,12 @@ def test_k_range_defaults_and_errors():
         SearchConfig(min_remove=4, max_remove=2)
 
 
-def _params(tmp_path: Path, gate: str) -> Path:
+def _params(tmp_path: Path, gate: str, search: str = "{min_remove: 1, max_remove: 3, split_shortlist: 1}",
+            extra: str = "") -> Path:
     p = tmp_path / "params.yaml"
     p.write_text("calibration: {n: 8, seq_len: 24}\nprune: {select: angular, recovery: ghost}\n"
                  "eval: {ppl: wiki, ppl_windows: 1, seq_len: 24, tasks: none}\n"
-                 f"gate: {gate}\nsearch: {{min_remove: 1, max_remove: 3, split_shortlist: 1}}\n")
+                 f"gate: {gate}\nsearch: {search}\n{extra}")
     return p
 
 

@@ -20,7 +20,7 @@ from ghosted.method import arch
 from ghosted.solve.budget import model_costs, recovery_params, smallest_k
 from ghosted.solve.search import solve_plan
 from ghosted.solve.solver import PruneConfig, build_checkpoint, shared_capture
-from tests.solve.test_search import _calib, _loaded
+from tests.solve.test_search import _calib, _loaded, _params
 
 
 def _stored(folder: Path) -> tuple[int, int, int]:
@@ -108,14 +108,6 @@ def test_each_kind_of_target_asks_for_the_fewest_layers_that_meet_it():
             smallest_k(parse_target(text), costs)
         assert f"reachable with this model: x1.200 (1 layer removed) to x{L:.3f} (5 of 6" in str(err.value) \
             or not text.startswith("speedup")
-
-
-def _params(tmp_path: Path, gate: str, search: str, extra: str = "") -> Path:
-    p = tmp_path / "params.yaml"
-    p.write_text("calibration: {n: 8, seq_len: 24}\nprune: {select: angular, recovery: ghost}\n"
-                 "eval: {ppl: wiki, ppl_windows: 1, seq_len: 24, tasks: none}\n"
-                 f"gate: {gate}\nsearch: {search}\n{extra}")
-    return p
 
 
 def test_target_search_visits_the_fewest_layers_and_keeps_plans_within_the_budget(tiny_folder, tmp_path, run):
