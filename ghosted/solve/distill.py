@@ -60,8 +60,8 @@ def teacher_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int, batch_
             v, i = logits.log_softmax(-1).topk(k, dim=-1)
             vals.append(v.cpu())
             idx.append(i.cpu())
-        # glibc keeps what the worker threads freed in their own arenas: without handing it back the resident
-        # size grew by about 300 MB per batch on SmolLM2 (12.5 GB after 42 batches; flat with one arena)
+        # glibc keeps what torch's worker threads freed in their own arenas: hand it back, or the resident size
+        # grows with every batch (docs/healing.md, "Cost")
         release_memory(collect=False)
     T1 = input_ids.shape[1] - 1
     return torch.cat(vals).reshape(-1, T1, k), torch.cat(idx).reshape(-1, T1, k)
